@@ -1,0 +1,45 @@
+"""The ``cellsam-ray`` command line.
+
+Each subcommand lives in its own module under ``cellsam_ray.commands`` and offers ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Only commands listed in ``COMMANDS`` are shown, so
+``--help`` lists exactly what works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cellsam_ray.errors import UserError
+
+# subcommand name -> module under cellsam_ray.commands
+COMMANDS: dict[str, str] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellsam-ray",
+        description="Distributed CellSAM cell segmentation of OME-Zarr slides, on Ray.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"cellsam_ray.commands.{module_name}")
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"cellsam-ray: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
