@@ -1,0 +1,97 @@
+"""The segmenter contract: what any per-window model hands to the merge.
+
+A segmenter is an object with ``segment(window, *, origin) -> dict``:
+
+- ``window``: float32 array (C, H, W), the slide's normalised channels in role order (nuclear,
+  whole-cell); ``origin`` is the window's top-left (y, x) in pixels of the processed level (negative
+  where the window reaches past the image's top or left border, where it is padded).
+- the result holds ``boxes`` (N×4 float, x1, y1, x2, y2 in window pixels), ``scores`` (N floats) and
+  ``masks`` (N boolean arrays; mask i covers box i rounded outward to whole pixels: rows
+  floor(y1)..ceil(y2)-1 and columns floor(x1)..ceil(x2)-1, and may reach past the window edge, where
+  it is False). Optional ``ious`` (N floats, the model's predicted mask quality) refine the ranking
+  used at seams.
+
+``--segmenter module:attr`` names a class or factory that builds one with no arguments. The merge
+treats every segmenter the same way, CellSAM included.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from cellsam_ray.errors import UserError
+
+
+class Segmenter(Protocol):
+    def segment(self, window: np.ndarray, *, origin: tuple[int, int]) -> dict[str, Any]: ...
+
+
+@dataclass
+class Detections:
+    """A segmenter's result for one window, checked against the contract."""
+
+    boxes: np.ndarray  # (N, 4) float64, x1 y1 x2 y2 in window pixels
+    scores: np.ndarray  # (N,) float64
+    ious: np.ndarray  # (N,) float64; 0 where the segmenter gives none
+    masks: list[np.ndarray]  # N bool arrays covering each box rounded outward
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def box_pixel_extent(box: np.ndarray) -> tuple[int, int, int, int]:
+    """(row0, col0, row1, col1), half-open, of a box rounded outward to whole pixels."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return math.floor(y1), math.floor(x1), math.ceil(y2), math.ceil(x2)
+
+
+def check_detections(result: dict[str, Any], source: str) -> Detections:
+    """Validate a segmenter's result; a broken segmenter fails loudly here, not as a corrupt slide."""
+    try:
+        boxes = np.asarray(result["boxes"], dtype=np.float64).reshape(-1, 4)
+        scores = np.asarray(result["scores"], dtype=np.float64).reshape(-1)
+        masks = list(result["masks"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise RuntimeError(f"{source}: result must hold boxes (N×4), scores (N) and masks: {err}") from err
+    n = len(boxes)
+    ious = np.asarray(result.get("ious", np.zeros(n)), dtype=np.float64).reshape(-1)
+    if not (len(scores) == len(masks) == len(ious) == n):
+        raise RuntimeError(
+            f"{source}: {n} boxes but {len(scores)} scores, {len(ious)} ious and {len(masks)} masks"
+        )
+    if not np.all(np.isfinite(boxes)) or np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
+        raise RuntimeError(f"{source}: boxes must be finite x1, y1, x2, y2 with x2 >= x1 and y2 >= y1")
+    checked = []
+    for i, (box, mask) in enumerate(zip(boxes, masks)):
+        mask = np.asarray(mask)
+        r0, c0, r1, c1 = box_pixel_extent(box)
+        if mask.shape != (r1 - r0, c1 - c0):
+            raise RuntimeError(
+                f"{source}: mask {i} has shape {mask.shape}, but box {box.tolist()} rounded outward "
+                f"covers {(r1 - r0, c1 - c0)}"
+            )
+        checked.append(mask.astype(bool, copy=False))
+    return Detections(boxes=boxes, scores=scores, ious=ious, masks=checked)
+
+
+def load_segmenter(spec: str) -> Segmenter:
+    """Build the segmenter named ``module:attr`` (a class or factory called with no arguments)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"--segmenter must look like module:attr, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"--segmenter {spec}: cannot import {module_name!r} ({err})") from err
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise UserError(f"--segmenter {spec}: module {module_name!r} has no attribute {attr!r}")
+    segmenter = factory()
+    if not callable(getattr(segmenter, "segment", None)):
+        raise UserError(f"--segmenter {spec}: the object it builds has no segment(window, *, origin) method")
+    return segmenter
