@@ -1,0 +1,168 @@
+"""Loading CellSAM checkpoints: from a path or any fsspec URL, strictly, with a per-node cache.
+
+The published loader uses ``strict=False``, so a wrong or truncated checkpoint silently leaves random
+weights in place. Here every mismatch is a :class:`UserError` naming the keys, before any model time
+is spent. Remote checkpoints are copied once per node into a local cache (atomic rename, file lock),
+so many Ray actors starting together download one copy; local paths are read where they lie.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+import torch
+from torch import Tensor
+
+from cellsam_ray.errors import UserError
+from cellsam_ray.model.config import CellSAMConfig, load_config
+from cellsam_ray.model.network import CellSAM, build_cellsam
+
+DEFAULT_CACHE_DIR = "~/.cache/cellsam-ray/weights"
+_CHUNK = 8 << 20
+_SHOWN = 5  # keys listed per kind of mismatch; the rest are counted
+
+
+def load_cellsam(
+    uri: str,
+    config: CellSAMConfig | str = "v1.2",
+    *,
+    device: str | torch.device = "cpu",
+    storage_options: dict | None = None,
+    sha256: str | None = None,
+    cache_dir: str | None = None,
+) -> CellSAM:
+    """A CellSAM in eval mode with the checkpoint at ``uri`` loaded strictly.
+
+    A legacy checkpoint (no ``model_cp.*`` keys) gets ``model_cp`` = ``model``, sharing tensors, and
+    ``adv_mode = False``, as the published loader does. The network is built on the meta device and the
+    checkpoint tensors are assigned into it, so no random initialisation runs and no second copy of
+    the weights is held.
+    """
+    config = load_config(config) if isinstance(config, str) else config
+    state = load_checkpoint_state(uri, storage_options=storage_options, sha256=sha256, cache_dir=cache_dir)
+    adv_mode = any(key.startswith("model_cp.") for key in state)
+    if not adv_mode:
+        state |= {"model_cp." + key.removeprefix("model."): v for key, v in state.items() if key.startswith("model.")}
+    with torch.device("meta"):
+        net = build_cellsam(config)
+    check_state(net.state_dict(), state, uri)
+    state = {key: v.float() if v.is_floating_point() else v for key, v in state.items()}
+    net.load_state_dict(state, strict=True, assign=True)
+    net.reset_pixel_statistics()
+    net.adv_mode = adv_mode
+    return net.to(device).eval()
+
+
+def load_checkpoint_state(
+    uri: str, *, storage_options: dict | None = None, sha256: str | None = None, cache_dir: str | None = None
+) -> dict[str, Tensor]:
+    """The tensors of a checkpoint (a plain state dict or the published ``{'state_dict': ...}``).
+
+    ``sha256`` (hex digest of the file) is verified for local files and remote downloads alike.
+    Only tensors are unpickled (``weights_only=True``): a checkpoint cannot run code.
+    """
+    path = _local_file(uri, storage_options or {}, sha256, Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {uri} is not a readable PyTorch weights file: {reason}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {uri} holds no state dict of tensors")
+    return dict(obj)
+
+
+def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], uri: str) -> None:
+    """Raise a UserError listing missing keys, unexpected keys and shape mismatches, if any."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = [
+        f"{len(items)} {kind}: {', '.join(items[:_SHOWN])}{', ...' if len(items) > _SHOWN else ''}"
+        for kind, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if items
+    ]
+    if problems:
+        raise UserError(f"checkpoint {uri} does not fit this CellSAM config: {'; '.join(problems)}")
+
+
+def _local_file(uri: str, storage_options: dict, sha256: str | None, cache_dir: Path) -> Path:
+    protocol, bare = fsspec.core.split_protocol(uri)
+    if protocol in (None, "file", "local"):
+        path = Path(bare)
+        if not path.is_file():
+            raise UserError(f"checkpoint {uri} not found")
+        if sha256:
+            with path.open("rb") as f:
+                _verify(_sha256_of(f), sha256, uri)
+        return path
+    return _cached_download(uri, storage_options, sha256, cache_dir)
+
+
+def _cached_download(uri: str, storage_options: dict, sha256: str | None, cache_dir: Path) -> Path:
+    """Copy ``uri`` into ``cache_dir`` once; named by the expected digest, else by the URI's digest.
+
+    A file in the cache was fully written (temp file + rename) and, when named by its digest, verified;
+    so a present file is used as is. Without ``sha256`` a changed remote file is not noticed.
+    """
+    name = sha256.lower() if sha256 else hashlib.sha256(uri.encode()).hexdigest()
+    target = cache_dir / name
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(cache_dir / f"{name}.lock"):
+        if target.is_file():  # another process on this node finished the download meanwhile
+            return target
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f"{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, fsspec.open(uri, "rb", **storage_options) as src:
+                digest = _sha256_of(src, copy_to=out)
+            if sha256:
+                _verify(digest, sha256, uri)
+            os.replace(tmp, target)
+        except FileNotFoundError:
+            raise UserError(f"checkpoint {uri} not found") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+def _sha256_of(src: BinaryIO, copy_to: BinaryIO | None = None) -> str:
+    digest = hashlib.sha256()
+    while chunk := src.read(_CHUNK):
+        digest.update(chunk)
+        if copy_to is not None:
+            copy_to.write(chunk)
+    return digest.hexdigest()
+
+
+def _verify(actual: str, expected: str, uri: str) -> None:
+    if actual != expected.lower():
+        raise UserError(f"checkpoint {uri} has sha256 {actual}, expected {expected.lower()}")
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory lock held across processes on this node (Ray actors are separate processes)."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
