@@ -1,0 +1,173 @@
+"""Reference mode: box selection, label painting and cleanup, and the whole tile against the golden outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellsam_ray.model.boxes import box_score_threshold, boxes_to_input_pixels, confident_boxes
+from cellsam_ray.model.postprocess import fill_holes_and_remove_small_masks, paint_masks
+from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
+from cellsam_ray.model.weights import load_cellsam
+
+REFERENCE = Path(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference"))
+GOLDEN = REFERENCE / "golden"
+needs_reference = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no reference data at {REFERENCE}")
+CASES = json.loads((GOLDEN / "cases.json").read_text()) if GOLDEN.is_dir() else {}
+SMALLEST = "rgb3_256_nonorm"
+
+
+def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """(fraction of pixels equal once actual ids are mapped to their best-overlapping expected id,
+    worst IoU of an expected cell with its best-matching actual cell) — the README's label tolerance."""
+    n_act, n_exp = int(actual.max()) + 1, int(expected.max()) + 1
+    overlap = np.bincount(actual.ravel() * n_exp + expected.ravel(), minlength=n_act * n_exp).reshape(n_act, n_exp)
+    mapping = overlap.argmax(axis=1)
+    mapping[0] = 0
+    agree = float(np.mean(mapping[actual] == expected))
+    sizes_act, sizes_exp = overlap.sum(axis=1), overlap.sum(axis=0)
+    iou = overlap / (sizes_act[:, None] + sizes_exp[None, :] - overlap)
+    worst = float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0
+    return agree, worst
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load_cellsam(str(GOLDEN / "tiny_cellsam.pt"), str(GOLDEN / "tiny_config.json"))
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def golden_run(request, tiny_model):
+    case = request.param
+    image = np.load(GOLDEN / f"{case}.input.npy")
+    result = segment_tile_reference(image, tiny_model, normalize=CASES[case]["normalize"])
+    return image, result, np.load(GOLDEN / f"{case}.expected.npz")
+
+
+# --- box selection -------------------------------------------------------------------------------------
+
+
+@needs_reference
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dynamic_threshold_keeps_the_golden_boxes(case):
+    golden = np.load(GOLDEN / f"{case}.expected.npz")
+    scores, boxes = torch.from_numpy(golden["detector_scores"]), torch.from_numpy(golden["detector_boxes_1024"])
+    kept_scores, kept = confident_boxes(scores, boxes, 0.4)
+    assert torch.equal(kept, torch.from_numpy(golden["kept_boxes_1024"]))
+    assert torch.all(kept_scores[:-1] >= kept_scores[1:])  # detector order (descending score) is kept
+
+
+def test_threshold_moves_with_the_two_score_groups():
+    scores = np.array([0.1] * 50 + [0.9] * 50, dtype=np.float32)
+    assert box_score_threshold(scores, 0.4) == pytest.approx(0.66 * 0.4 + 0.33 * 0.5, abs=1e-6)
+    assert box_score_threshold(np.full(10, 0.8, dtype=np.float32), 0.4) == pytest.approx(0.264 + 0.33 * 0.8)
+
+
+@pytest.mark.parametrize("scores", [[], [0.7]])
+def test_threshold_falls_back_to_bbox_threshold_when_2_means_cannot_run(scores):
+    assert box_score_threshold(np.array(scores, dtype=np.float32), 0.37) == 0.37
+
+
+def test_boxes_scale_separately_along_x_and_y():
+    boxes = torch.tensor([[0.0, 0.0, 1024.0, 1024.0], [512.0, 256.0, 768.0, 1024.0]])
+    np.testing.assert_array_equal(
+        boxes_to_input_pixels(boxes, height=300, width=200).numpy(),
+        [[0, 0, 200, 300], [100, 75, 150, 300]],
+    )
+
+
+# --- painting and cleanup ------------------------------------------------------------------------------
+
+
+def test_later_masks_win_overlaps():
+    a = np.zeros((4, 4), dtype=bool)
+    a[:, :3] = True
+    b = np.zeros((4, 4), dtype=bool)
+    b[:, 2:] = True
+    labels = paint_masks(iter([a, b]), (4, 4))
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels[0], [1, 1, 2, 2])
+    assert not paint_masks(iter([]), (4, 4)).any()
+
+
+def test_fill_holes_remove_small_and_renumber():
+    labels = np.zeros((20, 20), dtype=np.int32)
+    labels[1:8, 1:8] = 2  # a ring around a hole: filled
+    labels[4, 4] = 0
+    labels[10, 10] = 5  # 1 pixel: removed
+    labels[12:18, 12:18] = 7
+    out = fill_holes_and_remove_small_masks(labels.copy(), min_size=25)
+    assert out[4, 4] == 1 and np.sum(out == 1) == 49
+    assert out[10, 10] == 0
+    assert np.sum(out == 2) == 36 and out.max() == 2
+    assert fill_holes_and_remove_small_masks(labels.copy(), min_size=0)[10, 10] == 2
+
+
+def test_filled_holes_swallow_enclosed_cells_as_published():
+    labels = np.zeros((30, 30), dtype=np.int32)
+    labels[0:30, 0:30] = 1
+    labels[5:25, 5:25] = 0
+    labels[10:20, 10:20] = 2  # a cell inside the ring's hole
+    out = fill_holes_and_remove_small_masks(labels, min_size=25)
+    assert np.all(out == 1)
+
+
+# --- the whole tile -------------------------------------------------------------------------------------
+
+
+@needs_reference
+def test_labels_match_golden(golden_run):
+    _, result, golden = golden_run
+    assert result.labels.dtype == np.int32 and result.labels.shape == golden["labels"].shape
+    agree, worst_iou = label_agreement(result.labels, golden["labels"])
+    assert agree >= 0.995 and worst_iou >= 0.9
+    assert result.labels.max() == golden["labels"].max()
+    np.testing.assert_array_equal(np.unique(result.labels), np.arange(result.labels.max() + 1))
+
+
+@needs_reference
+def test_boxes_and_embedding_match_golden(golden_run):
+    _, result, golden = golden_run
+    assert result.boxes.shape == golden["boxes_original_xyxy"].shape
+    np.testing.assert_allclose(result.boxes, golden["boxes_original_xyxy"], rtol=1e-5, atol=1e-3)
+    assert result.embedding.shape == golden["embedding"].shape
+    assert rel_l2(result.embedding, golden["embedding"]) < 1e-4
+    n = len(result.boxes)
+    assert result.scores.shape == result.ious.shape == (n,)
+    # Every golden box survives the IoU filter, so the painted boxes' scores are the kept detections'.
+    assert n == len(golden["kept_boxes_1024"])
+    assert rel_l2(result.scores, golden["detector_scores"][:n]) < 1e-4
+
+
+@needs_reference
+@pytest.mark.parametrize("kwargs", [{"bbox_threshold": 2.0}, {"iou_threshold": 1.1}])
+def test_nothing_surviving_gives_an_empty_tile(tiny_model, kwargs):
+    image = np.load(GOLDEN / f"{SMALLEST}.input.npy")
+    result = segment_tile_reference(image, tiny_model, normalize=False, **kwargs)
+    assert isinstance(result, TileSegmentation)
+    assert result.labels.shape == image.shape[:2] and result.labels.dtype == np.int32 and not result.labels.any()
+    assert result.boxes.shape == (0, 4) and result.scores.shape == result.ious.shape == (0,)
+    assert result.embedding.shape == (1, 32, 64, 64)
+
+
+@needs_reference
+def test_iou_filter_drops_exactly_the_low_rated_masks(tiny_model):
+    image = np.load(GOLDEN / f"{SMALLEST}.input.npy")
+    full = segment_tile_reference(image, tiny_model, normalize=False, iou_threshold=0.0)
+    cut = float(np.median(full.ious))
+    part = segment_tile_reference(image, tiny_model, normalize=False, iou_threshold=cut)
+    keep = full.ious >= np.float32(cut)
+    assert 0 < keep.sum() < len(keep)
+    np.testing.assert_array_equal(part.boxes, full.boxes[keep])
+    np.testing.assert_array_equal(part.ious, full.ious[keep])
