@@ -1,0 +1,138 @@
+"""Where zarr data lives: a local path or any fsspec URL (s3://, gs://, memory://, file://).
+
+Everything else in the package opens stores through here, so that storage options, read-only mode and the
+errors a user can act on (a missing bucket, refused credentials, an unreachable endpoint, a path that is not
+there) are handled once. Local paths use zarr's ``LocalStore`` (no fsspec layer); URLs use
+``FsspecStore.from_url`` with the storage options passed explicitly, never dropped: a library that drops
+them sends a bare ``s3://`` URL to real AWS (stack.md 3.4).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import fsspec
+import zarr
+import zarr.errors
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore, LocalStore
+
+from cellsam_ray.errors import UserError
+
+Mode = Literal["r", "r+", "a", "w", "w-"]
+
+# Filesystems whose first path component is a bucket/container that must exist before anything is written.
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """The ``--storage-options`` JSON object, or None when not given."""
+    if text is None or not text.strip():
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--storage-options is not valid JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise UserError(f"--storage-options must be a JSON object, got {type(options).__name__}")
+    return options
+
+
+def is_local(url: str) -> bool:
+    """True for a plain path or a file:// URL (a one-letter scheme is a Windows drive, also local)."""
+    scheme = urlsplit(str(url)).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def local_path(url: str) -> Path:
+    """The filesystem path of a local location (plain path or file:// URL)."""
+    url = str(url)
+    return Path(url[len("file://") :] if url.startswith("file://") else url)
+
+
+def join_url(url: str, *parts: str) -> str:
+    """``url`` with path components appended, for local paths and URLs alike."""
+    if is_local(url) and not str(url).startswith("file://"):
+        return str(Path(url).joinpath(*parts))
+    return posixpath.join(str(url).rstrip("/"), *parts)
+
+
+def open_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Store:
+    """A zarr store rooted at ``url``; nothing is read or written yet."""
+    if is_local(url):
+        if storage_options:
+            raise UserError("--storage-options only applies to remote URLs (s3://, gs://, ...), not local paths")
+        return LocalStore(local_path(url), read_only=read_only)
+    try:
+        return FsspecStore.from_url(str(url), storage_options=dict(storage_options or {}), read_only=read_only)
+    except (ImportError, ValueError) as err:
+        raise UserError(f"cannot open {url}: {err}") from None
+
+
+def open_group(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    mode: Mode = "r",
+    zarr_format: Literal[2, 3] | None = None,
+) -> zarr.Group:
+    """Open (``r``, ``r+``, ``a``) or create (``w``, ``w-``, ``a``) the zarr group at ``url``.
+
+    Raises UserError for a location that does not exist (when reading), a bucket that does not exist,
+    refused credentials or an unreachable endpoint. ``mode="w"`` replaces whatever is there.
+    """
+    check_location(url, storage_options, must_exist=mode in ("r", "r+"))
+    store = open_store(url, storage_options, read_only=mode == "r")
+    try:
+        return zarr.open_group(store, mode=mode, zarr_format=zarr_format)
+    except (zarr.errors.GroupNotFoundError, FileNotFoundError):
+        raise UserError(f"no zarr group at {url}") from None
+    except zarr.errors.ContainsArrayError:
+        raise UserError(f"{url} is a zarr array, not a group") from None
+    except zarr.errors.ContainsGroupError:
+        raise UserError(f"{url} already exists") from None
+    except PermissionError as err:
+        raise UserError(f"access to {url} was refused ({err}): check the credentials") from None
+
+
+def check_location(url: str, storage_options: dict[str, Any] | None = None, *, must_exist: bool) -> None:
+    """Fail early, with a message a user can act on, when ``url`` cannot be used.
+
+    For object stores the bucket must exist even when writing (zarr would otherwise fail on the first
+    chunk with a bare FileNotFoundError). Any failure to even ask the storage (bad endpoint, DNS, TLS,
+    refused credentials) is reported as a UserError naming the URL.
+    """
+    if is_local(url):
+        path = local_path(url)
+        if must_exist and not path.exists():
+            raise UserError(f"{url} does not exist")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{url} is a file, not a zarr directory")
+        return
+    try:
+        # A fresh instance: a cached one may answer from a listing made before the bucket was created.
+        fs, path = fsspec.url_to_fs(str(url), skip_instance_cache=True, **dict(storage_options or {}))
+    except (ImportError, ValueError, TypeError) as err:
+        raise UserError(f"cannot open {url}: {err}") from None
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    try:
+        if protocols & _BUCKET_PROTOCOLS:
+            bucket = path.split("/", 1)[0]
+            try:
+                fs.info(bucket)  # unlike exists(), raises when the endpoint cannot be reached
+            except FileNotFoundError:
+                raise UserError(
+                    f"bucket {bucket!r} of {url} does not exist (or these credentials cannot see it)"
+                ) from None
+        if must_exist and not fs.exists(path):
+            raise UserError(f"{url} does not exist")
+    except UserError:
+        raise
+    except PermissionError as err:
+        raise UserError(f"access to {url} was refused ({err}): check the credentials") from None
+    except Exception as err:  # noqa: BLE001 - any failure to reach the storage is the user's to fix
+        raise UserError(f"cannot reach {url}: {type(err).__name__}: {err}") from None

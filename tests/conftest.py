@@ -1,0 +1,51 @@
+"""Session-wide real parts: a moto S3 server, a local Ray node, a fresh S3 prefix per test.
+
+The AWS and Ray environment is set when this file is imported, before any test or fixture runs, so no
+code path can reach real AWS (or bind Ray to a routable address) even by accident. Until the S3 server
+starts, AWS clients point at a closed local port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from cellsam_ray.testing import LocalS3, safe_aws_environment, safe_ray_environment, start_local_ray
+
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    os.environ.pop(_name, None)
+os.environ.update(safe_aws_environment())
+os.environ.update(safe_ray_environment())
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server with the bucket ``test-bucket``; AWS_ENDPOINT_URL points at it for the session."""
+    with LocalS3("test-bucket") as server:
+        os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url
+        yield server
+    os.environ.update(safe_aws_environment())
+
+
+@pytest.fixture(scope="session")
+def storage_options(s3):
+    """fsspec options (key, secret, endpoint_url) for the session's S3 server."""
+    return s3.storage_options
+
+
+@pytest.fixture
+def s3_prefix(s3, request):
+    """A fresh ``s3://test-bucket/<test name>-<random>`` prefix for this test alone."""
+    return s3.unique_url(re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:60])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray node with 2 CPUs, started only for the tests that ask for it."""
+    import ray
+
+    start_local_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

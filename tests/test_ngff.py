@@ -1,0 +1,147 @@
+"""NGFF versions, creating images and label images, and reading them back; validated by ome-zarr-models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from cellsam_ray.errors import UserError
+from cellsam_ray.io import ngff
+from cellsam_ray.io.storage import open_group
+from cellsam_ray.testing import InvalidOmeZarr, validate_ome_zarr
+
+CHANNELS = [ngff.Channel("DAPI", "0000FF", (100, 2000)), ngff.Channel("CD45", "FFFF00")]
+
+
+def make_image(url, version, storage_options=None, shape=(2, 300, 260), levels=3):
+    return ngff.create_image(
+        url, shape=shape, dtype=np.uint16, chunks=(1, 128, 128), axes=ngff.image_axes("cyx"),
+        scale=(1.0, 0.5, 0.5), levels=levels, version=version, channels=CHANNELS,
+        storage_options=storage_options,
+    )
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_image_and_labels_roundtrip_locally(tmp_path, version):
+    url = str(tmp_path / "img.zarr")
+    image = make_image(url, version)
+    image.array(0)[:] = 7
+    labels = ngff.create_labels(image, "cells", chunks=(64, 64))
+    assert labels.axes == ("y", "x") and len(labels.levels) == 3
+    ngff.create_labels(image, "nuclei", chunks=(64, 64))
+
+    back = ngff.open_image(url)
+    assert back.version is ngff.ngff_version(version)
+    assert back.group.metadata.zarr_format == back.version.zarr_format
+    assert back.axes == ("c", "y", "x")
+    assert back.axis_types == ("channel", "space", "space")
+    assert back.axis_units == (None, "micrometer", "micrometer")
+    assert back.channel_names == ("DAPI", "CD45")
+    assert back.label_names == ("cells", "nuclei")
+    assert [lv.shape for lv in back.levels] == [(2, 300, 260), (2, 150, 130), (2, 75, 65)]
+    assert [lv.chunks for lv in back.levels] == [(1, 128, 128), (1, 128, 128), (1, 75, 65)]
+    assert [lv.scale for lv in back.levels] == [(1, 0.5, 0.5), (1, 1, 1), (1, 2, 2)]
+    # Level k pixels average 2**k level-0 pixels: their centres sit half a coarse pixel in.
+    assert [lv.translation for lv in back.levels] == [(0, 0, 0), (0, 0.25, 0.25), (0, 0.75, 0.75)]
+    assert back.levels[0].dtype == np.uint16
+    assert int(back.array(0)[1, 299, 259]) == 7
+
+    cells = back.label("cells")
+    assert [lv.shape for lv in cells.levels] == [(300, 260), (150, 130), (75, 65)]
+    assert [lv.scale for lv in cells.levels] == [(0.5, 0.5), (1, 1), (2, 2)]
+    assert cells.levels[0].dtype == np.uint32 and cells.levels[0].chunks == (64, 64)
+    label_ome = back.version.read_ome(cells.group)
+    assert label_ome["image-label"]["source"]["image"] == "../../"
+    if version == "0.5":
+        assert cells.array(0).metadata.dimension_names == ("y", "x")
+        assert back.array(0).metadata.dimension_names == ("c", "y", "x")
+        assert back.group["labels"].attrs["ome"]["version"] == "0.5"  # stack.md 4.4
+    else:
+        assert back.array(0).metadata.dimension_separator == "/"
+
+    omero = back.version.read_ome(back.group)["omero"]["channels"]
+    assert omero[0]["window"] == {"min": 0, "max": 65535, "start": 100, "end": 2000}
+    assert omero[0]["color"] == "0000FF"
+
+    model = validate_ome_zarr(url)
+    assert type(model).__module__.startswith(f"ome_zarr_models.v0{version[-1]}")
+    validate_ome_zarr(cells.group)
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_image_on_s3_validates(s3_prefix, storage_options, version):
+    image = make_image(s3_prefix, version, storage_options)
+    ngff.create_labels(image, "cells", chunks=(128, 128))
+    validate_ome_zarr(s3_prefix, storage_options)
+    assert ngff.open_image(s3_prefix, storage_options).label_names == ("cells",)
+
+
+def test_label_name_rules(tmp_path):
+    image = make_image(str(tmp_path / "img.zarr"), "0.5")
+    ngff.create_labels(image, "cells", chunks=(64, 64))
+    with pytest.raises(UserError, match="already exists"):
+        ngff.create_labels(image, "cells", chunks=(64, 64))
+    relabelled = ngff.create_labels(image, "cells", chunks=(32, 32), overwrite=True)
+    assert relabelled.levels[0].chunks == (32, 32)
+    assert ngff.open_image(str(tmp_path / "img.zarr")).label_names == ("cells",)
+    with pytest.raises(UserError, match="invalid label name"):
+        ngff.create_labels(image, "a/b", chunks=(64, 64))
+    with pytest.raises(UserError, match="no label image"):
+        ngff.open_image(str(tmp_path / "img.zarr")).label("nuclei")
+
+
+def test_validator_catches_a_label_pyramid_shorter_than_its_image(tmp_path):
+    url = str(tmp_path / "img.zarr")
+    image = make_image(url, "0.5")
+    ngff.create_labels(image, "cells", chunks=(64, 64))
+    group = open_group(url, mode="r+")
+    ome = dict(group["labels/cells"].attrs["ome"])
+    ome["multiscales"][0]["datasets"] = ome["multiscales"][0]["datasets"][:1]
+    group["labels/cells"].attrs["ome"] = ome
+    with pytest.raises(InvalidOmeZarr, match="levels"):
+        validate_ome_zarr(url)
+
+
+def test_not_ome_zarr(tmp_path):
+    group = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3)
+    group.create_array("a", shape=(2,), dtype="u1")
+    with pytest.raises(UserError, match="not an OME-Zarr image"):
+        ngff.open_image(str(tmp_path / "plain.zarr"))
+    with pytest.raises(UserError, match="does not exist"):
+        ngff.open_image(str(tmp_path / "missing.zarr"))
+    old = zarr.open_group(str(tmp_path / "old.zarr"), mode="w", zarr_format=2)
+    old.attrs["multiscales"] = [{"version": "0.3", "axes": ["y", "x"], "datasets": [{"path": "0"}]}]
+    with pytest.raises(UserError, match="OME-Zarr 0.3"):
+        ngff.open_image(str(tmp_path / "old.zarr"))
+
+
+def test_versions():
+    assert ngff.ngff_version("0.4").zarr_format == 2
+    assert ngff.ngff_version("0.5").zarr_format == 3
+    assert ngff.ngff_version(ngff.V05) is ngff.V05
+    with pytest.raises(UserError, match="unsupported NGFF version '0.6'"):
+        ngff.ngff_version("0.6")
+
+
+def test_global_transforms_compose(tmp_path):
+    """A multiscale-wide scale/translation applies after each dataset's own (NGFF 0.4/0.5)."""
+    url = str(tmp_path / "img.zarr")
+    make_image(url, "0.4", levels=2)
+    group = open_group(url, mode="r+")
+    ms = group.attrs["multiscales"]
+    ms[0]["coordinateTransformations"] = [
+        {"type": "scale", "scale": [1, 2, 2]}, {"type": "translation", "translation": [0, 10, 20]}]
+    group.attrs["multiscales"] = ms
+    level = ngff.open_image(url).levels[1]
+    assert level.scale == (1, 2, 2)
+    assert level.translation == (0, 10.5, 20.5)
+
+
+def test_pyramid_geometry():
+    assert ngff.count_levels((2048, 2048), chunk=512) == 3  # 2048, 1024, 512 (one chunk)
+    assert ngff.count_levels((1000, 3000), chunk=128) == 5  # ... 375 -> 188 <= 256
+    assert ngff.count_levels((100, 100), chunk=512) == 1
+    assert ngff.level_shape((3, 5, 301, 7), ("c", "z", "y", "x"), 2) == (3, 5, 76, 2)
+    with pytest.raises(ValueError):
+        ngff.image_axes("cyy")
