@@ -132,3 +132,23 @@ def test_only_the_reference_mode_is_offered(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["segment-image", "in.npy", "out.npy", "--weights", "w.pt", "--mode", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+@needs_reference
+def test_input_output_and_weights_in_object_storage(tmp_path, capsys, monkeypatch, storage_options, s3_prefix):
+    import fsspec
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the weights cache lives under ~/.cache
+    case = "rgb3_256_nonorm"
+    fs = fsspec.filesystem("s3", **storage_options)
+    fs.put(str(GOLDEN / f"{case}.input.npy"), f"{s3_prefix}/in.npy")
+    fs.put(str(GOLDEN / "tiny_cellsam.pt"), f"{s3_prefix}/tiny.pt")
+    argv = [
+        "segment-image", f"{s3_prefix}/in.npy", f"{s3_prefix}/labels.npy",
+        "--weights", f"{s3_prefix}/tiny.pt", "--config", str(GOLDEN / "tiny_config.json"), "--no-normalize",
+        "--storage-options", json.dumps(storage_options),
+    ]
+    assert main(argv) == 0
+    with fs.open(f"{s3_prefix}/labels.npy", "rb") as f:
+        labels = np.load(f)
+    np.testing.assert_array_equal(labels, np.load(GOLDEN / f"{case}.expected.npz")["labels"])

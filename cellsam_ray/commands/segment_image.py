@@ -136,7 +136,8 @@ def _check_output(path: str) -> None:
 def _check_suffix(path: str, allowed: tuple[str, ...], role: str) -> str:
     suffix = PurePosixPath(path).suffix.lower()
     if suffix not in allowed:
-        raise UserError(f"{role} {path}: unknown extension {suffix or '(none)'!r}; expected one of {', '.join(allowed)}")
+        shown = repr(suffix) if suffix else "(none)"
+        raise UserError(f"{role} {path}: unknown extension {shown}; expected one of {', '.join(allowed)}")
     return suffix
 
 

@@ -65,7 +65,8 @@ def normalize_image(image: np.ndarray, *, percentile: float = 99.9, kernel_size:
         clipped = np.minimum(values, np.percentile(nonzero, percentile))
         if np.all(clipped == clipped.flat[0]):
             continue
-        out[:, :, channel] = equalize_adapthist(rescale_intensity(clipped, out_range=(0.0, 1.0)), kernel_size=kernel_size)
+        unit = rescale_intensity(clipped, out_range=(0.0, 1.0))
+        out[:, :, channel] = equalize_adapthist(unit, kernel_size=kernel_size)
     return out
 
 
