@@ -15,6 +15,7 @@ from cellsam_ray.errors import UserError
 
 # subcommand name -> module under cellsam_ray.commands
 COMMANDS: dict[str, str] = {
+    "synth": "synth",
     "segment-image": "segment_image",
 }
 

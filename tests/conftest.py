@@ -42,8 +42,11 @@ def s3_prefix(s3, request):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray node with 2 CPUs, started only for the tests that ask for it."""
+def ray_cluster(s3):
+    """A local Ray node with 2 CPUs, started only for the tests that ask for it.
+
+    It starts after the S3 server, so its workers inherit an AWS_ENDPOINT_URL that points at it.
+    """
     import ray
 
     start_local_ray(num_cpus=2)

@@ -103,3 +103,22 @@ def test_output_chunks_and_shape_check(tmp_path):
     with pytest.raises(ValueError, match="not source"):
         pyramid.build_chunk(source, wrong, (0, 0))
     pyramid.build_chunk(source, target, (1, 1))  # one chunk alone is a valid unit of work
+
+
+def test_chunks_as_ray_tasks_on_s3(ray_cluster, s3_prefix, storage_options):
+    """The pipeline's use: one Ray task per output chunk, all writing one level on S3 concurrently."""
+    from cellsam_ray.io.storage import open_group
+
+    group = open_group(s3_prefix, storage_options, mode="w", zarr_format=3)
+    rng = np.random.default_rng(4)
+    cells = rng.integers(0, 9, (96, 80), dtype=np.uint32)
+    group.create_array("s0", shape=(96, 80), dtype="u4", chunks=(32, 32))[:] = cells
+    group.create_array("s1", shape=(48, 40), dtype="u4", chunks=(16, 16))
+
+    @ray_cluster.remote
+    def build(chunk):
+        g = open_group(s3_prefix, storage_options, mode="r+")
+        pyramid.build_chunk(g["s0"], g["s1"], chunk, 2, "labels")
+
+    ray_cluster.get([build.remote(c) for c in pyramid.output_chunks(group["s1"])])
+    np.testing.assert_array_equal(open_group(s3_prefix, storage_options)["s1"][:], pyramid.mode_downsample(cells, 2))
