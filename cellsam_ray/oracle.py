@@ -5,8 +5,9 @@ returns every known cell visible in the window, truncated at the window's edge, 
 random 0..``jitter`` pixels on each side so that neighbouring windows disagree about box centres the way a
 real model's windows do. The jitter is seeded by the cell id and the window origin, so runs repeat.
 
-``GroundTruthSegmenter()`` (no arguments, as ``--segmenter`` requires) reads the label image named by the
-``CELLSAM_RAY_ORACLE_LABELS`` environment variable (a ``.npy`` path).
+``GroundTruthSegmenter()`` (no arguments, as ``--segmenter`` requires) reads the cells named by the
+environment: ``CELLSAM_RAY_ORACLE_LABELS`` is a ``.npy`` label image, or an OME-Zarr image URL whose
+``labels/ground_truth`` it reads (level ``CELLSAM_RAY_ORACLE_LEVEL``, default 0) window by window.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from scipy import ndimage
 
 class GroundTruthSegmenter:
     def __init__(self, labels: np.ndarray | None = None, *, jitter: int = 3) -> None:
-        if labels is None:
-            labels = np.load(os.environ["CELLSAM_RAY_ORACLE_LABELS"], mmap_mode="r")
-        self.labels = labels
+        self.labels = labels if labels is not None else _labels_from_environment()
         self.jitter = jitter
 
     def segment(self, window: np.ndarray, *, origin: tuple[int, int]) -> dict[str, Any]:
@@ -34,7 +33,7 @@ class GroundTruthSegmenter:
         y1, x1 = min(oy + size_y, h), min(ox + size_x, w)
         view = np.zeros((size_y, size_x), dtype=self.labels.dtype)
         if y1 > y0 and x1 > x0:
-            view[y0 - oy : y1 - oy, x0 - ox : x1 - ox] = self.labels[y0:y1, x0:x1]
+            view[y0 - oy : y1 - oy, x0 - ox : x1 - ox] = np.asarray(self.labels[y0:y1, x0:x1])
         boxes, scores, masks = [], [], []
         # Number the visible cells 1..K locally so find_objects does not scale with the global ids.
         ids, local = np.unique(view, return_inverse=True)
@@ -57,3 +56,13 @@ class GroundTruthSegmenter:
             scores.append(float(rng.uniform(0.5, 1.0)))
             masks.append(mask)
         return {"boxes": np.array(boxes, dtype=np.float64).reshape(-1, 4), "scores": np.array(scores), "masks": masks}
+
+
+def _labels_from_environment():
+    source = os.environ["CELLSAM_RAY_ORACLE_LABELS"]
+    if source.endswith(".npy"):
+        return np.load(source, mmap_mode="r")
+    from cellsam_ray.io.ngff import open_image
+
+    level = int(os.environ.get("CELLSAM_RAY_ORACLE_LEVEL", "0"))
+    return open_image(source).label("ground_truth").array(level)

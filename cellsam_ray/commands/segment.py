@@ -1,0 +1,83 @@
+"""``cellsam-ray segment``: segment a whole slide on Ray and write labels/<name> into it.
+
+The options are generated from ``SegmentSpec``, so the command line, the Python API and job specs take
+the same fields with the same defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+
+from pydantic import ValidationError
+
+from cellsam_ray.errors import UserError
+from cellsam_ray.spec import SegmentSpec
+
+HELP = "Segment every cell of an OME-Zarr slide on Ray and write labels/<name> into it."
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """``X`` for ``X | None``, else the annotation itself."""
+    args = typing.get_args(annotation)
+    others = [a for a in args if a is not type(None)]
+    return others[0] if type(None) in args and len(others) == 1 else annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help=SegmentSpec.model_fields["input"].description)
+    for name, info in SegmentSpec.model_fields.items():
+        if name == "input":
+            continue
+        flag = _option(info.alias or name)
+        kind = _base_type(info.annotation)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        help_text = f"{info.description} (default: {default})" if default not in (None, [], {}) else info.description
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=name, default=None, metavar="NAME[,NAME...]",
+                                help=help_text, required=info.is_required())
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, dest=name, default=None, choices=typing.get_args(kind), help=help_text)
+        elif kind is dict:
+            parser.add_argument(flag, dest=name, default=None, metavar="JSON", help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, type=kind if kind in (int, float) else str,
+                                help=help_text)
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar on the terminal.")
+
+
+def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
+    values: dict = {"input": args.input}
+    for name, info in SegmentSpec.model_fields.items():
+        value = getattr(args, name, None)
+        if name == "input" or value is None:
+            continue
+        if name in ("nuclear", "whole_cell"):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif name == "storage_options":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise UserError(f"--storage-options is not valid JSON: {err}") from err
+        values[info.alias or name] = value
+    try:
+        return SegmentSpec.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise UserError(f"--{where.replace('_', '-')}: {first['msg']}") from err
+
+
+def run(args: argparse.Namespace) -> int:
+    from cellsam_ray.pipeline.api import segment
+
+    report = segment(spec_from_args(args), progress=not args.no_progress)
+    print(json.dumps(report["summary"], indent=2))
+    return 0

@@ -1,0 +1,196 @@
+"""Running a slide plan on Ray: every actor, task, retry and resource request lives here.
+
+- Stage A runs in a pool of model actors (one model each; ``num_gpus`` when the cluster has GPUs). Tile
+  descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch is
+  on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. Candidates
+  go to the work store in a CPU task, so the actor never waits on storage writes.
+- Stages B, D and E are CPU tasks; stage C is a prefix sum on the driver over one integer per tile.
+- Actors restart and tasks retry (set explicitly: Ray's defaults for actors are 0); every write is to a
+  key derived from the tile or chunk alone, so a retry rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+
+from cellsam_ray.merge.objects import CellSet
+from cellsam_ray.pipeline import labels_out, source
+from cellsam_ray.pipeline.plan import SlidePlan
+from cellsam_ray.pipeline.stages import reconcile_tile, segment_tiles, with_ids
+from cellsam_ray.merge.rasterise import rasterise_core
+from cellsam_ray.merge.reconcile import global_offsets
+
+CANDIDATES = "candidates"
+ACTOR_RESTARTS = 3
+TASK_RETRIES = 3
+PERSIST_CPUS = 0.1  # persisting candidates is I/O: it must not wait for a CPU the model actors hold
+
+
+@dataclass
+class Progress:
+    """What a progress display needs; updated by the driver as results arrive."""
+
+    tiles_total: int
+    tiles_done: int = 0
+    tiles_resumed: int = 0
+    cells: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rate(self) -> float:
+        return (self.tiles_done - self.tiles_resumed) / max(time.perf_counter() - self.started, 1e-9)
+
+
+@dataclass
+class RunStats:
+    tiles_segmented: int = 0
+    tiles_resumed: int = 0
+    candidates: int = 0
+    cells: int = 0
+    reconciled: int = 0
+    oversized: int = 0
+    cut_at_window: int = 0
+    model_seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)
+
+
+class SegmentWorker:
+    """One model; segments batches of tiles, reading the next batch's windows while one is on the model."""
+
+    def __init__(self, plan: SlidePlan) -> None:
+        self.plan = plan
+        self.segmenter = source.build_segmenter(plan)
+        self.readers = ThreadPoolExecutor(max_workers=4)
+        self.model_lock = threading.Lock()
+
+    def run(self, tiles: list) -> list[tuple[str, bytes, int, float]]:
+        windows = list(self.readers.map(lambda t: source.read_window(self.plan, t), tiles))
+        with self.model_lock:
+            results = segment_tiles(self.plan, self.segmenter, tiles, windows)
+        return [(o.key, cells.to_bytes(), o.candidates, o.model_seconds) for cells, o in results]
+
+
+@ray.remote(max_retries=TASK_RETRIES, num_cpus=PERSIST_CPUS)
+def _persist(plan: SlidePlan, key: str, data: bytes) -> str:
+    plan.work.put(CANDIDATES, key, data)
+    return key
+
+
+@ray.remote(max_retries=TASK_RETRIES, num_returns=2)
+def _reconcile(plan: SlidePlan, home: tuple[int, int]):
+    grid = plan.grid
+    neighbourhood = []
+    for rc in grid.neighbourhood(*home):
+        key = grid.tile_at(*rc).key
+        planned = key in plan.planned_keys
+        neighbourhood.append(CellSet.from_bytes(plan.work.get(CANDIDATES, key)) if planned else CellSet())
+    result = reconcile_tile(home, neighbourhood)
+    counts = dict(cells=len(result.kept), reconciled=result.reconciled, oversized=result.oversized,
+                  cut_at_window=result.cut_at_window)
+    return counts, result.kept
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def _write_core(plan: SlidePlan, home: tuple[int, int], offsets: list[int], *kept: CellSet) -> None:
+    tile = plan.grid.tile_at(*home)
+    numbered = [with_ids(cells, offset) for cells, offset in zip(kept, offsets)]
+    labels_out.write_core(plan, tile, rasterise_core(tile, numbered))
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def _pyramid_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) -> None:
+    labels_out.build_chunk(plan, level, chunk_index)
+
+
+def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
+    """How many model actors, and what each asks for: a GPU share where GPUs exist, else CPUs.
+
+    Without GPUs the actors share the cluster's CPUs less a quarter of one, which stays free for the
+    small tasks that persist their results (fractional CPUs are fine for Ray's scheduler).
+    """
+    spec = plan.spec
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus and spec.device != "cpu":
+        workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
+        return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": 1}
+    cpus = ray.cluster_resources().get("CPU", 1)
+    workers = spec.workers or 1
+    return workers, {"num_cpus": round((cpus - PERSIST_CPUS * 2.5) / workers, 2)}
+
+
+def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None) -> RunStats:
+    stats = RunStats()
+    finished = plan.work.done(CANDIDATES)
+    todo = [t for t in plan.tiles if t.key not in finished]
+    progress = Progress(tiles_total=len(plan.tiles), tiles_done=len(plan.tiles) - len(todo))
+    progress.tiles_resumed = progress.tiles_done
+    stats.tiles_resumed = progress.tiles_resumed
+
+    t0 = time.perf_counter()
+    if todo:
+        n_workers, resources = _actor_resources(plan)
+        n_workers = min(n_workers, len(todo))
+        actor_cls = ray.remote(SegmentWorker).options(
+            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2, **resources
+        )
+        actors = [actor_cls.remote(plan) for _ in range(n_workers)]
+        batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))
+        in_flight: dict = {}
+        for actor in actors:
+            for _ in range(2):  # two batches in flight: the next is read while one computes
+                if batches:
+                    in_flight[actor.run.remote(batches.popleft())] = actor
+        persists = []
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(ready[0])
+            if batches:
+                in_flight[actor.run.remote(batches.popleft())] = actor
+            for key, data, n, seconds in ray.get(ready[0]):
+                persists.append(_persist.remote(plan, key, data))
+                stats.candidates += n
+                stats.model_seconds += seconds
+                stats.tiles_segmented += 1
+                progress.tiles_done += 1
+                progress.cells += n
+            if on_progress:
+                on_progress(progress)
+        for actor in actors:
+            ray.kill(actor)
+        ray.get(persists)
+    stats.stage_seconds["segment"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    homes = [(t.row, t.col) for t in plan.grid.tiles()]
+    counts_refs, kept_refs = {}, {}
+    for home in homes:
+        counts_refs[home], kept_refs[home] = _reconcile.remote(plan, home)
+    counts = dict(zip(homes, ray.get([counts_refs[h] for h in homes])))
+    for c in counts.values():
+        stats.cells += c["cells"]
+        stats.reconciled += c["reconciled"]
+        stats.oversized += c["oversized"]
+        stats.cut_at_window += c["cut_at_window"]
+    offsets = dict(zip(homes, global_offsets([counts[h]["cells"] for h in homes])))
+    stats.stage_seconds["reconcile"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    writes = []
+    for home in homes:
+        block = plan.grid.neighbourhood(*home)
+        writes.append(_write_core.remote(plan, home, [offsets[rc] for rc in block], *[kept_refs[rc] for rc in block]))
+    ray.get(writes)
+    stats.stage_seconds["write"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for level in labels_out.build_order(plan):
+        ray.get([_pyramid_chunk.remote(plan, level, idx) for idx in labels_out.chunk_indices(plan, level)])
+    stats.stage_seconds["pyramid"] = time.perf_counter() - t0
+    return stats

@@ -1,0 +1,84 @@
+"""The Python API: ``segment(spec)`` does what ``cellsam-ray segment`` does (the CLI and jobs call it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import ray
+
+import cellsam_ray
+from cellsam_ray.execution import Progress, run_plan
+from cellsam_ray.pipeline import labels_out
+from cellsam_ray.pipeline.plan import make_plan
+from cellsam_ray.spec import SegmentSpec
+
+
+class ProgressPrinter:
+    """A progress bar on a terminal; structured ``PROGRESS {json}`` lines elsewhere (job logs)."""
+
+    def __init__(self, stream=sys.stderr, every: float = 5.0) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every = every
+        self.last = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        remaining = p.tiles_total - p.tiles_done
+        eta = remaining / p.rate if p.rate > 0 else float("nan")
+        if self.tty:
+            width = 30
+            filled = int(width * p.tiles_done / max(p.tiles_total, 1))
+            self.stream.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] tiles {p.tiles_done}/{p.tiles_total}"
+                f"  cells {p.cells}  {p.rate:.2f} tiles/s  ETA {eta:.0f}s "
+            )
+            if remaining == 0:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif time.monotonic() - self.last >= self.every or remaining == 0:
+            self.last = time.monotonic()
+            line = dict(tiles_done=p.tiles_done, tiles_total=p.tiles_total, candidates=p.cells,
+                        tiles_per_s=round(p.rate, 3), eta_s=None if eta != eta else round(eta, 1))
+            print("PROGRESS " + json.dumps(line), file=self.stream, flush=True)
+
+
+def ensure_ray() -> None:
+    """Join the cluster the environment names (a Ray job, ``RAY_ADDRESS``), else start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
+    """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
+    spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
+    started = time.perf_counter()
+    plan = make_plan(spec)
+    labels_out.prepare(plan)
+    ensure_ray()
+    stats = run_plan(plan, ProgressPrinter() if progress else None)
+    summary = dict(
+        labels=f"{spec.input.rstrip('/')}/{plan.labels_path}",
+        cells=stats.cells,
+        tiles=len(plan.grid),
+        tiles_segmented=stats.tiles_segmented,
+        tiles_resumed=stats.tiles_resumed,
+        tiles_skipped_no_tissue=plan.skipped,
+        seam_reconciliations=stats.reconciled,
+        oversized_cells=stats.oversized,
+        cells_cut_at_window_edge=stats.cut_at_window,
+        level=plan.level,
+        wall_seconds=round(time.perf_counter() - started, 3),
+    )
+    report = dict(
+        summary=summary,
+        spec=spec.model_dump(mode="json", by_alias=True, exclude={"storage_options"}),
+        timings={k: round(v, 3) for k, v in stats.stage_seconds.items()},
+        model_seconds=round(stats.model_seconds, 3),
+        versions=dict(cellsam_ray=cellsam_ray.__version__, python=platform.python_version(), ray=ray.__version__),
+    )
+    labels_out.finish(plan, report)
+    return report

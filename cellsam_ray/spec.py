@@ -1,0 +1,71 @@
+"""One description of a segmentation run, shared by the CLI, the Python API and Ray job specs.
+
+Keeping it in one pydantic model means the three can never disagree about a field's name, default or
+meaning; ``schemas/job.schema.json`` is generated from it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class SegmentSpec(BaseModel):
+    """Everything ``cellsam-ray segment`` takes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="URL or path of the OME-Zarr image (local, s3://, gs://, memory://, ...).")
+    nuclear: list[str] = Field(min_length=1, description="Nuclear channel(s), by omero name or index.")
+    whole_cell: list[str] = Field(
+        default_factory=list, description="Whole-cell (membrane/cytoplasm) channel(s), by name or index."
+    )
+    weights: str | None = Field(default=None, description="CellSAM checkpoint: local path or fsspec URL.")
+    weights_sha256: str | None = Field(default=None, description="Expected SHA-256 of the checkpoint file.")
+    model_config_name: str = Field(
+        default="v1.2", alias="config", description="Model sizes: 'v1.2' or a path to a JSON config."
+    )
+    segmenter: str | None = Field(
+        default=None, description="module:attr of another segmenter (then weights are not needed)."
+    )
+    mode: Literal["fast", "reference"] = Field(default="fast", description="CellSAM inference mechanics.")
+    label_name: str = Field(default="cells", description="Written to labels/<label_name> in the image.")
+    level: int | None = Field(default=None, ge=0, description="Pyramid level to segment (default 0).")
+    pixel_size: float | None = Field(
+        default=None, gt=0, description="Segment the level whose pixel size is closest to this (micrometres)."
+    )
+    t: int = Field(default=0, ge=0, description="Time point, for images with a t axis.")
+    z: int | None = Field(default=None, ge=0, description="Plane, for images with a z axis of size > 1.")
+    tile: int = Field(default=768, gt=0, description="Tile core size in pixels (a multiple of --chunk).")
+    halo: int = Field(default=128, ge=0, description="Context added on each side of a core.")
+    band: int = Field(default=16, ge=0, description="Seam band: detections this far outside a core are reconciled.")
+    chunk: int = Field(default=256, gt=0, description="Label chunk size at level 0 of the labels.")
+    padding: Literal["zero", "reflect"] = Field(default="zero", description="How windows are padded past borders.")
+    tissue_mask: bool = Field(default=True, description="Skip tiles with no tissue (from a coarse level).")
+    workers: int | None = Field(default=None, ge=1, description="Model actors (default: one per GPU, else 1).")
+    gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per actor when GPUs exist.")
+    batch_size: int = Field(default=4, ge=1, description="Tiles per model call.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the model runs.")
+    bbox_threshold: float = Field(default=0.4, ge=0, le=1, description="CellSAM box threshold.")
+    storage_options: dict | None = Field(
+        default=None, description="fsspec storage options (no secrets: use environment or profiles)."
+    )
+    overwrite: bool = Field(default=False, description="Replace an existing labels/<label_name>.")
+    work_dir: str | None = Field(
+        default=None, description="Where per-tile results live for resuming (default: beside the labels)."
+    )
+
+    @field_validator("label_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith(".") or value != value.strip():
+            raise ValueError(f"label name {value!r} must be a plain name (no '/', not starting with '.')")
+        return value
+
+    @model_validator(mode="after")
+    def _model_source(self) -> "SegmentSpec":
+        if self.level is not None and self.pixel_size is not None:
+            raise ValueError("give --level or --pixel-size, not both")
+        return self
+
