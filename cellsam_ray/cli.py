@@ -17,6 +17,7 @@ from cellsam_ray.errors import UserError
 COMMANDS: dict[str, str] = {
     "synth": "synth",
     "segment-image": "segment_image",
+    "segment": "segment",
 }
 
 
