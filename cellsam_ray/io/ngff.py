@@ -188,7 +188,7 @@ class Level:
     translation: tuple[float, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NgffImage:
     """An opened OME-Zarr multiscale image (or label image): what the pipeline needs to know about it."""
 
