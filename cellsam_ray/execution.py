@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -109,6 +110,13 @@ def _pyramid_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) ->
     labels_out.build_chunk(plan, level, chunk_index)
 
 
+def _segmenter_environment() -> dict | None:
+    """The driver's ``CELLSAM_RAY_*`` variables, for segmenters configured by environment (they are
+    built with no arguments); the actors may run in processes started before the driver set them."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("CELLSAM_RAY_")}
+    return {"env_vars": env} if env else None
+
+
 def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
     """How many model actors, and what each asks for: a GPU share where GPUs exist, else CPUs.
 
@@ -138,7 +146,8 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
         n_workers, resources = _actor_resources(plan)
         n_workers = min(n_workers, len(todo))
         actor_cls = ray.remote(SegmentWorker).options(
-            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2, **resources
+            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
+            runtime_env=_segmenter_environment(), **resources,
         )
         actors = [actor_cls.remote(plan) for _ in range(n_workers)]
         batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))

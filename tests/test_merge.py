@@ -107,3 +107,19 @@ def test_candidate_record_roundtrips_through_bytes():
     back = CellSet.from_bytes(cells.to_bytes())
     assert np.array_equal(back.meta, cells.meta)
     assert all(np.array_equal(a, b) for a, b in zip(back.masks, cells.masks))
+
+
+def test_a_cell_cut_by_the_image_edge_keeps_a_home_even_when_its_box_reaches_past_it():
+    from cellsam_ray.segmenter import Detections
+
+    grid = plan_grid(64, 64, tile=32, halo=8, chunk=16, band=4)
+    t = grid.tile_at(1, 1)
+    # A one-pixel-tall cell on the image's last row, its box grown far past the bottom border.
+    box = np.array([[20.0, 39.0, 30.0, 52.0]])  # window pixels (origin (24, 24)): rows 63..75 of 64
+    mask = np.zeros((13, 10), bool)
+    mask[0, :] = True
+    found = Detections(boxes=box, scores=np.ones(1), ious=np.ones(1), masks=[mask])
+    cells = tile_candidates(found, t, grid, band=4)
+    assert len(cells) == 1
+    assert (cells.col("home_row")[0], cells.col("home_col")[0]) == (1, 1)
+    assert cells.col("cy")[0] < 64

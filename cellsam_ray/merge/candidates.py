@@ -24,7 +24,10 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
     rows, masks = [], []
     for i in range(len(detections)):
         x1, y1, x2, y2 = detections.boxes[i]
-        cy, cx = wy0 + (y1 + y2) / 2, wx0 + (x1 + x2) / 2
+        # The centre of the box's part inside the image: past the border a box has no meaning, and a
+        # cell cut by the image edge must still have its centre, and so its home, inside the image.
+        cy = (max(wy0 + y1, 0) + min(wy0 + y2, grid.height)) / 2
+        cx = (max(wx0 + x1, 0) + min(wx0 + x2, grid.width)) / 2
         if not (
             tile.core_y0 - band <= cy < tile.core_y1 + band and tile.core_x0 - band <= cx < tile.core_x1 + band
         ):
