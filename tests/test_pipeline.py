@@ -47,7 +47,7 @@ def slide_v05(tmp_path_factory):
 def run_oracle(url, monkeypatch, storage_options=None, **overrides):
     monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
     spec = dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, storage_options=storage_options,
-                **TILING, **overrides)
+                **{**TILING, **overrides})
     return segment(spec, progress=False)
 
 
