@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "synth": "synth",
     "segment-image": "segment_image",
     "segment": "segment",
+    "demo": "demo",
 }
 
 
