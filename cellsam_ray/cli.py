@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "segment-image": "segment_image",
     "segment": "segment",
     "demo": "demo",
+    "bench": "bench",
 }
 
 

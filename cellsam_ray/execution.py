@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 from collections import deque
@@ -60,6 +61,18 @@ class RunStats:
     cut_at_window: int = 0
     model_seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
+    actor_peak_rss_mb: list = field(default_factory=list)
+
+
+def _use_assigned_cpus() -> None:
+    """Give torch the CPUs Ray assigned to this actor: Ray sets OMP_NUM_THREADS to 1 for fractional
+    shares (1.75 CPUs gives 1 thread), which would leave a core idle on a CPU-only node."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(max(1, round(cpus)))
 
 
 class SegmentWorker:
@@ -67,6 +80,7 @@ class SegmentWorker:
 
     def __init__(self, plan: SlidePlan) -> None:
         self.plan = plan
+        _use_assigned_cpus()
         self.segmenter = source.build_segmenter(plan)
         self.readers = ThreadPoolExecutor(max_workers=4)
         self.model_lock = threading.Lock()
@@ -76,6 +90,9 @@ class SegmentWorker:
         with self.model_lock:
             results = segment_tiles(self.plan, self.segmenter, tiles, windows)
         return [(o.key, cells.to_bytes(), o.candidates, o.model_seconds) for cells, o in results]
+
+    def peak_rss_mb(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @ray.remote(max_retries=TASK_RETRIES, num_cpus=PERSIST_CPUS)
@@ -171,6 +188,7 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
                 progress.cells += n
             if on_progress:
                 on_progress(progress)
+        stats.actor_peak_rss_mb = [round(m, 1) for m in ray.get([a.peak_rss_mb.remote() for a in actors])]
         for actor in actors:
             ray.kill(actor)
         ray.get(persists)

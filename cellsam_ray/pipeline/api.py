@@ -78,6 +78,7 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
         spec=spec.model_dump(mode="json", by_alias=True, exclude={"storage_options"}),
         timings={k: round(v, 3) for k, v in stats.stage_seconds.items()},
         model_seconds=round(stats.model_seconds, 3),
+        actor_peak_rss_mb=stats.actor_peak_rss_mb,
         versions=dict(cellsam_ray=cellsam_ray.__version__, python=platform.python_version(), ray=ray.__version__),
     )
     labels_out.finish(plan, report)
