@@ -76,6 +76,15 @@ def test_oracle_slide_is_reproduced_and_valid(tmp_path, ray_cluster, monkeypatch
         assert set(np.unique(label.array(k)[:])) <= set(np.unique(label.array(k - 1)[:]))
     validate_ome_zarr(url)
     assert image_checksums(url) == before  # the image's own arrays were never written
+    # ome-zarr-py's reader (what napari's plugin uses) finds both label images with their pixels.
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    nodes = list(Reader(parse_url(url, fmt=FormatV04() if ngff == "0.4" else FormatV05()))())
+    found = {n.zarr.path.rstrip("/").split("/")[-1]: n for n in nodes if n.load(Label)}
+    assert set(found) == {"cells", "ground_truth"}
+    assert np.array_equal(np.asarray(found["cells"].data[0]), cells)
 
 
 def test_output_is_identical_for_any_worker_count_and_batch(tmp_path, ray_cluster, monkeypatch, slide_v05):
@@ -140,3 +149,40 @@ def test_cores_cover_every_label_chunk_exactly_once(slide_v05):
                 owners[(cy // c, cx // c)] = 1
     h, w = plan.label_shapes[0]
     assert len(owners) == -(-h // c) * -(-w // c)
+
+
+def test_tczyx_image_with_a_chosen_plane(tmp_path, ray_cluster, monkeypatch):
+    from cellsam_ray.io import pyramid
+    from cellsam_ray.io.ngff import Channel, create_image, image_axes
+    from cellsam_ray.synth.tissue import TissueModel
+
+    region = TissueModel((256, 256), seed=4, channels=2).render(0, 256, 0, 256)
+    url = str(tmp_path / "stack.ome.zarr")
+    image = create_image(url, shape=(1, 2, 3, 256, 256), dtype=np.uint16, chunks=(1, 1, 1, 64, 64),
+                         axes=image_axes("tczyx"), scale=(1, 1, 2.0, 0.5, 0.5), levels=2, version="0.4",
+                         channels=[Channel("DAPI"), Channel("CD45")])
+    image.array(0)[0, :, 1] = region.image  # the cells are in plane z=1 only
+    pyramid.build_pyramid(image.arrays(), "image")
+    truth_path = tmp_path / "truth.npy"
+    np.save(truth_path, region.labels)
+    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", str(truth_path))
+    spec = dict(input=url, nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE, z=1, **TILING)
+    segment(spec, progress=False)
+    cells = np.asarray(open_image(url).label("cells").array(0)[:])
+    assert cells.shape == (1, 3, 256, 256)
+    assert same_up_to_relabelling(cells[0, 1], region.labels)
+    assert not cells[0, 0].any() and not cells[0, 2].any()
+    validate_ome_zarr(url)
+
+
+def test_tiles_without_tissue_are_skipped_and_reported(tmp_path, ray_cluster, monkeypatch):
+    url = str(tmp_path / "sparse.ome.zarr")
+    write_synthetic_slide(url, size=(256, 512), channels=2, ngff="0.5", seed=8, chunk=64)
+    image = open_image(url, mode="r+")
+    for k in range(len(image.levels)):  # glass on the right half: no signal, no cells
+        arr, gt = image.array(k), image.label("ground_truth").array(k)
+        arr[:, :, arr.shape[2] // 2 :] = 0
+        gt[:, gt.shape[1] // 2 :] = 0
+    report = run_oracle(url, monkeypatch)
+    assert report["summary"]["tiles_skipped_no_tissue"] >= 2
+    assert same_up_to_relabelling(labels_of(url), labels_of(url, "ground_truth"))
