@@ -1,0 +1,126 @@
+"""Time reference vs fast CellSAM inference per tile: ``python -m cellsam_ray.bench_model``.
+
+Two models: the golden tiny checkpoint on the golden tiles (real detections, default thresholds), and
+the v1.2 sizes with random weights. Random weights detect nothing useful, so for v1.2 the box score
+threshold is chosen to pass a fixed number of boxes and the IoU filter is off: both modes then decode
+and paste the same boxes, which is the work being compared.
+
+Per tile, each mode is timed twice: as is, and with a box threshold nothing passes (preprocessing,
+encoders and detector only). The difference divided by the boxes gives the cost per box. Every
+time is the best of ``--repeats`` runs, which tames noise from other processes on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cellsam_ray.model.boxes import box_score_threshold
+from cellsam_ray.model.cellfinder import detector_topk
+from cellsam_ray.model.config import CellSAMConfig
+from cellsam_ray.model.fast import segment_tiles_fast
+from cellsam_ray.model.network import CellSAM, build_cellsam
+from cellsam_ray.model.preprocess import detector_input, format_image_shape, normalize_image, resize_to_model
+from cellsam_ray.model.reference import segment_tile_reference
+from cellsam_ray.model.weights import load_cellsam
+
+NOTHING_PASSES = 2.0
+"""A ``bbox_threshold`` above any score's reach (the cut is 0.66·threshold + 0.33·mean of centres)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--golden", default=os.path.join(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference"), "golden"))
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available, and cpu)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
+    parser.add_argument("--v12-tiles", type=int, default=1, help="golden tiles to run through v1.2 (0 skips v1.2)")
+    parser.add_argument("--v12-boxes", type=int, default=32, help="boxes per tile passed to the v1.2 decoder")
+    parser.add_argument("--bf16", action="store_true", help="also time fast mode under bf16 autocast (CUDA)")
+    args = parser.parse_args(argv)
+
+    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else [args.device.replace("auto", "cpu")]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__},"
+          f" {torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    golden = Path(args.golden)
+    cases = json.loads((golden / "cases.json").read_text())
+    tiles = [(np.load(golden / f"{case}.input.npy"), bool(meta["normalize"])) for case, meta in sorted(cases.items())]
+    for device in devices:
+        tiny = load_cellsam(str(golden / "tiny_cellsam.pt"), str(golden / "tiny_config.json"), device=device)
+        report(f"tiny (golden checkpoint), {device}", tiny, tiles, {}, device, args)
+        if args.v12_tiles:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                v12 = build_cellsam(CellSAMConfig.preset("v1.2")).to(device)
+            chosen = tiles[: args.v12_tiles]
+            options = {"bbox_threshold": passing_threshold(v12, chosen, args.v12_boxes, device), "iou_threshold": 0.0}
+            report(f"v1.2 sizes (random weights, {args.v12_boxes} boxes/tile), {device}", v12, chosen, options, device, args)
+            del v12
+
+
+def report(title: str, model: CellSAM, tiles: list[tuple[np.ndarray, bool]], options: dict, device: str, args) -> None:
+    """Print per-tile and per-box times of both modes for ``tiles``."""
+    print(f"\n== {title}: {len(tiles)} tile(s), shapes {[t.shape for t, _ in tiles]}")
+    modes: dict[str, Callable[[dict], list]] = {
+        "reference": lambda opts: [segment_tile_reference(t, model, normalize=n, device=device, **opts) for t, n in tiles],
+        "fast": lambda opts: run_fast(model, tiles, device, opts),
+    }
+    if args.bf16 and device == "cuda":
+        modes["fast bf16"] = lambda opts: run_fast(model, tiles, device, {**opts, "bf16": True})
+    for mode, run in modes.items():
+        full, results = best_of(args.repeats, lambda: run(options))
+        encoders, _ = best_of(args.repeats, lambda: run({**options, "bbox_threshold": NOTHING_PASSES}))
+        boxes = sum(len(r.boxes) for r in results)
+        per_box = (full - encoders) / boxes if boxes else float("nan")
+        print(f"{mode:>10}: {full / len(tiles):7.3f} s/tile  {len(tiles) / full:7.2f} tiles/s  "
+              f"encoders {encoders / len(tiles):7.3f} s/tile  {boxes / len(tiles):6.1f} boxes/tile  "
+              f"{per_box * 1e3:8.2f} ms/box  cells/tile {np.mean([r.labels.max() for r in results]):.1f}")
+
+
+def run_fast(model: CellSAM, tiles: list[tuple[np.ndarray, bool]], device: str, options: dict) -> list:
+    """All tiles in fast mode, batched per normalisation flag, results in tile order."""
+    results: dict[int, object] = {}
+    for flag in (True, False):
+        chosen = [i for i, (_, n) in enumerate(tiles) if n is flag]
+        if chosen:
+            out = segment_tiles_fast([tiles[i][0] for i in chosen], model, normalize=flag, device=device, **options)
+            results.update(zip(chosen, out))
+    return [results[i] for i in range(len(tiles))]
+
+
+def best_of(repeats: int, run: Callable[[], list]) -> tuple[float, list]:
+    """(best wall time in seconds, results of the last run)."""
+    best, results = float("inf"), []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        results = run()
+        best = min(best, time.perf_counter() - start)
+    return best, results
+
+
+@torch.inference_mode()
+def passing_threshold(model: CellSAM, tiles: list[tuple[np.ndarray, bool]], boxes: int, device: str) -> float:
+    """A ``bbox_threshold`` that lets about ``boxes`` detections through on every tile (the smallest count)."""
+    size = model.sam.image_encoder.img_size
+    thresholds = []
+    for image, normalize in tiles:
+        formatted = format_image_shape(image)
+        resized = resize_to_model(normalize_image(formatted) if normalize else formatted, size)
+        logits, raw = model.cellfinder(detector_input(resized, adv_mode=model.adv_mode).to(device))
+        scores = detector_topk(logits, raw, image_size=(size, size))[0][0].cpu()
+        target = float(scores[boxes - 1] + scores[boxes]) / 2  # between the boxes-th and next score
+        thresholds.append((target - box_score_threshold(scores, 0.0)) / 0.66)
+    return max(thresholds)
+
+
+if __name__ == "__main__":
+    main()
