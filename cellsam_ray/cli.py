@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "segment": "segment",
     "demo": "demo",
     "bench": "bench",
+    "evaluate": "evaluate_cmd",
 }
 
 
