@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
     parser.add_argument("--v12-tiles", type=int, default=1, help="golden tiles to run through v1.2 (0 skips v1.2)")
     parser.add_argument("--v12-boxes", type=int, default=32, help="boxes per tile passed to the v1.2 decoder")
+    parser.add_argument("--v12-repeats", type=int, default=1, help="runs per v1.2 measurement (each takes long on a CPU)")
     parser.add_argument("--bf16", action="store_true", help="also time fast mode under bf16 autocast (CUDA)")
     args = parser.parse_args(argv)
 
@@ -54,29 +55,32 @@ def main(argv: list[str] | None = None) -> None:
     tiles = [(np.load(golden / f"{case}.input.npy"), bool(meta["normalize"])) for case, meta in sorted(cases.items())]
     for device in devices:
         tiny = load_cellsam(str(golden / "tiny_cellsam.pt"), str(golden / "tiny_config.json"), device=device)
-        report(f"tiny (golden checkpoint), {device}", tiny, tiles, {}, device, args)
+        report(f"tiny (golden checkpoint), {device}", tiny, tiles, {}, device, args.repeats, args.bf16)
         if args.v12_tiles:
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 v12 = build_cellsam(CellSAMConfig.preset("v1.2")).to(device)
             chosen = tiles[: args.v12_tiles]
             options = {"bbox_threshold": passing_threshold(v12, chosen, args.v12_boxes, device), "iou_threshold": 0.0}
-            report(f"v1.2 sizes (random weights, {args.v12_boxes} boxes/tile), {device}", v12, chosen, options, device, args)
+            title = f"v1.2 sizes (random weights, {args.v12_boxes} boxes/tile), {device}"
+            report(title, v12, chosen, options, device, args.v12_repeats, args.bf16)
             del v12
 
 
-def report(title: str, model: CellSAM, tiles: list[tuple[np.ndarray, bool]], options: dict, device: str, args) -> None:
+def report(
+    title: str, model: CellSAM, tiles: list[tuple[np.ndarray, bool]], options: dict, device: str, repeats: int, bf16: bool
+) -> None:
     """Print per-tile and per-box times of both modes for ``tiles``."""
     print(f"\n== {title}: {len(tiles)} tile(s), shapes {[t.shape for t, _ in tiles]}")
     modes: dict[str, Callable[[dict], list]] = {
         "reference": lambda opts: [segment_tile_reference(t, model, normalize=n, device=device, **opts) for t, n in tiles],
         "fast": lambda opts: run_fast(model, tiles, device, opts),
     }
-    if args.bf16 and device == "cuda":
+    if bf16 and device == "cuda":
         modes["fast bf16"] = lambda opts: run_fast(model, tiles, device, {**opts, "bf16": True})
     for mode, run in modes.items():
-        full, results = best_of(args.repeats, lambda: run(options))
-        encoders, _ = best_of(args.repeats, lambda: run({**options, "bbox_threshold": NOTHING_PASSES}))
+        full, results = best_of(repeats, lambda: run(options))
+        encoders, _ = best_of(repeats, lambda: run({**options, "bbox_threshold": NOTHING_PASSES}))
         boxes = sum(len(r.boxes) for r in results)
         per_box = (full - encoders) / boxes if boxes else float("nan")
         print(f"{mode:>10}: {full / len(tiles):7.3f} s/tile  {len(tiles) / full:7.2f} tiles/s  "

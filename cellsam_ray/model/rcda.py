@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 # Queries are processed in chunks so the (chunk, W, head_dim) intermediate per head stays bounded
 # (the encoder has 4096 queries per image); rows are independent, so chunking does not change results.
-QUERY_CHUNK = 1024
+QUERY_CHUNK = 256
 
 
 class MultiheadRCDA(nn.Module):
