@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "bench": "bench",
     "evaluate": "evaluate_cmd",
+    "train": "train",
+    "finetune": "finetune",
 }
 
 

@@ -2,8 +2,9 @@
 
 Module and attribute names reproduce the published ``cellfinder.decode_head.*`` state-dict keys
 (``backbone.body``, ``input_proj.0``, ``transformer.*``), so a released checkpoint loads strictly.
-Inference only: the input is always a full, unpadded square, so the published padding masks are all
-False and are left out; dropout is 0 in every released configuration and is left out too.
+The input is always a full, unpadded square, so the published padding masks are all False and are left
+out; dropout is 0 in every released configuration and is left out too. ``forward`` is what inference
+runs; ``forward_layers`` also gives the intermediate decoder layers' predictions, which training supervises.
 """
 
 from __future__ import annotations
@@ -148,6 +149,14 @@ class AnchorDETRTransformer(nn.Module):
 
     def forward(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """``src`` (B, d, H, W) projected features -> last layer's (logits (B, Q, C), boxes (B, Q, 4) cxcywh)."""
+        return self.forward_layers(src, every_layer=False)[-1]
+
+    def forward_layers(self, src: Tensor, *, every_layer: bool = True) -> list[tuple[Tensor, Tensor]]:
+        """(logits, boxes) of every decoder layer, first to last (only the last when ``every_layer`` is off).
+
+        Inference reads the last layer only; training supervises every layer (DETR's auxiliary losses),
+        all through the one shared head.
+        """
         b, d, h, w = src.shape
         # Pixel-centre coordinates in [0, 1]: the published mask2pos for an unpadded map.
         pos_x = self.adapt_pos1d(sine_embedding_1d((torch.arange(w, device=src.device) + 0.5) / w, d))
@@ -163,9 +172,14 @@ class AnchorDETRTransformer(nn.Module):
         query_pos_y = self.adapt_pos1d(sine_embedding_1d(anchors[:, 1], d))
         memory_x = memory + pos_x[None, None]
         memory_y = memory + pos_y[None, :, None]
+        states = []
         for layer in self.decoder_layers:
             tgt = layer(tgt, query_pos, query_pos_x, query_pos_y, memory_x, memory_y, memory)
+            states.append(tgt)
+        return [self._heads(state, anchors) for state in (states if every_layer else states[-1:])]
 
+    def _heads(self, tgt: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
+        """Class logits and sigmoid (cx, cy, w, h) boxes, centres predicted relative to the anchors."""
         logits = self.class_embed[-1](tgt)
         deltas = self.bbox_embed[-1](tgt)
         centres = deltas[..., :2] + inverse_sigmoid(anchors)
@@ -189,6 +203,10 @@ class AnchorDETR(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.transformer(self.input_proj[0](self.backbone(images)))
 
+    def forward_layers(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every decoder layer's (logits, boxes), for training (see ``AnchorDETRTransformer.forward_layers``)."""
+        return self.transformer.forward_layers(self.input_proj[0](self.backbone(images)))
+
 
 class CellFinder(nn.Module):
     """The detector; ``decode_head`` carries every weight."""
@@ -203,6 +221,10 @@ class CellFinder(nn.Module):
         Boxes are normalised (cx, cy, w, h) of the last decoder layer, the only one inference uses.
         """
         return self.decode_head(images)
+
+    def forward_layers(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """(logits, boxes) of every decoder layer, first to last; the last equals ``forward``'s."""
+        return self.decode_head.forward_layers(images)
 
 
 def detector_topk(

@@ -1,0 +1,263 @@
+"""Labelled tiles for training, and batches with their targets.
+
+Every source gives ``LabelledImage``s: an (H, W, 3) float32 image in CellSAM's channel layout (blank,
+nuclear, whole-cell) exactly as inference will see it, plus its cell labels. So a model is trained on
+what it will be shown:
+
+- OME-Zarr slides with a label image are cut into windows by the whole-slide pipeline's own planning
+  and window reader (slide-wide intensity scaling, tissue mask, zero padding at borders);
+- a folder of image + label pairs is read as ``segment-image`` reads an image (optionally with the
+  library normalisation, its default);
+- synthetic tissue is written as OME-Zarr slides and then read like any slide.
+
+``prepare_tile`` stretches a labelled image to the model's square and runs the published preprocessing
+of both branches once; ``make_batch`` augments (the 8 flips and right-angle turns, which the
+preprocessing commutes with) and derives boxes and sampled masks from the labels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential
+from torch import Tensor
+
+from cellsam_ray.errors import UserError
+from cellsam_ray.model.postprocess import MIN_SIZE
+from cellsam_ray.model.preprocess import (
+    detector_input,
+    embedding_input,
+    format_image_shape,
+    normalize_image,
+    resize_to_model,
+)
+from cellsam_ray.train.box_ops import xyxy_to_cxcywh
+
+LABEL_SUFFIX = "_labels"
+"""A folder pair is ``NAME.ext`` (the image) and ``NAME_labels.ext`` (its cells)."""
+IMAGE_SUFFIXES = (".npy", ".tif", ".tiff", ".png")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """An image as CellSAM's inference receives it, and its true cells."""
+
+    image: np.ndarray  # (H, W, 3) float32, channels (blank, nuclear, whole-cell), already normalised
+    labels: np.ndarray  # (H, W) int32, 0 = background
+
+
+@dataclass(frozen=True)
+class TrainingTile:
+    """One tile preprocessed for both networks, its cells mapped to the model's square."""
+
+    embed: Tensor  # (3, S, S) float32: ``embedding_input`` (before SAM's pixel normalisation)
+    detect: Tensor  # (3, S, S) float32: ``detector_input``
+    labels: Tensor  # (S, S) int32: cell ids in the model frame
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of augmented tiles with per-image targets."""
+
+    embed: Tensor  # (B, 3, S, S)
+    detect: Tensor  # (B, 3, S, S)
+    boxes: list[Tensor]  # per image (N, 4) normalised cxcywh of every cell
+    prompts: list[Tensor]  # per image (K, 4) xyxy model pixels: jittered true boxes of sampled cells
+    masks: list[Tensor]  # per image (K, S, S) float32 masks of those cells
+
+
+class DataSpec(BaseModel):
+    """Where the labelled tiles come from; one or more sources, combined."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slides: list[str] = Field(default_factory=list, description="OME-Zarr slides (URLs) with a label image.")
+    nuclear: list[str] = Field(default_factory=list, description="Nuclear channel(s) of the slides, by name or index.")
+    whole_cell: list[str] = Field(default_factory=list, description="Whole-cell channel(s) of the slides.")
+    label: str = Field(default="ground_truth", description="The slides' label image holding the true cells.")
+    level: int = Field(default=0, ge=0, description="Pyramid level of the slides to train on.")
+    folder: str | None = Field(default=None, description="Folder of NAME.ext images with NAME_labels.ext cells.")
+    normalize: bool = Field(default=True, description="Library normalisation of folder images (as segment-image).")
+    synthetic_seeds: list[int] = Field(default_factory=list, description="Seeds of synthetic slides to generate.")
+    synthetic_size: int = Field(default=2048, gt=0, description="Side of each synthetic slide in pixels.")
+    synthetic_dir: str | None = Field(default=None, description="Where synthetic slides are written.")
+    stride: int | None = Field(default=None, gt=0, description="Window step on slides (default: the window side).")
+    max_tiles: int | None = Field(default=None, gt=0, description="Keep this many tiles (few-shot), chosen by seed.")
+    tile_seed: int = Field(default=0, description="Chooses the tiles kept by max_tiles.")
+    storage_options: dict | None = Field(default=None, description="fsspec options for remote slides.")
+
+    @model_validator(mode="after")
+    def _some_source(self) -> DataSpec:
+        if not (self.slides or self.folder or self.synthetic_seeds):
+            raise ValueError("give labelled data: slides, a folder or synthetic seeds")
+        if (self.slides or self.synthetic_seeds) and not self.nuclear:
+            raise ValueError("slides need their nuclear channel(s)")
+        if self.synthetic_seeds and not self.synthetic_dir:
+            raise ValueError("synthetic slides need a folder to be written to (synthetic_dir)")
+        return self
+
+
+def load_images(spec: DataSpec, window: int) -> list[LabelledImage]:
+    """Every labelled image the spec names (slides cut into ``window``-pixel windows), then subsampled."""
+    images: list[LabelledImage] = []
+    for url in list(spec.slides) + synthetic_slides(spec):
+        images += slide_windows(url, spec, window)
+    if spec.folder:
+        images += folder_images(spec.folder, normalize=spec.normalize)
+    if not images:
+        raise UserError("the training data holds no labelled tiles")
+    if spec.max_tiles is not None and spec.max_tiles < len(images):
+        # Prefer tiles with cells: a few-shot set of empty tiles teaches nothing.
+        rng = np.random.default_rng(spec.tile_seed)
+        with_cells = [i for i, im in enumerate(images) if im.labels.any()]
+        others = [i for i in range(len(images)) if not images[i].labels.any()]
+        order = list(rng.permutation(with_cells)) + list(rng.permutation(others))
+        images = [images[i] for i in sorted(order[: spec.max_tiles])]
+    return images
+
+
+def synthetic_slides(spec: DataSpec) -> list[str]:
+    """Write the spec's synthetic slides (3 channels: DAPI, E-cadherin, Pan-Cytokeratin); their URLs."""
+    from cellsam_ray.synth import write_synthetic_slide
+
+    urls = []
+    for seed in spec.synthetic_seeds:
+        url = str(Path(spec.synthetic_dir, f"synthetic-{seed}-{spec.synthetic_size}.ome.zarr"))
+        write_synthetic_slide(url, size=(spec.synthetic_size,) * 2, channels=3, seed=seed, chunk=256)
+        urls.append(url)
+    return urls
+
+
+def slide_windows(url: str, spec: DataSpec, window: int) -> list[LabelledImage]:
+    """The slide's tissue windows of ``window`` pixels, read as the segment pipeline reads them.
+
+    Windows step by ``spec.stride`` (overlapping when smaller than the window); the labels come from
+    ``labels/<spec.label>`` at the same level, zero past the borders like the image.
+    """
+    from cellsam_ray.io.ngff import open_image
+    from cellsam_ray.model.segmenter import cellsam_layout
+    from cellsam_ray.pipeline.plan import level_selection, make_plan
+    from cellsam_ray.pipeline.source import read_window
+    from cellsam_ray.spec import SegmentSpec
+
+    stride = spec.stride or window
+    if stride > window or (window - stride) % 2:
+        raise UserError(f"stride {stride} must be at most the window ({window}) and differ from it by an even number")
+    plan = make_plan(SegmentSpec(
+        input=url, nuclear=spec.nuclear, whole_cell=spec.whole_cell, level=spec.level, tile=stride,
+        halo=(window - stride) // 2, chunk=stride, band=0, storage_options=spec.storage_options,
+    ))
+    truth = open_image(url, spec.storage_options).label(spec.label).array(plan.level)
+    label_axes = tuple(a for a in plan.axes if a != "c")
+    images = []
+    for tile in plan.tiles:
+        wy0, wx0 = tile.origin
+        y0, x0 = max(wy0, 0), max(wx0, 0)
+        y1, x1 = min(wy0 + window, plan.grid.height), min(wx0 + window, plan.grid.width)
+        selection = level_selection(label_axes, plan.plane, (), slice(y0, y1), slice(x0, x1))
+        cells = np.asarray(truth.get_orthogonal_selection(selection)).astype(np.int32)
+        cells = np.pad(cells, ((y0 - wy0, wy0 + window - y1), (x0 - wx0, wx0 + window - x1)))
+        images.append(LabelledImage(cellsam_layout(read_window(plan, tile)), cells))
+    return images
+
+
+def folder_images(folder: str, *, normalize: bool) -> list[LabelledImage]:
+    """Every ``NAME.ext`` + ``NAME_labels.ext`` pair of a local folder, in name order."""
+    from cellsam_ray.commands.segment_image import read_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"training folder {folder} is not a folder")
+    pairs = []
+    for label_path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        stem = re.sub(f"{LABEL_SUFFIX}$", "", label_path.stem)
+        if stem == label_path.stem:
+            continue
+        found = [root / f"{stem}{s}" for s in IMAGE_SUFFIXES if (root / f"{stem}{s}").is_file()]
+        if not found:
+            raise UserError(f"{label_path} has no image {stem}.npy/.tif/.tiff/.png beside it")
+        pairs.append((found[0], label_path))
+    if not pairs:
+        raise UserError(f"training folder {folder} holds no NAME{LABEL_SUFFIX}.ext label images")
+    images = []
+    for image_path, label_path in pairs:
+        image = format_image_shape(read_image(str(image_path), {}))
+        labels = read_image(str(label_path), {})
+        if labels.dtype.kind not in "biu" or labels.shape != image.shape[:2]:
+            raise UserError(f"{label_path} must be an integer label image of shape {image.shape[:2]}, "
+                            f"got {labels.dtype} {labels.shape}")
+        image = normalize_image(image) if normalize else image
+        images.append(LabelledImage(image.astype(np.float32), labels.astype(np.int32)))
+    return images
+
+
+def prepare_tile(item: LabelledImage, size: int) -> TrainingTile:
+    """Stretch to ``size``² and run both published preprocessing paths; labels by nearest neighbour,
+    renumbered 1..N (slide-wide ids can be large, and boxes are found per id)."""
+    resized = resize_to_model(item.image, size)
+    height, width = item.labels.shape
+    sequential = relabel_sequential(item.labels)[0]
+    rows = np.minimum(((np.arange(size) + 0.5) * height / size).astype(int), height - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * width / size).astype(int), width - 1)
+    return TrainingTile(
+        embed=embedding_input(resized)[0],
+        detect=detector_input(resized)[0],
+        labels=torch.from_numpy(np.ascontiguousarray(sequential[rows][:, cols], dtype=np.int32)),
+    )
+
+
+def make_batch(
+    tiles: list[TrainingTile],
+    rng: np.random.Generator,
+    *,
+    masks_per_image: int,
+    box_jitter: float,
+    augment: bool = True,
+) -> Batch:
+    """Augment each tile, then derive every cell's box and ``masks_per_image`` sampled cells' masks.
+
+    Cells smaller than the inference's minimum object size are not targets: inference removes them
+    anyway. Prompt boxes are the true boxes with each side moved by up to ``box_jitter`` of the box's
+    size, so SAM learns to cope with CellFinder's imprecise boxes.
+    """
+    embeds, detects, all_boxes, prompts, masks = [], [], [], [], []
+    for tile in tiles:
+        turns, flip = (int(rng.integers(4)), bool(rng.integers(2))) if augment else (0, False)
+        views = [_dihedral(t, turns, flip) for t in (tile.embed, tile.detect, tile.labels)]
+        embeds.append(views[0])
+        detects.append(views[1])
+        boxes, cells = _cell_boxes(views[2].numpy())
+        size = views[2].shape[-1]
+        all_boxes.append(xyxy_to_cxcywh(torch.as_tensor(boxes / size)))
+        chosen = rng.permutation(len(cells))[:masks_per_image]
+        chosen_boxes = torch.as_tensor(boxes[chosen], dtype=torch.float32).reshape(-1, 4)
+        spans = (chosen_boxes[:, 2:] - chosen_boxes[:, :2]).repeat(1, 2)
+        noise = torch.as_tensor(rng.uniform(-box_jitter, box_jitter, chosen_boxes.shape), dtype=torch.float32)
+        prompts.append(chosen_boxes + noise * spans)
+        ids = torch.as_tensor(cells[chosen], dtype=torch.int32)
+        masks.append((views[2][None] == ids[:, None, None]).float())
+    return Batch(torch.stack(embeds), torch.stack(detects), all_boxes, prompts, masks)
+
+
+def _dihedral(t: Tensor, turns: int, flip: bool) -> Tensor:
+    t = torch.rot90(t, turns, dims=(-2, -1))
+    return torch.flip(t, dims=(-1,)) if flip else t
+
+
+def _cell_boxes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """xyxy pixel-edge boxes (N, 4) float32 and ids (N,) of the cells with at least MIN_SIZE pixels."""
+    boxes, ids = [], []
+    areas = np.bincount(labels.ravel())
+    for index, found in enumerate(ndimage.find_objects(labels)):
+        if found is None or areas[index + 1] < MIN_SIZE:
+            continue
+        rows, cols = found
+        boxes.append((cols.start, rows.start, cols.stop, rows.stop))
+        ids.append(index + 1)
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(ids, dtype=np.int64)
