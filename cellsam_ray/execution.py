@@ -5,6 +5,9 @@
   on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. Candidates
   go to the work store in a CPU task, so the actor never waits on storage writes.
 - Stages B, D and E are CPU tasks; stage C is a prefix sum on the driver over one integer per tile.
+- The cell table is measured in stage D; per-tile tasks combine seam pieces while stage E runs, and one
+  small writer actor streams their rows, in id order, to one Parquet file. The QC pictures are one task
+  after stage E (they need the label pyramid).
 - Actors restart and tasks retry (set explicitly: Ray's defaults for actors are 0); every write is to a
   key derived from the tile or chunk alone, so a retry rewrites the same bytes.
 """
@@ -28,6 +31,11 @@ from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.stages import reconcile_tile, segment_tiles, with_ids
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets
+from cellsam_ray.qc.views import write_qc_images
+from cellsam_ray.table import stage as table_stage
+from cellsam_ray.table.measure import CellSums
+from cellsam_ray.table.schema import TableLayout
+from cellsam_ray.table.write import ParquetStream
 
 CANDIDATES = "candidates"
 ACTOR_RESTARTS = 3
@@ -61,6 +69,8 @@ class RunStats:
     cut_at_window: int = 0
     model_seconds: float = 0.0
     stage_seconds: dict = field(default_factory=dict)
+    cell_table: dict | None = None  # where the table went, its rows and columns
+    qc: dict | None = None  # the QC pictures written
     actor_peak_rss_mb: list = field(default_factory=list)
 
 
@@ -115,11 +125,27 @@ def _reconcile(plan: SlidePlan, home: tuple[int, int]):
     return counts, result.kept
 
 
-@ray.remote(max_retries=TASK_RETRIES)
-def _write_core(plan: SlidePlan, home: tuple[int, int], offsets: list[int], *kept: CellSet) -> None:
+@ray.remote(max_retries=TASK_RETRIES, num_returns=3)
+def _write_core(plan: SlidePlan, home: tuple[int, int], offsets: list[int], *kept: CellSet):
+    """Paint and write one core; returns the tile's key (small, fetched, so a failed write raises on the
+    driver) and, with the cell table on, the sums of the cells painted there: (complete, seam pieces)."""
     tile = plan.grid.tile_at(*home)
     numbered = [with_ids(cells, offset) for cells, offset in zip(kept, offsets)]
-    labels_out.write_core(plan, tile, rasterise_core(tile, numbered))
+    labels = rasterise_core(tile, numbered)
+    labels_out.write_core(plan, tile, labels)
+    if not plan.spec.cell_table:
+        return tile.key, None, None
+    return (tile.key, *table_stage.measure_tile(plan, tile, labels, CellSet.concat(numbered)))
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def _cell_rows(layout: TableLayout, home: tuple[int, int], complete: CellSums, *pieces: CellSums):
+    return table_stage.home_rows(layout, home, complete, list(pieces))
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def _qc_images(plan: SlidePlan, counts: dict) -> dict:
+    return write_qc_images(plan, counts)
 
 
 @ray.remote(max_retries=TASK_RETRIES)
@@ -148,6 +174,20 @@ def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
     cpus = ray.cluster_resources().get("CPU", 1)
     workers = spec.workers or 1
     return workers, {"num_cpus": round((cpus - PERSIST_CPUS * 2.5) / workers, 2)}
+
+
+def _start_cell_table(plan: SlidePlan, homes: list[tuple[int, int]], written: dict) -> tuple:
+    """Submit the per-tile row tasks and their appends, in raster (= id) order, to one writer actor; the
+    returned refs finish while the label pyramid is built."""
+    layout = table_stage.table_layout(plan)
+    h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
+    writer = ray.remote(ParquetStream).options(num_cpus=PERSIST_CPUS).remote(
+        labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage_options, layout, h5ad)
+    appends = []
+    for home in homes:
+        pieces = [written[rc][2] for rc in plan.grid.neighbourhood(*home)]
+        appends.append(writer.append.remote(_cell_rows.remote(layout, home, written[home][1], *pieces)))
+    return writer, appends, writer.close.remote()
 
 
 def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None) -> RunStats:
@@ -209,15 +249,29 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
     stats.stage_seconds["reconcile"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    writes = []
+    written = {}
     for home in homes:
         block = plan.grid.neighbourhood(*home)
-        writes.append(_write_core.remote(plan, home, [offsets[rc] for rc in block], *[kept_refs[rc] for rc in block]))
-    ray.get(writes)
+        written[home] = _write_core.remote(plan, home, [offsets[rc] for rc in block], *[kept_refs[rc] for rc in block])
+    ray.get([refs[0] for refs in written.values()])
     stats.stage_seconds["write"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    table = _start_cell_table(plan, homes, written) if plan.spec.cell_table else None
+    del written  # the row tasks hold the sums they need; each is freed once its tasks are done
     for level in labels_out.build_order(plan):
         ray.get([_pyramid_chunk.remote(plan, level, idx) for idx in labels_out.chunk_indices(plan, level)])
     stats.stage_seconds["pyramid"] = time.perf_counter() - t0
+    qc = None
+    if plan.spec.qc_images:
+        qc = _qc_images.remote(plan, {home: (c["cells"], c["reconciled"]) for home, c in counts.items()})
+
+    if table:
+        writer, appends, closed = table
+        ray.get(appends)
+        stats.cell_table = ray.get(closed)
+        ray.kill(writer)
+        stats.stage_seconds["cell_table"] = time.perf_counter() - t0  # overlaps the pyramid
+    if qc:
+        stats.qc = ray.get(qc)
     return stats

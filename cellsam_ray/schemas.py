@@ -1,7 +1,8 @@
-"""JSON Schemas of the files users write and read, generated from the pydantic models that parse them.
+"""JSON Schemas of the files users write and read, generated from the code that parses or writes them.
 
-``python -m cellsam_ray.schemas`` rewrites ``schemas/``; a test fails when a committed schema drifts
-from its model.
+Job specs get a JSON Schema from their pydantic model; the cell table (Parquet) gets a JSON description
+of its columns from ``table.schema``. ``python -m cellsam_ray.schemas`` rewrites ``schemas/``; a test
+fails when a committed schema drifts from its source.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ import sys
 from pathlib import Path
 
 from cellsam_ray.spec import SegmentSpec
+from cellsam_ray.table import schema as cell_table
 
-SCHEMAS = {"job.schema.json": SegmentSpec}
+SCHEMAS = {"job.schema.json": SegmentSpec, "cells.schema.json": cell_table.describe}
 
 
-def render(model) -> str:
-    schema = model.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+def render(source) -> str:
+    """A pydantic model's JSON Schema, or what a describing function returns, as the committed text."""
+    if hasattr(source, "model_json_schema"):
+        schema = source.model_json_schema(by_alias=True)
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    else:
+        schema = source()
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 
 
 def main(out_dir: str = "schemas") -> int:
-    for name, model in SCHEMAS.items():
-        Path(out_dir, name).write_text(render(model))
+    for name, source in SCHEMAS.items():
+        Path(out_dir, name).write_text(render(source))
     return 0
 
 

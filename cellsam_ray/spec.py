@@ -52,6 +52,17 @@ class SegmentSpec(BaseModel):
         default=None, description="fsspec storage options (no secrets: use environment or profiles)."
     )
     overwrite: bool = Field(default=False, description="Replace an existing labels/<label_name>.")
+    cell_table: bool = Field(
+        default=True, description="Write labels/<label_name>/cells.parquet: each cell's position, shape, scores "
+        "and mean and total intensity in every image channel."
+    )
+    cell_table_h5ad: bool = Field(
+        default=False, description="Also write the cell table as cells.h5ad (AnnData; needs the scverse extra)."
+    )
+    qc_images: bool = Field(
+        default=True, description="Write QC pictures (overview with outlines, busiest tiles, seams) to "
+        "labels/<label_name>/qc/."
+    )
     work_dir: str | None = Field(
         default=None, description="Where per-tile results live for resuming (default: beside the labels)."
     )
@@ -67,5 +78,11 @@ class SegmentSpec(BaseModel):
     def _model_source(self) -> "SegmentSpec":
         if self.level is not None and self.pixel_size is not None:
             raise ValueError("give --level or --pixel-size, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _h5ad_needs_table(self) -> "SegmentSpec":
+        if self.cell_table_h5ad and not self.cell_table:
+            raise ValueError("--cell-table-h5ad needs the cell table: drop --no-cell-table")
         return self
 

@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
           f"{summary['tiles_skipped_no_tissue']} without tissue skipped, "
           f"{summary['seam_reconciliations']} seam copies reconciled)")
     print(f"    report:  {summary['labels']}/report.json")
+    if summary.get("cell_table"):
+        print(f"    cells:   {summary['cell_table']}  (position, shape, scores, intensity in every channel)")
+    if summary.get("qc_overview"):
+        print(f"    QC:      {summary['qc_overview']}  (tile and seam crops beside it)")
     print(f"    vs ground truth: F1@0.5 {score.f1:.3f}  precision {score.precision:.3f}  recall {score.recall:.3f}"
           f"  mean IoU {score.mean_iou:.3f}" + ("" if args.weights else "  (oracle: this checks the merge)"))
     print(f"    view it: napari --plugin napari-ome-zarr {url}")

@@ -15,6 +15,7 @@ from cellsam_ray.execution import Progress, run_plan
 from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
+from cellsam_ray.table.write import require_anndata
 
 
 class ProgressPrinter:
@@ -55,6 +56,8 @@ def ensure_ray() -> None:
 def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
     spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
+    if spec.cell_table_h5ad:
+        require_anndata()
     started = time.perf_counter()
     plan = make_plan(spec)
     labels_out.prepare(plan)
@@ -71,6 +74,8 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
         oversized_cells=stats.oversized,
         cells_cut_at_window_edge=stats.cut_at_window,
         level=plan.level,
+        cell_table=stats.cell_table["url"] if stats.cell_table else None,
+        qc_overview=labels_out.sidecar_url(plan, "qc", "overview.png") if stats.qc else None,
         wall_seconds=round(time.perf_counter() - started, 3),
     )
     report = dict(
@@ -78,6 +83,8 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
         spec=spec.model_dump(mode="json", by_alias=True, exclude={"storage_options"}),
         timings={k: round(v, 3) for k, v in stats.stage_seconds.items()},
         model_seconds=round(stats.model_seconds, 3),
+        cell_table=stats.cell_table,
+        qc=stats.qc,
         actor_peak_rss_mb=stats.actor_peak_rss_mb,
         versions=dict(cellsam_ray=cellsam_ray.__version__, python=platform.python_version(), ray=ray.__version__),
     )

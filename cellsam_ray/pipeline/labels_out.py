@@ -11,6 +11,7 @@ a rerun of the same spec resumes there without ``--overwrite``; any other spec m
 from __future__ import annotations
 
 import json
+import posixpath
 from functools import lru_cache
 
 import fsspec
@@ -24,7 +25,8 @@ from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.tiling import Tile
 
 # Spec fields that do not change the output, so a resume may differ in them.
-RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device"}
+RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
+                   "cell_table", "cell_table_h5ad", "qc_images"}
 FINGERPRINT = "spec.json"
 
 
@@ -112,9 +114,21 @@ def build_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) -> No
     target[plane_selection(plan, ys, xs)] = up[oy : oy + ys.stop - ys.start, ox : ox + xs.stop - xs.start]
 
 
+def sidecar_url(plan: SlidePlan, *parts: str) -> str:
+    """Where a file beside the labels lives (the report, the cell table, QC images)."""
+    return join_url(plan.spec.input, plan.labels_path, *parts)
+
+
+def write_sidecar(plan: SlidePlan, relative: str, data: bytes) -> str:
+    """Write a file beside the labels (``relative`` may name a subfolder, e.g. ``qc/overview.png``)."""
+    url = sidecar_url(plan, *relative.split("/"))
+    fs, path = fsspec.core.url_to_fs(url, **(plan.spec.storage_options or {}))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+    return url
+
+
 def finish(plan: SlidePlan, report: dict) -> None:
     """Write the run report beside the labels and drop the work prefix: the run is complete."""
-    url = join_url(plan.spec.input, plan.labels_path, "report.json")
-    fs, path = fsspec.core.url_to_fs(url, **(plan.spec.storage_options or {}))
-    fs.pipe_file(path, json.dumps(report, indent=2).encode())
+    write_sidecar(plan, "report.json", json.dumps(report, indent=2).encode())
     plan.work.remove()

@@ -58,6 +58,11 @@ class SlidePlan:
         return self.grid.height
 
     @property
+    def image_channels(self) -> int:
+        """How many channels the image has (the cell table measures all of them, not only ``channels``)."""
+        return self.level_shape[self.axes.index("c")] if "c" in self.axes else 1
+
+    @property
     def planned_keys(self) -> frozenset[str]:
         return frozenset(t.key for t in self.tiles)
 

@@ -1,0 +1,65 @@
+"""The cell table's steps as plain functions on plain records; ``execution`` schedules them.
+
+1. ``measure_tile``, in stage D right after a core is painted: the sums of every cell painted there, from
+   the painted ids and the image's channels over the core (no label is read back from storage).
+2. ``home_rows``, once per home tile after stage D: the cells it numbered, their seam pieces combined,
+   as typed rows. Every core that painted a piece of such a cell lies in the tile's 3×3 neighbourhood
+   (a core paints only the kept cells of its own 3×3 neighbourhood), so the pieces are all there.
+3. ``write.ParquetStream`` appends each tile's rows in raster order, which is id order.
+
+Memory per task is one core of every channel (C × tile² raw pixels) plus a few float64 arrays of the
+core's labelled pixels, whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from cellsam_ray.io.ngff import open_image
+from cellsam_ray.merge.objects import CellSet
+from cellsam_ray.pipeline import source
+from cellsam_ray.pipeline.plan import SlidePlan, read_channels
+from cellsam_ray.table.columns import cell_columns
+from cellsam_ray.table.measure import CellSums, combine, measure_core
+from cellsam_ray.table.schema import TableLayout, channel_columns
+from cellsam_ray.tiling import Tile
+
+
+def table_layout(plan: SlidePlan) -> TableLayout:
+    """The slide's table columns and the segmented level's geometry, from the image's metadata."""
+    image = open_image(plan.spec.input, plan.spec.storage_options)
+    level = image.levels[plan.level]
+    y, x = plan.axes.index("y"), plan.axes.index("x")
+    names = tuple(image.channel_names)
+    n = plan.image_channels
+    return TableLayout(
+        channels=channel_columns(names, n),
+        channel_names=tuple(names[i] if i < len(names) else "" for i in range(n)),
+        level=plan.level,
+        scale=(level.scale[y], level.scale[x]),
+        translation=(level.translation[y], level.translation[x]),
+        unit=image.axis_units[x] or "",
+    )
+
+
+def measure_tile(plan: SlidePlan, tile: Tile, labels: np.ndarray, cells: CellSet) -> tuple[CellSums, CellSums]:
+    """``(complete, partial)`` sums of the cells painted in ``tile``'s core (see ``measure_core``)."""
+    n_channels = plan.image_channels
+    if not labels.any():
+        return CellSums.empty(n_channels), CellSums.empty(n_channels)
+    pixels = read_channels(source.level_array(plan), plan.axes, plan.plane, range(n_channels),
+                           slice(tile.core_y0, tile.core_y1), slice(tile.core_x0, tile.core_x1))
+    return measure_core(labels, (tile.core_y0, tile.core_x0), pixels, cells)
+
+
+def home_rows(layout: TableLayout, home: tuple[int, int], complete: CellSums, partials: list[CellSums]) -> pa.Table:
+    """The rows of the cells numbered by ``home``, in id order.
+
+    ``complete`` are the cells wholly inside ``home``'s core; ``partials`` the seam pieces measured by the
+    cores of its 3×3 neighbourhood, of which only those of cells homed at ``home`` are taken.
+    """
+    pieces = CellSums.concat(list(partials))
+    mine = (pieces.meta_col("home_row") == home[0]) & (pieces.meta_col("home_col") == home[1])
+    cells = combine(CellSums.concat([complete, pieces.subset(mine)]))
+    return pa.Table.from_pydict(cell_columns(cells, layout), schema=layout.arrow_schema())

@@ -1,0 +1,108 @@
+"""Writing the cell table: one Parquet file streamed tile by tile, and an optional AnnData copy.
+
+Rows arrive per home tile in raster order, which is id order, and are written in row groups of at least
+``ROW_GROUP_ROWS`` cells, so the writer holds one row group whatever the slide's size. The file is one
+object (readers and AnnData want one table), so it has one writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cellsam_ray.errors import UserError
+from cellsam_ray.table.schema import CHANNEL_COLUMNS, METADATA_KEY, TableLayout
+
+ROW_GROUP_ROWS = 65_536
+
+
+class ParquetStream:
+    """Appends tables of rows to one Parquet file at ``url``; ``close`` finishes it (and the AnnData copy)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, layout: TableLayout,
+                 h5ad_url: str | None = None) -> None:
+        self.url, self.storage_options, self.layout, self.h5ad_url = url, storage_options or {}, layout, h5ad_url
+        fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.file = fs.open(path, "wb")
+        self.writer = pq.ParquetWriter(self.file, layout.arrow_schema())
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+
+    def append(self, rows: pa.Table) -> None:
+        self.pending.append(rows)
+        if sum(t.num_rows for t in self.pending) >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            table = pa.concat_tables(self.pending)
+            self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            self.rows += table.num_rows
+            self.pending = []
+
+    def close(self) -> dict:
+        """Finish the file; what the report says about it."""
+        self._flush()
+        self.writer.close()
+        self.file.close()
+        out = dict(url=self.url, rows=self.rows, columns=len(self.layout.column_names))
+        if self.h5ad_url:
+            write_h5ad(self.url, self.h5ad_url, self.storage_options)
+            out["h5ad"] = self.h5ad_url
+        return out
+
+
+def require_anndata() -> None:
+    """UserError before any model time when an AnnData copy is asked for but cannot be written."""
+    try:
+        import anndata  # noqa: F401
+    except ImportError:
+        raise UserError("--cell-table-h5ad needs anndata: pip install 'cellsam-ray[scverse]'") from None
+
+
+def write_h5ad(parquet_url: str, h5ad_url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write the table as AnnData for scverse tools: X = mean intensities (cells × channels), the totals in
+    ``layers["total"]``, every other column in ``obs`` (indexed by id), centroids (x, y in level pixels)
+    in ``obsm["spatial"]``, and the level's geometry in ``uns["cellsam_ray"]``.
+
+    AnnData holds the whole table in memory: cells × channels × 16 bytes (mean and total).
+    """
+    import anndata
+    import pandas as pd
+
+    options = storage_options or {}
+    with fsspec.open(parquet_url, "rb", **options) as f:
+        table = pq.read_table(f)
+    layout = json.loads(table.schema.metadata[METADATA_KEY])
+    channels = [c["column"] for c in layout["channels"]]
+    mean_name, total_name = (c.name for c in CHANNEL_COLUMNS)
+    per_channel = {spec.format(channel=ch) for spec in (mean_name, total_name) for ch in channels}
+    obs = table.drop_columns(sorted(per_channel)).to_pandas()
+    obs.index = pd.Index(obs["id"].astype(str).to_numpy())
+
+    def matrix(spec: str) -> np.ndarray:
+        return np.stack([table.column(spec.format(channel=ch)).to_numpy() for ch in channels], axis=1)
+
+    adata = anndata.AnnData(
+        X=matrix(mean_name),
+        obs=obs,
+        var=pd.DataFrame({"name": [c["name"] for c in layout["channels"]]}, index=channels),
+        layers={"total": matrix(total_name)},
+        obsm={"spatial": obs[["centroid_x", "centroid_y"]].to_numpy()},
+        uns={"cellsam_ray": dict(level=layout["level"], scale=layout["scale"], translation=layout["translation"],
+                                 unit=layout["unit"], channel_names=[c["name"] for c in layout["channels"]])},
+    )
+    fs, path = fsspec.core.url_to_fs(h5ad_url, **options)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "cells.h5ad")
+        adata.write_h5ad(local)
+        fs.put_file(local, path)
