@@ -7,11 +7,11 @@ per box, every mask upsampled to full tile resolution on the CPU. Here, for the 
   scaled-dot-product attention: SAM's decomposed relative-position bias, ``q·R_h[y] + q·R_w[x]``, is
   folded into the attention logits by appending those terms to the queries and one-hot (y, x) codes
   to the keys, so the (L, L) bias is never built;
-- all boxes of a tile go through the mask decoder in one call per chunk, with the image embedding
-  broadcast rather than repeated per box;
-- masks stay at low resolution (256²); only the pixels a mask can reach are upsampled, with the
-  source indices and weights PyTorch's bilinear kernel uses (256 → 1024 → tile size), so they agree
-  with the reference to float rounding;
+- all boxes of a tile go through the mask decoder in one call per chunk, with fused attention and the
+  image embedding shared (not repeated) until the first layer makes it box-specific;
+- masks stay at low resolution (256²); only the tile pixels a mask can reach are upsampled: the
+  256 → 1024 resize of a crop is exactly the reference's, and the 1024 → tile resize is evaluated at
+  those pixels with the source indices and weights PyTorch's kernel uses, equal to float rounding;
 - painting is one scatter-max per group of masks on the device, and the host sees one small transfer
   per chunk of boxes instead of a sync per box.
 
@@ -48,10 +48,12 @@ from cellsam_ray.model.reference import IOU_THRESHOLD, MASK_THRESHOLD, TileSegme
 
 TILE_BATCH = 4
 """Tiles per encoder batch."""
-BOX_CHUNK = 64
-"""Boxes per mask-decoder call; bounds the decoder's per-box activations (tens of MB each for v1.2)."""
+BOX_CHUNK = 32
+"""Boxes per mask-decoder call; bounds the decoder's activations (about 30 MB per box at v1.2 sizes)."""
 WINDOW_BUDGET = 1 << 21
 """Upsampled pixels computed at once when pasting; masks are grouped by window size to stay under it."""
+_GATHER_COST = 20
+"""Rough cost of one pixel evaluated from gathered taps, in pixels of a whole-mask resize (CPU-measured)."""
 _THRESHOLD_MARGIN = 1e-3
 """Low-res logits this far below the mask threshold still count as reachable: bilinear values are convex
 combinations of their taps, so no pixel beyond a mask's reachable taps can pass the threshold, and
@@ -400,7 +402,11 @@ def _paint_tile(
 def _paint_chunk(
     labels: Tensor, low: Tensor, reach: Tensor, rank: Tensor, rows: _Axis, cols: _Axis, mask_threshold: float
 ) -> None:
-    """Upsample each mask inside the tile window its reachable low-res pixels cover, and scatter-max it."""
+    """Upsample each mask where its reachable low-res pixels can land in the tile, and max-paint it.
+
+    Small windows are evaluated pixel by pixel; a mask whose window covers much of the tile is cheaper
+    to resize whole, exactly as the reference does.
+    """
     height, width = len(rows.first_host), len(cols.first_host)
     span = torch.arange(low.shape[-1], device=low.device)
     any_row, any_col = reach.any(dim=2), reach.any(dim=1)
@@ -410,29 +416,51 @@ def _paint_chunk(
     hi_x = torch.where(any_col, span, -1).amax(1)
     y0, y1 = rows.window(lo_y, hi_y)
     x0, x1 = cols.window(lo_x, hi_x)
-    windows = torch.stack((y0, y1 - y0, x0, x1 - x0), dim=1).tolist()  # the one host sync per chunk
-    frame_scale = rows.factor * rows.low / height * cols.factor * cols.low / width
-    for group in _groups(windows, frame_scale):
-        index = torch.tensor(group, device=low.device)
-        y_plan = _Plan.build(rows, [(windows[i][0], windows[i][1]) for i in group], low.device)
-        x_plan = _Plan.build(cols, [(windows[i][2], windows[i][3]) for i in group], low.device)
-        y_crop = y_plan.crop[:, None] + torch.arange(y_plan.crop_size, device=low.device)
-        x_crop = x_plan.crop[:, None] + torch.arange(x_plan.crop_size, device=low.device)
-        crops = low[index[:, None, None], y_crop[:, :, None], x_crop[:, None, :]]
-        frame_size = (rows.factor * y_plan.crop_size, cols.factor * x_plan.crop_size)
-        frame = F.interpolate(crops[:, None], frame_size, mode="bilinear", align_corners=False)[:, 0]
-        y, y_valid = y_plan.grid(height)
-        x, x_valid = x_plan.grid(width)
-        # Model-frame taps of each wanted tile pixel, relative to the group's crops.
-        r = rows.to_tile.at(y)
-        c = cols.to_tile.at(x)
-        r0, r1 = (tap - rows.factor * y_plan.crop[:, None] for tap in (r.i0, r.i1))
-        c0, c1 = (tap - cols.factor * x_plan.crop[:, None] for tap in (c.i0, c.i1))
-        g = torch.arange(len(group), device=low.device)[:, None]
-        values = _bilinear_at(frame, g, r0, r1, r.w0, r.w1, c0, c1, c.w0, c.w1)
-        inside = (torch.sigmoid(values) > mask_threshold) & y_valid[:, :, None] & x_valid[:, None, :]
-        painted = torch.where(inside, rank[index][:, None, None], 0)
-        labels.scatter_reduce_(0, (y[:, :, None] * width + x[:, None, :]).flatten(), painted.flatten(), reduce="amax")
+    lengths_y, lengths_x = (y1 - y0).clamp(min=0), (x1 - x0).clamp(min=0)  # 0: the mask reaches nothing
+    windows = torch.stack((y0, lengths_y, x0, lengths_x), dim=1).tolist()  # the one host sync per chunk
+    frame_pixels = rows.factor * rows.low * cols.factor * cols.low
+    whole = [i for i, w in enumerate(windows) if _GATHER_COST * w[1] * w[3] > frame_pixels + height * width]
+    per_group = max(WINDOW_BUDGET // frame_pixels, 1)
+    for start in range(0, len(whole), per_group):
+        index = torch.tensor(whole[start : start + per_group], device=low.device)
+        model_size = (rows.factor * rows.low, cols.factor * cols.low)
+        frame = F.interpolate(low[index, None], model_size, mode="bilinear", align_corners=False)
+        values = F.interpolate(frame, (height, width), mode="bilinear", align_corners=False)[:, 0]
+        painted = torch.where(torch.sigmoid(values) > mask_threshold, rank[index][:, None, None], 0).amax(0)
+        torch.maximum(labels, painted.flatten(), out=labels)
+    resized = set(whole)
+    windowed = [[0, 0, 0, 0] if i in resized else w for i, w in enumerate(windows)]
+    frame_scale = frame_pixels / (height * width)
+    for group in _groups(windowed, frame_scale):
+        _paint_windows(labels, low, rank, group, windows, rows, cols, mask_threshold)
+
+
+def _paint_windows(
+    labels: Tensor, low: Tensor, rank: Tensor, group: list[int], windows: list[list[int]], rows: _Axis, cols: _Axis,
+    mask_threshold: float,
+) -> None:
+    """Evaluate the masks of ``group`` at the tile pixels of their windows and scatter-max them."""
+    height, width = len(rows.first_host), len(cols.first_host)
+    index = torch.tensor(group, device=low.device)
+    y_plan = _Plan.build(rows, [(windows[i][0], windows[i][1]) for i in group], low.device)
+    x_plan = _Plan.build(cols, [(windows[i][2], windows[i][3]) for i in group], low.device)
+    y_crop = y_plan.crop[:, None] + torch.arange(y_plan.crop_size, device=low.device)
+    x_crop = x_plan.crop[:, None] + torch.arange(x_plan.crop_size, device=low.device)
+    crops = low[index[:, None, None], y_crop[:, :, None], x_crop[:, None, :]]
+    frame_size = (rows.factor * y_plan.crop_size, cols.factor * x_plan.crop_size)
+    frame = F.interpolate(crops[:, None], frame_size, mode="bilinear", align_corners=False)[:, 0]
+    y, y_valid = y_plan.grid(height)
+    x, x_valid = x_plan.grid(width)
+    # Model-frame taps of each wanted tile pixel, relative to the group's crops.
+    r = rows.to_tile.at(y)
+    c = cols.to_tile.at(x)
+    r0, r1 = (tap - rows.factor * y_plan.crop[:, None] for tap in (r.i0, r.i1))
+    c0, c1 = (tap - cols.factor * x_plan.crop[:, None] for tap in (c.i0, c.i1))
+    g = torch.arange(len(group), device=low.device)[:, None]
+    values = _bilinear_at(frame, g, r0, r1, r.w0, r.w1, c0, c1, c.w0, c.w1)
+    inside = (torch.sigmoid(values) > mask_threshold) & y_valid[:, :, None] & x_valid[:, None, :]
+    painted = torch.where(inside, rank[index][:, None, None], 0)
+    labels.scatter_reduce_(0, (y[:, :, None] * width + x[:, None, :]).flatten(), painted.flatten(), reduce="amax")
 
 
 def _bilinear_at(
