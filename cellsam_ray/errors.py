@@ -8,3 +8,11 @@ image, a checkpoint with the wrong keys), always before any model time is spent.
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line."""
+
+
+class RunFailed(Exception):
+    """A run that could not finish (e.g. tiles that failed on every attempt), reported as one line.
+
+    Unlike a ``UserError`` it happens after model time was spent; what did finish is kept, so rerunning
+    the same spec retries only what failed.
+    """

@@ -2,20 +2,25 @@
 
 - Stage A runs in a pool of model actors (one model each; ``num_gpus`` when the cluster has GPUs). Tile
   descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch is
-  on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. Candidates
-  go to the work store in a CPU task, so the actor never waits on storage writes.
+  on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. An actor
+  writes a batch's candidates to the work store itself, after releasing the model to the other batch in
+  flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
 - Stages B, D and E are CPU tasks; stage C is a prefix sum on the driver over one integer per tile.
 - The cell table is measured in stage D; per-tile tasks combine seam pieces while stage E runs, and one
   small writer actor streams their rows, in id order, to one Parquet file. The QC pictures are one task
   after stage E (they need the label pyramid).
 - Actors restart and tasks retry (set explicitly: Ray's defaults for actors are 0); every write is to a
   key derived from the tile or chunk alone, so a retry rewrites the same bytes.
+- A batch that still fails is retried tile by tile; a tile that fails on every attempt is recorded
+  (``RunStats.failed``) and the later stages do not run, so no tile is ever left silently empty. CUDA out
+  of memory halves an actor's batch, down to one tile.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import sys
 import threading
 import time
 from collections import deque
@@ -25,6 +30,7 @@ from typing import Callable
 
 import ray
 
+from cellsam_ray.errors import RunFailed
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
@@ -32,6 +38,7 @@ from cellsam_ray.pipeline.stages import reconcile_tile, segment_tiles, with_ids
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets
 from cellsam_ray.qc.views import write_qc_images
+from cellsam_ray.report import TileFailure
 from cellsam_ray.table import stage as table_stage
 from cellsam_ray.table.measure import CellSums
 from cellsam_ray.table.schema import TableLayout
@@ -40,7 +47,7 @@ from cellsam_ray.table.write import ParquetStream
 CANDIDATES = "candidates"
 ACTOR_RESTARTS = 3
 TASK_RETRIES = 3
-PERSIST_CPUS = 0.1  # persisting candidates is I/O: it must not wait for a CPU the model actors hold
+PERSIST_CPUS = 0.1  # small I/O work (the cell table's writer) must not wait for a CPU the model actors hold
 
 
 @dataclass
@@ -72,6 +79,8 @@ class RunStats:
     cell_table: dict | None = None  # where the table went, its rows and columns
     qc: dict | None = None  # the QC pictures written
     actor_peak_rss_mb: list = field(default_factory=list)
+    nodes: list = field(default_factory=list)  # Ray node ids the model actors ran on
+    failed: list[TileFailure] = field(default_factory=list)
 
 
 def _use_assigned_cpus() -> None:
@@ -94,21 +103,63 @@ class SegmentWorker:
         self.segmenter = source.build_segmenter(plan)
         self.readers = ThreadPoolExecutor(max_workers=4)
         self.model_lock = threading.Lock()
+        self.batch_limit = plan.spec.batch_size  # lowered for good after a CUDA out-of-memory error
 
-    def run(self, tiles: list) -> list[tuple[str, bytes, int, float]]:
+    @ray.method(retry_exceptions=True)  # a transient error (a storage hiccup) costs a retry, not the tile
+    def run(self, tiles: list) -> list[tuple[str, int, float]]:
         windows = list(self.readers.map(lambda t: source.read_window(self.plan, t), tiles))
         with self.model_lock:
-            results = segment_tiles(self.plan, self.segmenter, tiles, windows)
-        return [(o.key, cells.to_bytes(), o.candidates, o.model_seconds) for cells, o in results]
+            results = self._segment(tiles, windows)
+        list(self.readers.map(lambda r: self.plan.work.put(CANDIDATES, r[1].key, r[0].to_bytes()), results))
+        return [(o.key, o.candidates, o.model_seconds) for _, o in results]
+
+    def _segment(self, tiles: list, windows: list) -> list:
+        """Stage A in sub-batches of at most ``batch_limit`` tiles; CUDA out of memory halves the limit (down
+        to one tile) and redoes the unfinished part, and the lower limit stays for this actor's later batches."""
+        results: list = []
+        while len(results) < len(tiles):
+            i, n = len(results), min(self.batch_limit, len(tiles) - len(results))
+            try:
+                results += segment_tiles(self.plan, self.segmenter, tiles[i : i + n], windows[i : i + n])
+            except Exception as err:
+                if n == 1 or not _is_cuda_out_of_memory(err):
+                    raise
+                self.batch_limit = n // 2
+                print(f"CUDA out of memory on {n} tiles: batches of {self.batch_limit} from now on",
+                      file=sys.stderr, flush=True)
+                _release_cuda_cache()
+        return results
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@ray.remote(max_retries=TASK_RETRIES, num_cpus=PERSIST_CPUS)
-def _persist(plan: SlidePlan, key: str, data: bytes) -> str:
-    plan.work.put(CANDIDATES, key, data)
-    return key
+def _is_cuda_out_of_memory(err: Exception) -> bool:
+    """Whether ``err`` is torch's CUDA OOM; only a segmenter that imported torch can raise it, so a
+    segmenter without torch never pays for importing it here."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+def _release_cuda_cache() -> None:
+    torch = sys.modules["torch"]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _one_line(err: BaseException) -> str:
+    """What went wrong, in one line: the segmenter's own exception rather than Ray's wrapper."""
+    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
+        return last  # the constructor's own exception, e.g. "KeyError: 'X'"
+    return f"{type(err).__name__}: {last}"
 
 
 @ray.remote(max_retries=TASK_RETRIES, num_returns=2)
@@ -163,8 +214,8 @@ def _segmenter_environment() -> dict | None:
 def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
     """How many model actors, and what each asks for: a GPU share where GPUs exist, else CPUs.
 
-    Without GPUs the actors share the cluster's CPUs less a quarter of one, which stays free for the
-    small tasks that persist their results (fractional CPUs are fine for Ray's scheduler).
+    Without GPUs the actors share the cluster's CPUs less a quarter of one, which stays free for small
+    I/O work (fractional CPUs are fine for Ray's scheduler).
     """
     spec = plan.spec
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -204,23 +255,39 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
         n_workers = min(n_workers, len(todo))
         actor_cls = ray.remote(SegmentWorker).options(
             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
-            runtime_env=_segmenter_environment(), **resources,
+            scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
         )
         actors = [actor_cls.remote(plan) for _ in range(n_workers)]
         batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))
-        in_flight: dict = {}
-        for actor in actors:
+        in_flight: dict = {}  # ref -> (actor slot, actor, batch)
+
+        def submit(slot: int) -> None:
+            if batches:
+                batch = batches.popleft()
+                in_flight[actors[slot].run.remote(batch)] = (slot, actors[slot], batch)
+
+        for slot in range(len(actors)):
             for _ in range(2):  # two batches in flight: the next is read while one computes
-                if batches:
-                    in_flight[actor.run.remote(batches.popleft())] = actor
-        persists = []
+                submit(slot)
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            actor = in_flight.pop(ready[0])
-            if batches:
-                in_flight[actor.run.remote(batches.popleft())] = actor
-            for key, data, n, seconds in ray.get(ready[0]):
-                persists.append(_persist.remote(plan, key, data))
+            slot, actor, batch = in_flight.pop(ready[0])
+            try:
+                results = ray.get(ready[0])
+            except ray.exceptions.RayError as err:  # retries are used up
+                results = []
+                if isinstance(err, ray.exceptions.RayActorError):
+                    if err.actor_init_failed:
+                        raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
+                    if actors[slot] is actor:  # its restarts are used up: a fresh actor takes the slot
+                        ray.kill(actor)
+                        actors[slot] = actor_cls.remote(plan)
+                if len(batch) > 1:  # retry tile by tile, to find the tile at fault
+                    batches.extendleft([t] for t in reversed(batch))
+                else:
+                    stats.failed.append(TileFailure.of(batch[0], _one_line(err)))
+            submit(slot)
+            for _key, n, seconds in results:
                 stats.candidates += n
                 stats.model_seconds += seconds
                 stats.tiles_segmented += 1
@@ -229,10 +296,12 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
             if on_progress:
                 on_progress(progress)
         stats.actor_peak_rss_mb = [round(m, 1) for m in ray.get([a.peak_rss_mb.remote() for a in actors])]
+        stats.nodes = sorted(set(ray.get([a.node_id.remote() for a in actors])))
         for actor in actors:
             ray.kill(actor)
-        ray.get(persists)
     stats.stage_seconds["segment"] = time.perf_counter() - t0
+    if stats.failed:  # the finished tiles are persisted; a rerun of the same spec retries the rest
+        return stats
 
     t0 = time.perf_counter()
     homes = [(t.row, t.col) for t in plan.grid.tiles()]

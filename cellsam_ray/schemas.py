@@ -11,10 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+from cellsam_ray.report import RunReport
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.table import schema as cell_table
 
-SCHEMAS = {"job.schema.json": SegmentSpec, "cells.schema.json": cell_table.describe}
+SCHEMAS = {"job.schema.json": SegmentSpec, "report.schema.json": RunReport,
+           "cells.schema.json": cell_table.describe}
 
 
 def render(source) -> str:

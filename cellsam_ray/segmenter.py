@@ -79,8 +79,9 @@ def check_detections(result: dict[str, Any], source: str) -> Detections:
     return Detections(boxes=boxes, scores=scores, ious=ious, masks=checked)
 
 
-def load_segmenter(spec: str) -> Segmenter:
-    """Build the segmenter named ``module:attr`` (a class or factory called with no arguments)."""
+def segmenter_factory(spec: str) -> Any:
+    """The class or factory named ``module:attr``, not yet called: the plan checks it exists before any
+    actor starts, and each actor builds its own segmenter from it."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"--segmenter must look like module:attr, got {spec!r}")
@@ -91,7 +92,12 @@ def load_segmenter(spec: str) -> Segmenter:
     factory = getattr(module, attr, None)
     if factory is None:
         raise UserError(f"--segmenter {spec}: module {module_name!r} has no attribute {attr!r}")
-    segmenter = factory()
+    return factory
+
+
+def load_segmenter(spec: str) -> Segmenter:
+    """Build the segmenter named ``module:attr`` (a class or factory called with no arguments)."""
+    segmenter = segmenter_factory(spec)()
     if not callable(getattr(segmenter, "segment", None)):
         raise UserError(f"--segmenter {spec}: the object it builds has no segment(window, *, origin) method")
     return segmenter

@@ -6,9 +6,13 @@ meaning; ``schemas/job.schema.json`` is generated from it.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cellsam_ray.errors import UserError
 
 
 class SegmentSpec(BaseModel):
@@ -51,6 +55,13 @@ class SegmentSpec(BaseModel):
     storage_options: dict | None = Field(
         default=None, description="fsspec storage options (no secrets: use environment or profiles)."
     )
+    storage_options_env: dict[str, str] | None = Field(
+        default=None, description="More storage options, read from environment variables where the run "
+        "starts: option name -> variable name, e.g. {\"secret\": \"AWS_SECRET_ACCESS_KEY\"}."
+    )
+    storage_profile: str | None = Field(
+        default=None, description="AWS profile (from ~/.aws) for s3:// storage, passed to s3fs as 'profile'."
+    )
     overwrite: bool = Field(default=False, description="Replace an existing labels/<label_name>.")
     cell_table: bool = Field(
         default=True, description="Write labels/<label_name>/cells.parquet: each cell's position, shape, scores "
@@ -73,6 +84,37 @@ class SegmentSpec(BaseModel):
         if not value or "/" in value or value.startswith(".") or value != value.strip():
             raise ValueError(f"label name {value!r} must be a plain name (no '/', not starting with '.')")
         return value
+
+    def with_storage_resolved(self) -> "SegmentSpec":
+        """This spec with ``storage_options_env`` and ``storage_profile`` folded into ``storage_options``.
+
+        Resolved once, where the run starts (the job's driver), so secrets stay in that node's environment
+        and job specs never hold them; the plan carries the result to the workers, and reports leave
+        ``storage_options`` out.
+        """
+        options = dict(self.storage_options or {})
+        for option, variable in (self.storage_options_env or {}).items():
+            if variable not in os.environ:
+                raise UserError(f"storage_options_env.{option} names the environment variable {variable}, "
+                                "which is not set here")
+            options[option] = os.environ[variable]
+        if self.storage_profile:
+            options["profile"] = self.storage_profile
+        return self.model_copy(update={"storage_options": options or None})
+
+    def with_local_paths_absolute(self, base: Path | None = None) -> "SegmentSpec":
+        """This spec with relative local paths (input, weights, work_dir, a JSON config) made absolute from
+        ``base`` (default: the current directory), as they were meant: Ray workers run elsewhere."""
+        base = (base or Path.cwd()).resolve()
+        update = {}
+        for name in ("input", "weights", "work_dir", "model_config_name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
+                continue
+            if name == "model_config_name" and not value.endswith(".json"):
+                continue  # a named size ("v1.2"), not a file
+            update[name] = str(base / value)
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _model_source(self) -> "SegmentSpec":

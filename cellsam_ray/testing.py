@@ -7,9 +7,17 @@ extra, so they are imported only when used.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import zarr
@@ -95,6 +103,104 @@ def start_local_ray(num_cpus: int = 2) -> None:
 
     os.environ.update(safe_ray_environment())
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayNodes:
+    """A real multi-node Ray cluster on this machine: ``ray start --head`` and ``ray start --address`` workers.
+
+    Each node is a ``ray start --block`` process in its own session, so stopping it (SIGTERM, then SIGKILL
+    of its process group) takes down exactly its raylet, GCS and dashboard, never another cluster on the
+    machine (``ray stop`` would stop them all). Each node has its own short temp dir (Unix socket paths
+    are limited to 107 bytes), so ``/tmp/ray/ray_current_cluster`` is never written for others to join.
+
+    The dashboard listens on 127.0.0.1 only. The nodes themselves use the address Ray picks for this
+    machine: a worker node refuses to join with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's single-node
+    loopback mode), and with it on, Ray resolves 127.0.0.1 to the machine's routable address.
+    """
+
+    def __init__(self, cpus: tuple[int, ...] = (1, 1), env: dict[str, str] | None = None) -> None:
+        self.cpus = cpus
+        self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                    **(env or {})}
+        self.root = Path(tempfile.mkdtemp(prefix="crn", dir="/tmp"))
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.processes: list[subprocess.Popen] = []
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "w")
+        self.processes.append(subprocess.Popen(
+            ["ray", "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root / name}",
+             f"--dashboard-agent-listen-port={free_port()}", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(self, timeout: float = 120) -> "RayNodes":
+        self._start("head", ["--head", f"--port={self.gcs_port}", f"--num-cpus={self.cpus[0]}",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"])
+        self._wait_for(lambda: "Ray runtime started" in self.log("head"), timeout, "the head node")
+        for i, cpus in enumerate(self.cpus[1:], start=1):
+            self._start(f"worker{i}", [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={cpus}"])
+        for i in range(1, len(self.cpus)):
+            self._wait_for(lambda: "Ray runtime started" in self.log(f"worker{i}"), timeout, f"worker node {i}")
+        return self
+
+    def _wait_for(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if any(p.poll() is not None for p in self.processes) or time.monotonic() > deadline:
+                logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.root.glob("*.log"))
+                raise RuntimeError(f"{what} did not start:\n{logs}")
+            time.sleep(0.5)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.processes):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            try:  # anything of that node still alive in its session
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.processes.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "RayNodes":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def array_checksums(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """SHA-256 of every array of the image's pyramid (not its labels), to prove a run left them untouched."""
+    from cellsam_ray.io.ngff import open_image
+
+    image = open_image(url, storage_options)
+    return {level.path: hashlib.sha256(image.array(i)[:].tobytes()).hexdigest()
+            for i, level in enumerate(image.levels)}
 
 
 class InvalidOmeZarr(AssertionError):

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=help_text, required=info.is_required())
         elif typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, dest=name, default=None, choices=typing.get_args(kind), help=help_text)
-        elif kind is dict:
+        elif kind is dict or typing.get_origin(kind) is dict:
             parser.add_argument(flag, dest=name, default=None, metavar="JSON", help=help_text)
         else:
             parser.add_argument(flag, dest=name, default=None, type=kind if kind in (int, float) else str,
@@ -61,11 +61,11 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
             continue
         if name in ("nuclear", "whole_cell"):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        elif name == "storage_options":
+        elif name in ("storage_options", "storage_options_env"):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise UserError(f"--storage-options is not valid JSON: {err}") from err
+                raise UserError(f"{_option(name)} is not valid JSON: {err}") from err
         values[info.alias or name] = value
     try:
         return SegmentSpec.model_validate(values)

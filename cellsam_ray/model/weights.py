@@ -83,6 +83,41 @@ def load_checkpoint_state(
     return dict(obj)
 
 
+# The first bytes of what torch.save writes: a zip archive (since torch 1.6), or a legacy pickle.
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha256: str | None = None) -> str | None:
+    """Check a checkpoint before any actor loads it, without unpickling it: it exists, is readable, starts
+    like a file torch.save wrote and, if ``sha256`` is given, matches it.
+
+    Returns the file's SHA-256: always for a local file (a local read is cheap), for a remote one only
+    when ``sha256`` is given (verifying it means reading the whole file once, on the driver).
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        if not fs.isfile(path):
+            raise UserError(f"checkpoint {uri} not found")
+        local = "file" in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol)
+        with fs.open(path, "rb") as f:
+            if not f.read(4).startswith(_CHECKPOINT_MAGIC):
+                raise UserError(f"checkpoint {uri} is not a PyTorch weights file (it is neither a zip archive "
+                                "nor a pickle)")
+            if not (sha256 or local):
+                return None
+            f.seek(0)
+            digest = _sha256_of(f)
+    except UserError:
+        raise
+    except PermissionError as err:
+        raise UserError(f"checkpoint {uri} cannot be read ({err}): check the credentials") from None
+    except Exception as err:  # noqa: BLE001 - any failure to reach the storage is the user's to fix
+        raise UserError(f"checkpoint {uri} cannot be read: {type(err).__name__}: {err}") from None
+    if sha256:
+        _verify(digest, sha256, uri)
+    return digest
+
+
 def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], uri: str) -> None:
     """Raise a UserError listing missing keys, unexpected keys and shape mismatches, if any."""
     missing = [key for key in expected if key not in state]

@@ -26,7 +26,7 @@ from cellsam_ray.tiling import Tile
 
 # Spec fields that do not change the output, so a resume may differ in them.
 RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
-                   "cell_table", "cell_table_h5ad", "qc_images"}
+                   "cell_table", "cell_table_h5ad", "qc_images", "storage_options_env", "storage_profile"}
 FINGERPRINT = "spec.json"
 
 

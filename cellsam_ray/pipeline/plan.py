@@ -3,7 +3,8 @@
 Everything a user can get wrong is caught here, each with a one-line ``UserError``: a path that is not
 OME-Zarr, unsupported axes or dtype, z > 1 without a chosen plane, a misspelled channel (the error lists
 the available names), a level that does not exist, a tile or halo that does not fit, an existing label
-name without ``--overwrite``, unreadable weights. The plan also holds the slide-wide intensity scales and
+name without ``--overwrite``, weights that are missing, unreadable or fail their checksum, a segmenter
+that cannot be imported. The plan also holds the slide-wide intensity scales and
 the tissue mask's verdict per tile, both computed once from a coarse level.
 """
 
@@ -19,6 +20,7 @@ from cellsam_ray.io.ngff import NgffImage, open_image
 from cellsam_ray.io.storage import join_url
 from cellsam_ray.pipeline.intensity import ChannelScale, channel_scales, combine_roles, tissue_mask
 from cellsam_ray.pipeline.workstore import WorkStore
+from cellsam_ray.segmenter import segmenter_factory
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.tiling import Tile, TileGrid, plan_grid
 
@@ -48,6 +50,7 @@ class SlidePlan:
     label_shapes: tuple[tuple[int, int], ...]  # every label level, finest first
     label_scales: tuple[tuple[float, float], ...]  # (y, x) pixel size of every label level
     extra: dict = field(default_factory=dict)
+    weights_sha256: str | None = None  # of the checkpoint, when known (see ``check_model``)
 
     @property
     def band(self) -> int:
@@ -147,6 +150,19 @@ def read_channels(array, axes, plane, channels, ys: slice, xs: slice) -> np.ndar
     return np.moveaxis(data, [kept.index("c"), kept.index("y"), kept.index("x")], [0, 1, 2])
 
 
+def check_model(spec: SegmentSpec) -> str | None:
+    """Fail now, not in every actor: the segmenter can be imported, or the checkpoint exists, is a PyTorch
+    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 when known."""
+    if spec.segmenter:
+        segmenter_factory(spec.segmenter)
+        return None
+    if not spec.weights:
+        raise UserError("no model: give --weights CHECKPOINT or --segmenter module:attr")
+    from cellsam_ray.model.weights import check_checkpoint_file  # imports torch: only when a model runs
+
+    return check_checkpoint_file(spec.weights, storage_options=spec.storage_options, sha256=spec.weights_sha256)
+
+
 def make_plan(spec: SegmentSpec) -> SlidePlan:
     image = open_image(spec.input, spec.storage_options)
     axes = tuple(image.axes)
@@ -160,6 +176,7 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
     lvl = image.levels[level]
     height, width = lvl.shape[axes.index("y")], lvl.shape[axes.index("x")]
     grid = plan_grid(height, width, tile=spec.tile, halo=spec.halo, chunk=spec.chunk, band=spec.band)
+    weights_sha256 = check_model(spec)
 
     # The coarsest level still at least as fine as COARSE_PIXELS gives the statistics and tissue mask.
     coarse_index = level
@@ -199,6 +216,7 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
         work=WorkStore(work_url, spec.storage_options),
         label_shapes=tuple(label_shapes),
         label_scales=tuple(label_scales),
+        weights_sha256=weights_sha256,
     )
 
 

@@ -1,0 +1,94 @@
+"""Job spec files: a ``SegmentSpec`` written as YAML or JSON, read from a local path or any fsspec URL.
+
+A spec file is submitted to clusters, kept beside results and shared, so it must never hold a secret:
+storage credentials are named, not written (``storage_options_env`` names environment variables of the
+machine the run starts on, ``storage_profile`` an AWS profile), and a spec with an inline key, secret,
+token or password is refused. Relative local paths in a spec are relative to the current directory, as on
+the command line; ``submit`` makes them absolute before the spec leaves this machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import yaml
+from pydantic import ValidationError
+
+from cellsam_ray.errors import UserError
+from cellsam_ray.io.storage import is_local, local_path
+from cellsam_ray.spec import SegmentSpec
+
+# Storage option names that hold credentials (s3fs, gcsfs, adlfs, and botocore's client_kwargs).
+SECRET_OPTIONS = frozenset({
+    "key", "secret", "token", "password", "access_key", "secret_key", "session_token", "aws_access_key_id",
+    "aws_secret_access_key", "aws_session_token", "account_key", "sas_token", "client_secret",
+    "connection_string", "credentials",
+})
+
+
+def load_job_spec(source: str, storage_options: dict | None = None) -> SegmentSpec:
+    """The spec in the YAML or JSON file at ``source`` (a path or fsspec URL), checked."""
+    return spec_from_mapping(parse_spec_text(read_text(source, storage_options), source), source)
+
+
+def read_text(source: str, storage_options: dict | None = None) -> str:
+    try:
+        if is_local(source):
+            return local_path(source).read_text()
+        with fsspec.open(source, "rt", **(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"job spec {source} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"job spec {source} is a folder, not a YAML or JSON file") from None
+    except Exception as err:  # noqa: BLE001 - permissions, network, credentials: all the user's to fix
+        raise UserError(f"cannot read job spec {source}: {type(err).__name__}: {err}") from None
+
+
+def parse_spec_text(text: str, source: str) -> Any:
+    """JSON for ``*.json``, YAML otherwise (YAML also reads most JSON)."""
+    try:
+        if source.lower().endswith(".json"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        reason = " ".join(str(err).split())
+        raise UserError(f"job spec {source} is not valid {'JSON' if source.endswith('.json') else 'YAML'}: "
+                        f"{reason}") from None
+
+
+def spec_from_mapping(data: Any, source: str) -> SegmentSpec:
+    if not isinstance(data, dict):
+        raise UserError(f"job spec {source} must be a mapping of fields (input, nuclear, ...), "
+                        f"not {type(data).__name__}")
+    refuse_inline_secrets(data.get("storage_options"), source)
+    try:
+        return SegmentSpec.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise UserError(f"job spec {source}: {where}: {first['msg']}") from None
+
+
+def refuse_inline_secrets(options: Any, source: str, where: str = "storage_options") -> None:
+    """A UserError for any credential written into the spec, however deeply nested."""
+    if not isinstance(options, dict):
+        return
+    for name, value in options.items():
+        if str(name).lower() in SECRET_OPTIONS and value not in (None, ""):
+            raise UserError(
+                f"job spec {source}: {where}.{name} holds a secret; specs must not: name the environment "
+                f'variable that holds it instead (storage_options_env: {{"{name}": "SOME_VARIABLE"}}) or use '
+                "storage_profile"
+            )
+        refuse_inline_secrets(value, source, f"{where}.{name}")
+
+
+def portable_fields(spec: SegmentSpec, base: Path | None = None) -> dict:
+    """The fields the user set, with relative local paths made absolute (from ``base``, default the
+    current directory): what travels to a cluster. Unset fields stay unset, so defaults that depend on
+    other fields (the bundled model's tiling) are still chosen where the spec runs."""
+    return spec.with_local_paths_absolute(base).model_dump(mode="json", by_alias=True, exclude_unset=True)

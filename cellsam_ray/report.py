@@ -1,0 +1,83 @@
+"""The run report, ``labels/<name>/report.json``: what was run, on what, how it went.
+
+One pydantic model, so the report ``segment`` returns, the file it writes and the published schema
+(``schemas/report.schema.json``, generated from ``RunReport``) cannot drift apart. A failed run writes one
+too (``status: failed``), listing each tile that failed and why, beside the unfinished labels.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cellsam_ray.tiling import Tile
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Summary(_Strict):
+    """The numbers a user looks at first (printed by ``cellsam-ray segment``)."""
+
+    labels: str = Field(description="URL of the label image written.")
+    cells: int = Field(description="Cells in the label image (ids 1..cells).")
+    tiles: int = Field(description="Tiles in the grid.")
+    tiles_segmented: int = Field(description="Tiles the model ran on in this run.")
+    tiles_resumed: int = Field(description="Tiles finished by an earlier run of the same spec, not recomputed.")
+    tiles_skipped_no_tissue: int = Field(description="Tiles without tissue, never segmented.")
+    tiles_failed: int = Field(default=0, description="Tiles that failed on every attempt (the run then fails).")
+    seam_reconciliations: int = Field(description="Copies of a cell from two tiles settled at a seam.")
+    oversized_cells: int = Field(description="Cells larger than the halo (they may be cut).")
+    cells_cut_at_window_edge: int = Field(description="Cells that touch their window's edge.")
+    level: int = Field(description="Pyramid level segmented.")
+    cell_table: str | None = Field(default=None, description="URL of the cell table, if written.")
+    qc_overview: str | None = Field(default=None, description="URL of the QC overview picture, if written.")
+    wall_seconds: float = Field(description="Wall time of the run, planning included.")
+
+
+class TileFailure(_Strict):
+    """A tile that failed on every attempt; its coordinates are in pixels of the segmented level."""
+
+    tile: str = Field(description="The tile's key (r<row>_c<col>), as in the work prefix.")
+    row: int
+    col: int
+    core: tuple[int, int, int, int] = Field(description="The tile's core: y0, x0, y1, x1 (half-open).")
+    error: str = Field(description="The last error, one line.")
+
+    @classmethod
+    def of(cls, tile: Tile, error: str) -> "TileFailure":
+        return cls(tile=tile.key, row=tile.row, col=tile.col,
+                   core=(tile.core_y0, tile.core_x0, tile.core_y1, tile.core_x1), error=error)
+
+    def describe(self) -> str:
+        y0, x0, y1, x1 = self.core
+        return f"tile {self.tile} (rows {y0}..{y1}, columns {x0}..{x1}): {self.error}"
+
+
+class ModelInfo(_Strict):
+    segmenter: str = Field(description="'cellsam', or the module:attr of another segmenter.")
+    weights: str | None = Field(description="The checkpoint's URL.")
+    weights_sha256: str | None = Field(
+        description="The checkpoint's SHA-256: as given, or computed for a local file; null for a remote "
+        "checkpoint given without one."
+    )
+    config: str = Field(description="Model sizes ('v1.2' or a JSON config).")
+    mode: str = Field(description="CellSAM inference mechanics.")
+
+
+class RunReport(_Strict):
+    status: Literal["succeeded", "failed"]
+    input: str = Field(description="URL of the image segmented.")
+    summary: Summary
+    spec: dict = Field(description="The job spec, storage options left out.")
+    model: ModelInfo
+    timings: dict[str, float] = Field(description="Seconds per stage (segment, reconcile, write, pyramid, ...).")
+    model_seconds: float = Field(description="Seconds spent inside the model, summed over actors.")
+    actor_peak_rss_mb: list[float] = Field(default_factory=list, description="Peak memory of each model actor.")
+    nodes: list[str] = Field(default_factory=list, description="Ray node ids the model actors ran on.")
+    cell_table: dict | None = Field(default=None, description="Where the cell table went, its rows and columns.")
+    qc: dict | None = Field(default=None, description="The QC pictures written.")
+    errors: list[TileFailure] = Field(default_factory=list, description="Tiles that failed on every attempt.")
+    versions: dict[str, str] = Field(description="cellsam_ray, python and ray versions.")

@@ -1,0 +1,96 @@
+"""Job submission on a real two-node Ray cluster (``ray start --head`` + ``ray start --address``) with
+token authentication, driven through the ``cellsam-ray`` command line as a user would, in subprocesses.
+
+The model is the ground-truth oracle, so the job runs in seconds; what is tested is the path from a spec
+file on this machine to model actors on both nodes, and back to an exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cellsam_ray.io.ngff import open_image
+from cellsam_ray.synth import write_synthetic_slide
+from cellsam_ray.testing import RayNodes, array_checksums
+
+ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with RayNodes(cpus=(1, 1), env={"RAY_AUTH_MODE": "token"}) as nodes:
+        yield nodes
+
+
+def cellsam_ray(*args: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "RAY_AUTH_MODE": "token", **env}
+    return subprocess.run([sys.executable, "-m", "cellsam_ray.cli", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+def write_spec(path, **fields) -> None:
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in fields.items()) + "\n")
+
+
+def test_submitted_job_runs_model_actors_on_both_nodes(cluster, tmp_path):
+    slide = tmp_path / "slide.ome.zarr"
+    write_synthetic_slide(str(slide), size=(512, 384), channels=2, ngff="0.5", seed=4, chunk=128)
+    before = array_checksums(str(slide))
+    # A relative input path: submit makes it absolute before the spec leaves this machine.
+    write_spec(tmp_path / "spec.yaml", input="slide.ome.zarr", nuclear=["DAPI"], segmenter=ORACLE, tile=128,
+               halo=32, band=8, chunk=64, workers=2, cell_table=False, qc_images=False)
+
+    done = cellsam_ray("submit", "spec.yaml", "--address", cluster.dashboard_url, "--wait", cwd=tmp_path,
+                       CELLSAM_RAY_ORACLE_LABELS=str(slide))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_")
+    assert "PROGRESS {" in done.stdout  # the job's progress lines, streamed by --wait
+    report = json.loads((slide / "labels" / "cells" / "report.json").read_text())
+    assert report["status"] == "succeeded"
+    assert len(report["nodes"]) == 2  # one model actor on each of the cluster's two nodes
+    image = open_image(str(slide))
+    truth = np.asarray(image.label("ground_truth").array(0)[:])
+    assert report["summary"]["cells"] == len(np.unique(truth)) - 1
+    assert array_checksums(str(slide)) == before
+
+    status = cellsam_ray("status", job_id, "--address", cluster.dashboard_url)
+    assert status.returncode == 0 and f"{job_id} SUCCEEDED" in status.stdout
+    logs = cellsam_ray("logs", job_id, "--address", cluster.dashboard_url)
+    assert logs.returncode == 0 and '"tiles_segmented": 12' in logs.stdout
+
+
+def test_failed_job_gives_its_status_and_one_line_reason(cluster, tmp_path):
+    slide = tmp_path / "slide.ome.zarr"
+    write_synthetic_slide(str(slide), size=(256, 256), channels=2, ngff="0.5", seed=5, chunk=128)
+    # Valid as a spec, wrong for this slide: found by the plan on the cluster, before any model starts.
+    write_spec(tmp_path / "spec.yaml", input=str(slide), nuclear=["DAPl"], segmenter=ORACLE, tile=128,
+               halo=32, chunk=64)
+
+    done = cellsam_ray("submit", str(tmp_path / "spec.yaml"), "--address", cluster.dashboard_url, "--wait")
+
+    assert done.returncode == 1
+    assert "nuclear channel 'DAPl' is not in the image; available: DAPI, E-cadherin" in done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith("cellsam-ray: job raysubmit_")
+    assert "FAILED" in done.stderr
+
+
+def test_client_errors_are_one_line(cluster):
+    unknown = cellsam_ray("status", "raysubmit_nosuchjob", "--address", cluster.dashboard_url)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "raysubmit_nosuchjob" in unknown.stderr
+
+    no_token = cellsam_ray("status", "raysubmit_nosuchjob", "--address", cluster.dashboard_url,
+                           RAY_AUTH_MODE="disabled")
+    assert no_token.returncode == 2 and no_token.stderr.count("\n") == 1
+    assert "set RAY_AUTH_MODE=token" in no_token.stderr
+
+    nowhere = cellsam_ray("status", "raysubmit_nosuchjob", "--address", "http://127.0.0.1:9")
+    assert nowhere.returncode == 2 and "cannot reach a Ray dashboard at http://127.0.0.1:9" in nowhere.stderr

@@ -1,0 +1,186 @@
+"""Fault tolerance and resume, with real faults: a model actor's process dies, a driver is SIGKILLed, a
+tile fails on every attempt, CUDA runs out of memory. Each run's label image must be byte-identical to a
+clean run's, and tiles finished before a fault must not be segmented again.
+
+The segmenter is ``cellsam_ray.faults:FaultySegmenter`` (the ground-truth oracle plus injected faults and
+a file per window segmented, configured through ``CELLSAM_RAY_FAULT_*``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cellsam_ray.cli import main
+from cellsam_ray.faults import window_calls
+from cellsam_ray.pipeline.api import segment
+from cellsam_ray.synth import write_synthetic_slide
+from cellsam_ray.testing import array_checksums
+from cellsam_ray.tiling import plan_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULTY = "cellsam_ray.faults:FaultySegmenter"
+# A 4×4 grid of 16 tiles; no tissue mask, so every tile is segmented; batches of 4.
+SIZE = (512, 512)
+TILING = dict(tile=128, halo=32, band=8, chunk=64)
+SPEC = dict(nuclear=["DAPI"], segmenter=FAULTY, tissue_mask=False, batch_size=4, workers=1,
+            cell_table=False, qc_images=False, **TILING)
+GRID = plan_grid(*SIZE, **TILING)
+
+
+def origin(row: int, col: int) -> tuple[int, int]:
+    return GRID.tile_at(row, col).origin
+
+
+def origin_env(row: int, col: int) -> str:
+    return "{},{}".format(*origin(row, col))
+
+
+def label_files(slide: str, name: str) -> dict[str, bytes]:
+    """Every chunk file of every level of labels/<name>, by path below it (metadata left out)."""
+    root = Path(slide, "labels", name)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("s*/**/*"))
+            if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs")}
+
+
+def assert_same_labels(slide: str, name: str, reference: str = "clean") -> None:
+    files, expected = label_files(slide, name), label_files(slide, reference)
+    assert sorted(files) == sorted(expected) and len(files) > 10
+    different = [path for path in files if files[path] != expected[path]]
+    assert not different, f"labels/{name} differs from labels/{reference} in {different[:5]}"
+
+
+def done_tiles(slide: str, name: str) -> set[str]:
+    return {p.name.removesuffix(".done") for p in Path(slide, "labels", name, "work", "candidates").glob("*.done")}
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory, ray_cluster):
+    """A slide and a clean run of the same spec, labels/clean, that every faulty run must reproduce."""
+    folder = tmp_path_factory.mktemp("faults")
+    url = str(folder / "slide.ome.zarr")
+    write_synthetic_slide(url, size=SIZE, channels=2, ngff="0.5", seed=21, chunk=128)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
+        env.setenv("CELLSAM_RAY_FAULT_DIR", str(folder / "clean-calls"))
+        report = segment(dict(input=url, label_name="clean", **SPEC), progress=False)
+    assert report["summary"]["tiles_segmented"] == len(GRID) == 16
+    assert Counter(window_calls(folder / "clean-calls")) == {t.origin: 1 for t in GRID.tiles()}
+    return url
+
+
+@pytest.fixture
+def faults(slide, monkeypatch, tmp_path):
+    """The fault folder for one test; the oracle reads the slide's ground truth."""
+    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", slide)
+    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(tmp_path / "run1"))
+    return tmp_path
+
+
+def test_a_model_actor_killed_mid_run_is_restarted_and_the_output_is_unchanged(slide, faults, monkeypatch):
+    monkeypatch.setenv("CELLSAM_RAY_FAULT_CRASH_AT", origin_env(1, 2))
+    before = array_checksums(slide)
+
+    report = segment(dict(input=slide, label_name="crashed", **SPEC), progress=False)
+
+    assert (faults / "run1" / "crashed").exists()  # the actor's process really died on that window
+    assert origin(1, 2) in window_calls(faults / "run1")  # and the restarted actor segmented it
+    assert report["status"] == "succeeded" and report["summary"]["tiles_segmented"] == 16
+    assert_same_labels(slide, "crashed")
+    assert array_checksums(slide) == before
+
+
+def test_a_killed_driver_is_resumed_by_rerunning_the_same_spec(slide, faults, monkeypatch, ray_cluster):
+    spec = faults / "spec.yaml"
+    spec.write_text(json.dumps(dict(input=slide, label_name="killed", **SPEC)))  # JSON is YAML too
+    before = array_checksums(slide)
+    # The driver runs the job entrypoint in its own process, joined to the test's Ray cluster, slowly.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+           "CELLSAM_RAY_FAULT_DELAY": "0.4"}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "segment.py"), str(spec), "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while len(done_tiles(slide, "killed")) < 4 and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    output = driver.communicate()[0]
+    assert driver.returncode == -signal.SIGKILL, output
+    time.sleep(2)  # results already on their way to storage land, or are lost with the driver
+    finished = done_tiles(slide, "killed")
+    assert 4 <= len(finished) < 16, output
+    first_run = window_calls(faults / "run1")
+
+    # The same spec again, without --overwrite: it resumes.
+    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(faults / "run2"))
+    assert main(["run", str(spec), "--no-progress"]) == 0
+
+    report = json.loads(Path(slide, "labels", "killed", "report.json").read_text())
+    assert report["summary"]["tiles_resumed"] == len(finished)
+    assert report["summary"]["tiles_segmented"] == 16 - len(finished)
+    finished_origins = {t.origin for t in GRID.tiles() if t.key in finished}
+    assert finished_origins <= set(first_run)
+    second_run = Counter(window_calls(faults / "run2"))
+    assert set(second_run) == {t.origin for t in GRID.tiles()} - finished_origins  # nothing finished redone
+    assert set(second_run.values()) == {1}
+    assert_same_labels(slide, "killed")
+    assert not Path(slide, "labels", "killed", "work").exists()
+    assert array_checksums(slide) == before
+
+
+def test_a_tile_that_always_fails_fails_the_run_with_its_coordinates_then_resumes(slide, faults, monkeypatch,
+                                                                                  capsys):
+    monkeypatch.setenv("CELLSAM_RAY_FAULT_FAIL_AT", origin_env(2, 1))
+    before = array_checksums(slide)
+    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", FAULTY, "--label-name", "failing",
+            "--tile", "128", "--halo", "32", "--band", "8", "--chunk", "64", "--batch-size", "4", "--workers", "1",
+            "--no-tissue-mask", "--no-cell-table", "--no-qc-images", "--no-progress"]
+
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("cellsam-ray: failed: 1 tile(s) failed on every attempt: tile r00002_c00001 "
+                            "(rows 256..384, columns 128..256): RuntimeError: injected failure at window (224, 96)")
+    report = json.loads(Path(slide, "labels", "failing", "report.json").read_text())
+    assert report["status"] == "failed" and report["summary"]["tiles_failed"] == 1
+    assert report["errors"][0]["tile"] == "r00002_c00001" and report["errors"][0]["core"] == [256, 128, 384, 256]
+    assert done_tiles(slide, "failing") == {t.key for t in GRID.tiles()} - {"r00002_c00001"}
+    assert array_checksums(slide) == before
+
+    # Once the cause is gone, the same command retries that tile alone.
+    monkeypatch.delenv("CELLSAM_RAY_FAULT_FAIL_AT")
+    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(faults / "run2"))
+    assert main(argv) == 0
+    report = json.loads(Path(slide, "labels", "failing", "report.json").read_text())
+    assert report["status"] == "succeeded" and report["summary"]["tiles_resumed"] == 15
+    assert window_calls(faults / "run2") == [origin(2, 1)]
+    assert_same_labels(slide, "failing")
+
+
+def test_cuda_out_of_memory_halves_the_batch_down_to_what_fits(slide, faults, monkeypatch):
+    monkeypatch.setenv("CELLSAM_RAY_FAULT_OOM_ABOVE", "1")
+
+    report = segment(dict(input=slide, label_name="oom", **SPEC), progress=False)
+
+    # One actor: its first batch of 4 ran out of memory, then 2; every later batch went one tile at a time.
+    oom = sorted(int(p.name.split(".")[0]) for p in (faults / "run1" / "oom").iterdir())
+    assert oom == [2, 4]
+    assert Counter(window_calls(faults / "run1")) == {t.origin: 1 for t in GRID.tiles()}
+    assert report["summary"]["tiles_segmented"] == 16
+    assert_same_labels(slide, "oom")
+
+
+def test_a_segmenter_that_cannot_be_built_fails_the_run_at_once(slide, monkeypatch, capsys):
+    monkeypatch.delenv("CELLSAM_RAY_ORACLE_LABELS", raising=False)  # the oracle cannot know its cells
+    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", "cellsam_ray.oracle:GroundTruthSegmenter",
+            "--label-name", "unbuilt", "--tile", "128", "--halo", "32", "--chunk", "64", "--no-progress"]
+
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == "cellsam-ray: failed: the model actors cannot start: KeyError: 'CELLSAM_RAY_ORACLE_LABELS'"
