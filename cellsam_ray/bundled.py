@@ -27,8 +27,8 @@ def resolve_spec(spec: SegmentSpec) -> SegmentSpec:
     """``spec`` as given when it names weights or a segmenter; else the spec for the bundled model.
 
     The bundled model also brings its tiling (``TILE``, ``HALO``, ``CHUNK``) for any of those three the
-    spec did not set explicitly: the v1.2 defaults (768 + 2·128 stretched to 1024) would shrink every
-    cell 4× for a model with a 256-pixel input.
+    spec did not set explicitly: the v1.2 tiling (768 + 2·128 stretched to 1024) would shrink every cell
+    4× for a model with a 256-pixel input.
     """
     if spec.weights or spec.segmenter:
         return spec

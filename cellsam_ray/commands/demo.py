@@ -3,10 +3,9 @@
 It writes a synthetic multiplexed slide in a local folder, starts a local Ray cluster and runs the same
 ``segment`` code path a user runs, then scores the labels against the slide's ground truth.
 
-No CellSAM model ships with the package yet (the published weights are licence-gated; a bundled demo
-model is open work), so the demo says so and runs the pipeline with the ground-truth oracle segmenter in
-the model's place: every stage but the model is real, and the score checks the merge, not a model.
-``--weights`` runs CellSAM instead.
+It segments with the bundled demo model (the published weights are licence-gated), so the score is a real
+model's. ``--weights`` runs another CellSAM checkpoint; ``--oracle`` puts the ground-truth oracle segmenter
+in the model's place, so that every stage but the model is real and the score checks the merge alone.
 """
 
 from __future__ import annotations
@@ -21,9 +20,11 @@ ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-output", help="Folder for the slide and results (default: %(default)s).")
-    parser.add_argument("--size", type=int, default=2048, help="Slide height and width in pixels (default: %(default)s).")
-    parser.add_argument("--weights", default=None, help="A CellSAM checkpoint to run instead of the oracle.")
+    parser.add_argument("--size", type=int, default=1024, help="Slide height and width in pixels (default: %(default)s).")
+    parser.add_argument("--weights", default=None, help="A CellSAM checkpoint to run instead of the bundled model.")
     parser.add_argument("--config", default="v1.2", help="Model sizes for --weights: v1.2 or a JSON file.")
+    parser.add_argument("--oracle", action="store_true",
+                        help="Segment with the ground-truth oracle instead of a model (checks the pipeline alone).")
     parser.add_argument("--seed", type=int, default=7, help="Synthetic slide seed (default: %(default)s).")
 
 
@@ -40,18 +41,19 @@ def run(args: argparse.Namespace) -> int:
     info = write_synthetic_slide(url, size=(args.size, args.size), channels=4, ngff="0.5", seed=args.seed)
     print(f"    channels: {', '.join(info.channel_names)}; {info.levels} pyramid levels; {info.seconds:.1f} s")
 
-    spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
-                tile=768, halo=128, chunk=256, overwrite=True)
-    if args.weights:
-        spec.update(weights=args.weights, config=args.config)
-        print("2/3 segmenting with CellSAM on a local Ray cluster")
-    else:
+    spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]], overwrite=True)
+    if args.oracle:
         os.environ["CELLSAM_RAY_ORACLE_LABELS"] = url
         spec.update(segmenter=ORACLE)
-        print("2/3 segmenting on a local Ray cluster.\n"
-              "    NOTE: no CellSAM model is bundled yet, so this demo runs the real pipeline (tiling, Ray actors,\n"
-              "    seam reconciliation, label pyramid) with the ground-truth oracle in the model's place.\n"
-              "    Pass --weights CHECKPOINT to run CellSAM.")
+        print("2/3 segmenting on a local Ray cluster with the ground-truth oracle in the model's place\n"
+              "    (the real pipeline: tiling, Ray actors, seam reconciliation, label pyramid)")
+    elif args.weights:
+        spec.update(weights=args.weights, config=args.config)
+        print(f"2/3 segmenting with CellSAM ({args.weights}) on a local Ray cluster")
+    else:
+        from cellsam_ray import bundled
+
+        print(f"2/3 segmenting on a local Ray cluster with {bundled.DESCRIPTION}")
     report = segment(spec)
     summary = report["summary"]
 
@@ -67,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("qc_overview"):
         print(f"    QC:      {summary['qc_overview']}  (tile and seam crops beside it)")
     print(f"    vs ground truth: F1@0.5 {score.f1:.3f}  precision {score.precision:.3f}  recall {score.recall:.3f}"
-          f"  mean IoU {score.mean_iou:.3f}" + ("" if args.weights else "  (oracle: this checks the merge)"))
+          f"  mean IoU {score.mean_iou:.3f}" + ("  (oracle: this checks the merge)" if args.oracle else ""))
     print(f"    view it: napari --plugin napari-ome-zarr {url}")
     return 0

@@ -1,13 +1,15 @@
 """``cellsam-ray segment``: segment a whole slide on Ray and write labels/<name> into it.
 
 The options are generated from ``SegmentSpec``, so the command line, the Python API and job specs take
-the same fields with the same defaults.
+the same fields with the same defaults. Without ``--weights`` (and ``--segmenter``) the bundled demo model
+segments, with its own tiling unless ``--tile``/``--halo``/``--chunk`` are given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import typing
 
 from pydantic import ValidationError
@@ -76,8 +78,12 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cellsam_ray import bundled
     from cellsam_ray.pipeline.api import segment
 
-    report = segment(spec_from_args(args), progress=not args.no_progress)
+    spec = spec_from_args(args)
+    if not (spec.weights or spec.segmenter):
+        print(f"no --weights given: segmenting with {bundled.DESCRIPTION}", file=sys.stderr)
+    report = segment(spec, progress=not args.no_progress)
     print(json.dumps(report["summary"], indent=2))
     return 0

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import io
 import json
+import sys
 from pathlib import Path, PurePosixPath
 
 import fsspec
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "Channels last, in CellSAM order (blank, nuclear, whole-cell), right-aligned: "
                         "one channel is whole-cell, two are nuclear + whole-cell.")
     parser.add_argument("output", help="Where to write the int32 label image (.npy or .tif/.tiff).")
-    parser.add_argument("--weights", required=True, help="CellSAM checkpoint, local path or fsspec URL.")
-    parser.add_argument("--config", default="v1.2", help="Model size: a preset name or a JSON file (default: v1.2).")
+    parser.add_argument("--weights", help="CellSAM checkpoint, local path or fsspec URL (default: the bundled demo "
+                        "model, trained on synthetic tissue only).")
+    parser.add_argument("--config", help="Model size of --weights: a preset name or a JSON file (default: v1.2).")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="Apply CellSAM's percentile clip + CLAHE normalisation first (default: on).")
     parser.add_argument("--mode", choices=list(MODES), default="reference", help="Inference mode (default: reference).")
@@ -54,11 +56,20 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
 
+    from cellsam_ray import bundled
     from cellsam_ray.model.weights import load_cellsam
 
+    weights, config = args.weights, args.config or "v1.2"
+    if weights is None:
+        if args.config:
+            raise UserError("--config gives the sizes of --weights: give both, or neither for the bundled demo model")
+        weights, config = str(bundled.WEIGHTS), str(bundled.CONFIG)
+        print(f"no --weights given: segmenting with {bundled.DESCRIPTION}; it sees the image stretched to "
+              f"{bundled.TILE + 2 * bundled.HALO}² px, so use `segment` for images much larger than that",
+              file=sys.stderr)
     module_name, function_name = MODES[args.mode]
     segment_tile = getattr(importlib.import_module(module_name), function_name)
-    model = load_cellsam(args.weights, args.config, device=args.device, storage_options=storage_options,
+    model = load_cellsam(weights, config, device=args.device, storage_options=storage_options,
                          sha256=args.sha256)
     result = segment_tile(image, model, normalize=args.normalize, device=args.device)
     write_labels(args.output, result.labels, storage_options)

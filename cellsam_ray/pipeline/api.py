@@ -11,6 +11,7 @@ import time
 import ray
 
 import cellsam_ray
+from cellsam_ray import bundled
 from cellsam_ray.errors import RunFailed
 from cellsam_ray.execution import Progress, RunStats, run_plan
 from cellsam_ray.pipeline import labels_out
@@ -58,6 +59,7 @@ def ensure_ray() -> None:
 def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
     spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
+    spec = bundled.resolve_spec(spec)  # no weights and no segmenter: the bundled demo model
     spec = spec.with_storage_resolved().with_local_paths_absolute()  # workers run in other folders
     if spec.cell_table_h5ad:
         require_anndata()

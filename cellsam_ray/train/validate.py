@@ -1,8 +1,9 @@
 """How well a model segments labelled tiles, measured through the inference code itself.
 
-Each tile goes through ``segment_tiles_fast`` exactly as the pipeline sends a window (normalisation
-already done), and the F1 at IoU 0.5 is pooled over tiles: true positives, predictions and true cells
-are summed before the ratio, so a tile with many cells counts for more than an empty one. True cells
+Each tile goes through ``segment_tile_reference`` (the published per-tile pipeline, the yardstick the
+faster mode is held to) exactly as the whole-slide pipeline sends a window (normalisation already
+done), and the F1 at IoU 0.5 is pooled over tiles: true positives, predictions and true cells are
+summed before the ratio, so a tile with many cells counts for more than an empty one. True cells
 smaller than inference's minimum object size (slivers cut by the tile's edge) are not counted: no
 model output can match them, and across a slide the neighbouring tile sees those cells whole.
 """
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from cellsam_ray.evaluate import PairCounts, Score
-from cellsam_ray.model.fast import segment_tiles_fast
 from cellsam_ray.model.postprocess import MIN_SIZE
+from cellsam_ray.model.reference import segment_tile_reference
 from cellsam_ray.model.network import CellSAM
 from cellsam_ray.train.data import LabelledImage
 
@@ -26,8 +27,8 @@ def score_tiles(net: CellSAM, items: Sequence[LabelledImage], *, bbox_threshold:
     """The pooled F1, precision, recall and mean IoU of ``net`` on ``items``."""
     was_training = net.training
     net.eval()
-    results = segment_tiles_fast([item.image for item in items], net, normalize=False,
-                                 bbox_threshold=bbox_threshold, device=device)
+    results = [segment_tile_reference(item.image, net, normalize=False, bbox_threshold=bbox_threshold,
+                                      device=device) for item in items]
     net.train(was_training)
     tp = predicted = true = 0
     iou_sum = 0.0
