@@ -18,7 +18,7 @@ from cellsam_ray.train.checkpoint import save_checkpoint
 from cellsam_ray.train.data import DataSpec, load_images, make_batch, prepare_tile
 from cellsam_ray.train.fit import fit
 from cellsam_ray.train.losses import box_regions, detection_losses, mask_losses, sigmoid_focal_loss
-from cellsam_ray.train.loop import Objective, TrainSettings, freeze_parts, initial_model
+from cellsam_ray.train.loop import Objective, TrainSettings, anchor_points, freeze_parts, initial_model
 from cellsam_ray.train.matcher import MatchCosts, hungarian_match
 
 # A CellSAM small enough to train for a few steps in a test: 64² input, 8² grid, 30 queries.
@@ -204,3 +204,43 @@ def test_tied_trunks_train_as_one_and_are_saved_under_both_names(slide, tiny_con
     tied = initial_model(settings.model_copy(update={"init": str(tmp_path / "cellsam.pt"), "freeze": ["sam-trunk"]}))
     freeze_parts(tied, settings.model_copy(update={"freeze": ["sam-trunk"]}))
     assert not tied.cellfinder.decode_head.backbone.body.blocks[0].attn.qkv.weight.requires_grad
+
+
+def test_anchor_cost_gives_each_cell_to_the_query_whose_anchor_is_nearest():
+    # Query 0's box sits on cell 0 but its anchor is far away; query 1's box is off but its anchor is on it.
+    targets = torch.tensor([[0.2, 0.2, 0.1, 0.1]])
+    boxes = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1]])
+    anchors = torch.tensor([[0.8, 0.8], [0.21, 0.19]])
+    logits = torch.zeros(2, 1)
+    assert hungarian_match(logits, boxes, targets)[0].tolist() == [0]  # plain DETR cost: the box decides
+    assert hungarian_match(logits, boxes, targets, MatchCosts(anchor=20), anchors)[0].tolist() == [1]
+    with pytest.raises(ValueError, match="anchor points"):
+        hungarian_match(logits, boxes, targets, MatchCosts(anchor=1))
+
+
+def test_grid_anchors_cover_the_image_and_stay_put_when_frozen(slide, tiny_config, tmp_path):
+    settings = TrainSettings(config=tiny_config, steps=2, batch_size=1, freeze_anchors=True, match_anchor=10)
+    start = anchor_points(initial_model(settings)).detach().clone()
+    # 30 queries: 5 rows of 6, at the centres of the grid's cells.
+    xs, ys = sorted(set(start[:, 0].tolist())), sorted(set(start[:, 1].tolist()))
+    assert np.allclose(xs, (np.arange(6) + 0.5) / 6) and np.allclose(ys, (np.arange(5) + 0.5) / 5)
+    assert len({tuple(p) for p in start.tolist()}) == 30
+    net = fit(settings, DataSpec(slides=[slide], nuclear=["DAPI"], whole_cell=["E-cadherin"], max_tiles=2),
+              tmp_path, log=lambda line: None)
+    assert torch.equal(anchor_points(net), start)
+    assert not torch.equal(net.cellfinder.decode_head.transformer.pattern.weight,
+                           initial_model(settings).cellfinder.decode_head.transformer.pattern.weight)
+    state = load_checkpoint_state(str(tmp_path / "cellsam.pt"))
+    assert torch.equal(state["cellfinder.decode_head.transformer.position.weight"], start)  # same key, same shape
+    # Learned anchors (the default) move; random ones are not a grid; a checkpoint keeps its own unless told.
+    moved = fit(settings.model_copy(update={"freeze_anchors": False}),
+                DataSpec(slides=[slide], nuclear=["DAPI"], whole_cell=["E-cadherin"], max_tiles=2),
+                tmp_path / "learned", log=lambda line: None)
+    assert not torch.equal(anchor_points(moved), start)
+    random = anchor_points(initial_model(settings.model_copy(update={"anchors": "random"})))
+    assert len(set(random[:, 0].tolist())) == 30 and 0 <= random.min() and random.max() <= 1
+    resumed = settings.model_copy(update={"init": str(tmp_path / "learned" / "cellsam.pt")})
+    assert torch.equal(anchor_points(initial_model(resumed)), anchor_points(moved))
+    regrid = anchor_points(initial_model(resumed.model_copy(update={"anchors": "grid"})))
+    assert torch.equal(regrid, start)
+

@@ -64,6 +64,13 @@ class TrainSettings(BaseModel):
     box_jitter: float = Field(default=0.1, ge=0, description="Prompt box sides move by up to this share of the box.")
     aux_loss: bool = Field(default=True, description="Supervise every CellFinder decoder layer, not only the last.")
     tie_trunks: bool = Field(default=False, description="One ViT trunk for CellFinder and SAM, trained by both losses.")
+    anchors: Literal["grid", "random", "keep"] | None = Field(
+        default=None, description="CellFinder's anchor points at the start: a regular grid over the image, "
+        "uniform random (Anchor-DETR's init) or as built/loaded (default: grid for fresh weights, the "
+        "checkpoint's own with --init).")
+    freeze_anchors: bool = Field(default=False, description="Keep the anchor points where they start.")
+    match_anchor: float = Field(default=0.0, ge=0, description="Matching cost weight of the L1 distance from a "
+                                "query's anchor to a cell's centre (0: plain DETR matching).")
     seed: int = Field(default=0, description="Seeds the initial weights, batch order and augmentation.")
     log_every: int = Field(default=25, gt=0, description="Steps between reported loss averages.")
     checkpoint_every: int | None = Field(default=None, gt=0, description="Steps between checkpoints (default: end).")
@@ -79,7 +86,7 @@ def part_of(name: str) -> str | None:
 
 
 def initial_model(settings: TrainSettings) -> CellSAM:
-    """The starting network: a checkpoint (strictly loaded) or fresh weights with anchors on a grid."""
+    """The starting network: a checkpoint (strictly loaded) or fresh weights; anchors as ``settings.anchors``."""
     config = load_config(settings.config)
     if settings.init:
         net = load_cellsam(settings.init, config)
@@ -90,7 +97,12 @@ def initial_model(settings: TrainSettings) -> CellSAM:
     else:
         torch.manual_seed(settings.seed)
         net = build_cellsam(config)
+    start = settings.anchors or ("keep" if settings.init else "grid")
+    if start == "grid":
         place_anchors_on_grid(net)
+    elif start == "random":
+        torch.manual_seed(settings.seed)
+        nn.init.uniform_(anchor_points(net), 0, 1)
     if settings.tie_trunks:
         tie_trunks(net)
     return net
@@ -113,9 +125,10 @@ def place_anchors_on_grid(net: CellSAM) -> None:
 
     With a few hundred queries for a few hundred cells, a random start leaves clumps and holes, and the
     Hungarian matching then pulls queries across the tile for the first many steps; a grid gives every
-    query its own neighbourhood from the start. The anchors stay learned parameters.
+    query its own neighbourhood from the start. The anchors stay learned parameters unless
+    ``freeze_anchors`` is set; either way they keep their key and shape in the checkpoint.
     """
-    position = net.cellfinder.decode_head.transformer.position.weight
+    position = anchor_points(net)
     count = position.shape[0]
     rows = max(1, math.isqrt(count))
     cols = math.ceil(count / rows)
@@ -123,11 +136,16 @@ def place_anchors_on_grid(net: CellSAM) -> None:
     position.copy_(torch.stack((x.flatten(), y.flatten()), dim=-1)[:count])
 
 
+def anchor_points(net: CellSAM) -> nn.Parameter:
+    """CellFinder's (Q, 2) anchor points (x, y) in [0, 1]: the ``position`` embedding's weight."""
+    return net.cellfinder.decode_head.transformer.position.weight
+
+
 def freeze_parts(net: CellSAM, settings: TrainSettings) -> list[nn.Parameter]:
     """Set ``requires_grad`` by part; the trainable parameters, each once.
 
     A parameter under several names (CellFinder's aliased heads, tied trunks) trains only if every part
-    it belongs to does.
+    it belongs to does. ``freeze_anchors`` keeps the anchor points (a part of the head) fixed.
     """
     parts: dict[int, list[str | None]] = {}
     objects: dict[int, nn.Parameter] = {}
@@ -135,8 +153,9 @@ def freeze_parts(net: CellSAM, settings: TrainSettings) -> list[nn.Parameter]:
         parts.setdefault(id(parameter), []).append(part_of(name))
         objects[id(parameter)] = parameter
     trainable = []
+    fixed = {id(anchor_points(net))} if settings.freeze_anchors else set()
     for key, parameter in objects.items():
-        train = all(part is not None and settings.trainable(part) for part in parts[key])
+        train = key not in fixed and all(part is not None and settings.trainable(part) for part in parts[key])
         parameter.requires_grad_(train)
         if train:
             trainable.append(parameter)
@@ -165,7 +184,7 @@ class Objective(nn.Module):
         self.net = net
         self.aux_loss = settings.aux_loss
         self.weights = LossWeights()
-        self.costs = MatchCosts()
+        self.costs = MatchCosts(anchor=settings.match_anchor)
         self.detects = settings.trainable("cellfinder-trunk") or settings.trainable("cellfinder-head")
         self.segments = any(settings.trainable(p) for p in ("sam-trunk", "sam-neck", "prompt-encoder", "mask-decoder"))
 
@@ -189,8 +208,10 @@ class Objective(nn.Module):
         num_cells = _global_count(sum(len(t) for t in targets), device)
         w = self.weights
         total = torch.zeros((), device=device)
+        transformer = finder.decode_head.transformer
+        anchors = transformer.position.weight.detach().repeat(transformer.num_pattern, 1)
         for logits, boxes in layers:
-            matches = [hungarian_match(logits[i].detach(), boxes[i].detach(), targets[i], self.costs)
+            matches = [hungarian_match(logits[i].detach(), boxes[i].detach(), targets[i], self.costs, anchors)
                        for i in range(len(targets))]
             losses = detection_losses(logits, boxes, targets, [(q.to(device), t.to(device)) for q, t in matches],
                                       num_cells, w)
