@@ -19,6 +19,7 @@ from cellsam_ray.train.data import DataSpec, load_images, make_batch, prepare_ti
 from cellsam_ray.train.fit import fit
 from cellsam_ray.train.losses import box_regions, detection_losses, mask_losses, sigmoid_focal_loss
 from cellsam_ray.train.loop import Objective, TrainSettings, anchor_points, freeze_parts, initial_model
+from cellsam_ray.model.cellfinder import sine_embedding_1d
 from cellsam_ray.train.matcher import MatchCosts, hungarian_match
 
 # A CellSAM small enough to train for a few steps in a test: 64² input, 8² grid, 30 queries.
@@ -243,4 +244,32 @@ def test_grid_anchors_cover_the_image_and_stay_put_when_frozen(slide, tiny_confi
     assert torch.equal(anchor_points(initial_model(resumed)), anchor_points(moved))
     regrid = anchor_points(initial_model(resumed.model_copy(update={"anchors": "grid"})))
     assert torch.equal(regrid, start)
+
+
+def test_local_attention_starts_every_query_on_its_own_column_and_keeps_the_layout(tiny_config, tmp_path):
+    plain = initial_model(TrainSettings(config=tiny_config))
+    path = save_checkpoint(plain, tmp_path)
+    net = initial_model(TrainSettings(config=tiny_config, init=str(path), anchors="grid", local_attention=True))
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    # The trunk is the checkpoint's; the transformer is new.
+    assert torch.equal(net.state_dict()["cellfinder.decode_head.backbone.body.pos_embed"],
+                       plain.state_dict()["cellfinder.decode_head.backbone.body.pos_embed"])
+    transformer = net.cellfinder.decode_head.transformer
+    d, grid, heads = transformer.d_model, 8, 4  # TINY: 64 px / patch 8, width 32, 4 heads of 8
+    with torch.no_grad():
+        columns = transformer.adapt_pos1d(sine_embedding_1d((torch.arange(grid) + 0.5) / grid, d))
+        anchors = anchor_points(net)
+        queries = transformer.adapt_pos1d(sine_embedding_1d(anchors[:, 0], d))
+        for layer in transformer.decoder_layers:
+            weight = layer.cross_attn.in_proj_weight
+            q = (queries @ weight[:d].T).view(-1, heads, d // heads)
+            k = (columns @ weight[2 * d : 3 * d].T).view(grid, heads, d // heads)
+            logits = torch.einsum("qhc,khc->hqk", q, k)
+            best = logits.max(-1).values.argmax(0)  # the head that sees the query's half of the map
+            peak = logits[best, torch.arange(len(anchors))].argmax(-1)
+            assert ((peak + 0.5 - anchors[:, 0] * grid).abs() <= 0.5 + 1e-4).all()  # the column under the anchor
+            assert (logits.max(-1).values.max(0).values > 10).all()  # sharp: a softmax puts it on one column
+    loaded = load_cellsam(str(save_checkpoint(net, tmp_path / "local")), tiny_config)
+    assert torch.equal(loaded.state_dict()["cellfinder.decode_head.transformer.adapt_pos1d.0.weight"],
+                       transformer.adapt_pos1d[0].weight)
 

@@ -30,10 +30,13 @@ def slide(tmp_path_factory) -> str:
 def test_train_on_ray_train_then_finetune_on_a_folder(ray_cluster, slide, tiny_config, tmp_path, capsys):
     out = tmp_path / "trained"
     assert main(["train", str(out), "--config", tiny_config, "--slide", slide, "--nuclear", "DAPI",
-                 "--whole-cell", "E-cadherin", "--steps", "2", "--log-every", "1", "--batch-size", "1"]) == 0
+                 "--whole-cell", "E-cadherin", "--steps", "2", "--log-every", "1", "--batch-size", "1",
+                 "--local-attention", "--freeze-anchors", "--match-anchor", "20"]) == 0
     assert "training on 1 Ray Train worker(s)" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in (out / "losses.jsonl").read_text().splitlines()] == [1, 2]
-    load_cellsam(str(out / "cellsam.pt"), str(out / "config.json"))
+    trained = load_cellsam(str(out / "cellsam.pt"), str(out / "config.json"))
+    anchors = trained.cellfinder.decode_head.transformer.position.weight  # 30 queries: a 5 × 6 grid, kept
+    assert np.allclose(sorted(set(anchors[:, 0].tolist())), (np.arange(6) + 0.5) / 6)
 
     # A folder of image + label pairs, two-channel images (nuclear, whole-cell) as segment-image takes.
     folder = tmp_path / "pairs"
