@@ -2,8 +2,10 @@
 synthetic tissue with a seed no training run used.
 
 The issue asks for F1 >= 0.85 (tests checking >= 0.8); the bundled model does not reach it: it measured
-F1 0.125 on three unseen 1024² slides (see MODEL_CARD.md). ``F1_FLOOR`` guards what it does reach, well
-above an untrained model's 0, so a broken checkpoint, preprocessing or default would fail here.
+F1 0.798 on three unseen 1024² slides (see MODEL_CARD.md), and here 0.833 (demo, 512² slide) and 0.727
+(segment-image, one 256² window of 43 cells). ``F1_FLOOR`` guards what it does reach with a margin for
+those small samples, far above the first bundled model's 0.125, so a broken checkpoint, preprocessing or
+default, or a return to the old model, would fail here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import TissueModel
 
 UNSEEN_SEED = 123  # the model card lists the seeds training used; this is none of them
-F1_FLOOR = 0.08
+F1_FLOOR = 0.6
 
 
 def test_bundled_model_loads_strictly_and_fits_its_tiling():
