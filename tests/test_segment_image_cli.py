@@ -20,11 +20,12 @@ needs_reference = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no reference 
 CASES = json.loads((GOLDEN / "cases.json").read_text()) if GOLDEN.is_dir() else {}
 
 
-def tiny_args(tmp_path: Path, input_path: Path, output_name: str, normalize: bool) -> list[str]:
+def tiny_args(tmp_path: Path, input_path: Path, output_name: str, normalize: bool, *mode: str) -> list[str]:
+    """``mode``: nothing (the default mode) or ``"--mode", NAME``."""
     return [
         "segment-image", str(input_path), str(tmp_path / output_name),
         "--weights", str(GOLDEN / "tiny_cellsam.pt"), "--config", str(GOLDEN / "tiny_config.json"),
-        "--normalize" if normalize else "--no-normalize",
+        "--normalize" if normalize else "--no-normalize", *mode,
     ]
 
 
@@ -128,10 +129,19 @@ def test_missing_input_and_missing_weights(tmp_path, capsys):
     assert_one_line_error(capsys, "not found")
 
 
-def test_only_the_reference_mode_is_offered(tmp_path, capsys):
+@needs_reference
+def test_reference_mode_gives_the_golden_labels_too(tmp_path, capsys):
+    case = "two_channel_300x200_norm"
+    np.save(tmp_path / "in.npy", np.load(GOLDEN / f"{case}.input.npy"))
+    argv = tiny_args(tmp_path, tmp_path / "in.npy", "labels.npy", CASES[case]["normalize"], "--mode", "reference")
+    assert main(argv) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), np.load(GOLDEN / f"{case}.expected.npz")["labels"])
+
+
+def test_an_unknown_mode_is_refused(capsys):
     with pytest.raises(SystemExit):
-        main(["segment-image", "in.npy", "out.npy", "--weights", "w.pt", "--mode", "fast"])
-    assert "invalid choice: 'fast'" in capsys.readouterr().err
+        main(["segment-image", "in.npy", "out.npy", "--weights", "w.pt", "--mode", "turbo"])
+    assert "invalid choice: 'turbo'" in capsys.readouterr().err
 
 
 @needs_reference
