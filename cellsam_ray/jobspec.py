@@ -15,11 +15,10 @@ from typing import Any
 
 import fsspec
 import yaml
-from pydantic import ValidationError
 
 from cellsam_ray.errors import UserError
 from cellsam_ray.io.storage import is_local, local_path
-from cellsam_ray.spec import SegmentSpec
+from cellsam_ray.spec import SegmentSpec, validate_spec
 
 # Storage option names that hold credentials (s3fs, gcsfs, adlfs, and botocore's client_kwargs).
 SECRET_OPTIONS = frozenset({
@@ -65,12 +64,7 @@ def spec_from_mapping(data: Any, source: str) -> SegmentSpec:
         raise UserError(f"job spec {source} must be a mapping of fields (input, nuclear, ...), "
                         f"not {type(data).__name__}")
     refuse_inline_secrets(data.get("storage_options"), source)
-    try:
-        return SegmentSpec.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "spec"
-        raise UserError(f"job spec {source}: {where}: {first['msg']}") from None
+    return validate_spec(data, lambda where: f"job spec {source}: {where}")
 
 
 def refuse_inline_secrets(options: Any, source: str, where: str = "storage_options") -> None:

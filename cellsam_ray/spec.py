@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cellsam_ray.errors import UserError
 
@@ -128,3 +129,17 @@ class SegmentSpec(BaseModel):
             raise ValueError("--cell-table-h5ad needs the cell table: drop --no-cell-table")
         return self
 
+
+
+def validate_spec(values: dict[str, Any], describe: Callable[[str], str]) -> SegmentSpec:
+    """``SegmentSpec`` from ``values``, or a one-line UserError on its first problem.
+
+    ``describe`` turns the failing field's dotted location (``"spec"`` for the whole) into the words the
+    user wrote it with: a command-line flag or a place in a job spec file.
+    """
+    try:
+        return SegmentSpec.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "spec"
+        raise UserError(f"{describe(where)}: {first['msg']}") from None

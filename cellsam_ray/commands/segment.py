@@ -12,10 +12,8 @@ import json
 import sys
 import typing
 
-from pydantic import ValidationError
-
 from cellsam_ray.errors import UserError
-from cellsam_ray.spec import SegmentSpec
+from cellsam_ray.spec import SegmentSpec, validate_spec
 
 HELP = "Segment every cell of an OME-Zarr slide on Ray and write labels/<name> into it."
 
@@ -69,12 +67,7 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
             except json.JSONDecodeError as err:
                 raise UserError(f"{_option(name)} is not valid JSON: {err}") from err
         values[info.alias or name] = value
-    try:
-        return SegmentSpec.model_validate(values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "spec"
-        raise UserError(f"--{where.replace('_', '-')}: {first['msg']}") from err
+    return validate_spec(values, lambda where: f"--{where.replace('_', '-')}")
 
 
 def run(args: argparse.Namespace) -> int:
