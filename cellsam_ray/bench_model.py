@@ -33,6 +33,7 @@ from cellsam_ray.model.network import CellSAM, build_cellsam
 from cellsam_ray.model.preprocess import detector_input, format_image_shape, normalize_image, resize_to_model
 from cellsam_ray.model.reference import segment_tile_reference
 from cellsam_ray.model.weights import load_cellsam
+from cellsam_ray.testing import reference_dir
 
 NOTHING_PASSES = 2.0
 """A ``bbox_threshold`` above any score's reach (the cut is 0.66·threshold + 0.33·mean of centres)."""
@@ -40,8 +41,8 @@ NOTHING_PASSES = 2.0
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench_model", description=__doc__.splitlines()[0])
-    reference_dir = os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference")
-    parser.add_argument("--golden", default=os.path.join(reference_dir, "golden"), help="golden data directory")
+    parser.add_argument("--golden", default=None,
+                        help="golden data (default: $CELLSAM_REFERENCE_DIR/golden, else ../shared/reference/golden)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available, and cpu)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
     parser.add_argument("--v12-tiles", type=int, default=1, help="golden tiles to run through v1.2 (0 skips v1.2)")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__},"
           f" {torch.get_num_threads()} threads{gpu}")
-    golden = Path(args.golden)
+    golden = Path(args.golden) if args.golden else reference_dir() / "golden"
     cases = json.loads((golden / "cases.json").read_text())
     tiles = [(np.load(golden / f"{case}.input.npy"), bool(meta["normalize"])) for case, meta in sorted(cases.items())]
     for device in devices:

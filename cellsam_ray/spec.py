@@ -130,7 +130,6 @@ class SegmentSpec(BaseModel):
         return self
 
 
-
 def validate_spec(values: dict[str, Any], describe: Callable[[str], str]) -> SegmentSpec:
     """``SegmentSpec`` from ``values``, or a one-line UserError on its first problem.
 

@@ -1,4 +1,5 @@
-"""Real parts for tests and demos: a local S3 server, a local Ray cluster, and the OME-Zarr validator.
+"""Real parts for tests and demos: a local S3 server, a local Ray cluster, the OME-Zarr validator, and the
+shared reference data (golden checkpoint, inputs and the published code's outputs).
 
 No mocks: the S3 server is moto's real HTTP server on 127.0.0.1, the cluster is a real Ray node, and
 validation is ome-zarr-models, the reference validator. moto and ome-zarr-models come with the ``test``
@@ -20,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 
 from cellsam_ray.io.storage import join_url, open_group
@@ -227,3 +229,27 @@ def validate_ome_zarr(url_or_group: str | zarr.Group, storage_options: dict[str,
         return model.from_zarr(group)
     except Exception as err:  # noqa: BLE001 - pydantic, ValueError, RuntimeError: all mean "invalid"
         raise InvalidOmeZarr(f"{where} is not a valid {model.__module__}.{model.__name__}: {err}") from err
+
+
+def reference_dir() -> Path:
+    """The shared reference material: ``$CELLSAM_REFERENCE_DIR``, else ``../shared/reference`` beside the
+    repository checkout (where the project keeps it). Missing data is an error, not a reason to skip: the
+    golden tests are what proves the model reproduces the published one."""
+    configured = os.environ.get("CELLSAM_REFERENCE_DIR")
+    folder = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "reference"
+    if not (folder / "golden" / "cases.json").is_file():
+        raise FileNotFoundError(f"no reference data at {folder} (expected golden/cases.json there); "
+                                "set CELLSAM_REFERENCE_DIR to the folder holding golden/")
+    return folder
+
+
+def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """The golden label tolerance: (fraction of pixels equal once each actual id is mapped to its
+    best-overlapping expected id, worst IoU of an expected cell with its best-matching actual cell)."""
+    n_act, n_exp = int(actual.max()) + 1, int(expected.max()) + 1
+    overlap = np.bincount(actual.ravel() * n_exp + expected.ravel(), minlength=n_act * n_exp).reshape(n_act, n_exp)
+    mapping = overlap.argmax(axis=1)
+    mapping[0] = 0
+    agree = float(np.mean(mapping[actual] == expected))
+    iou = overlap / (overlap.sum(axis=1)[:, None] + overlap.sum(axis=0)[None, :] - overlap)
+    return agree, float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,22 +16,10 @@ from cellsam_ray.model.network import build_cellsam
 from cellsam_ray.model.postprocess import paint_masks
 from cellsam_ray.model.reference import segment_tile_reference
 from cellsam_ray.model.weights import load_cellsam
+from cellsam_ray.testing import label_agreement, reference_dir
 
-GOLDEN = Path(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference")) / "golden"
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no golden data at {GOLDEN}")
-CASES = json.loads((GOLDEN / "cases.json").read_text()) if GOLDEN.is_dir() else {}
-
-
-def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    """(pixel agreement after mapping each actual id to its best-overlapping expected id,
-    worst IoU of an expected cell with its best-matching actual cell)."""
-    n_act, n_exp = int(actual.max()) + 1, int(expected.max()) + 1
-    overlap = np.bincount(actual.ravel() * n_exp + expected.ravel(), minlength=n_act * n_exp).reshape(n_act, n_exp)
-    mapping = overlap.argmax(axis=1)
-    mapping[0] = 0
-    agree = float(np.mean(mapping[actual] == expected))
-    iou = overlap / (overlap.sum(axis=1)[:, None] + overlap.sum(axis=0)[None, :] - overlap)
-    return agree, float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0
+GOLDEN = reference_dir() / "golden"
+CASES = json.loads((GOLDEN / "cases.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +37,6 @@ def golden_runs():
     return {case: (references[i], fasts[i], np.load(GOLDEN / f"{case}.expected.npz")) for i, case in enumerate(cases)}
 
 
-@needs_golden
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_fast_mode_matches_reference_and_golden(golden_runs, case):
     reference, result, golden = golden_runs[case]
@@ -66,7 +51,6 @@ def test_fast_mode_matches_reference_and_golden(golden_runs, case):
         assert result.labels.max() == expected.max()
 
 
-@needs_golden
 def test_chunking_and_grouping_do_not_change_labels(golden_runs, monkeypatch):
     case = "gray_512_norm"
     model = load_cellsam(str(GOLDEN / "tiny_cellsam.pt"), str(GOLDEN / "tiny_config.json"))
@@ -145,7 +129,6 @@ def test_batched_decoder_equals_one_call_per_box():
             torch.testing.assert_close(ious[i], one_iou[0, 0], rtol=1e-5, atol=1e-5)
 
 
-@needs_golden
 def test_a_tile_without_detections_is_background():
     model = load_cellsam(str(GOLDEN / "tiny_cellsam.pt"), str(GOLDEN / "tiny_config.json"))
     result = fast.segment_tile_fast(np.load(GOLDEN / "rgb3_256_nonorm.input.npy"), model, bbox_threshold=2.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,11 @@ from cellsam_ray.model import rcda
 from cellsam_ray.model.cellfinder import detector_topk
 from cellsam_ray.model.config import CellSAMConfig, load_config
 from cellsam_ray.model.network import build_cellsam
+from cellsam_ray.testing import reference_dir
 
-REFERENCE = Path(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference"))
+REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"
-needs_reference = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no reference data at {REFERENCE}")
-CASES = sorted(json.loads((GOLDEN / "cases.json").read_text())) if GOLDEN.is_dir() else []
+CASES = sorted(json.loads((GOLDEN / "cases.json").read_text()))
 
 
 def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
@@ -46,13 +45,11 @@ def tiny_net():
     return net
 
 
-@needs_reference
 def test_v12_preset_has_the_published_keys_in_order_with_their_shapes():
     expected = read_tsv(REFERENCE / "cellsam_v1.2_state_dict.tsv")
     assert shapes(CellSAMConfig.preset("v1.2")) == list(expected.items())
 
 
-@needs_reference
 def test_tiny_config_has_the_golden_keys_in_order_with_their_shapes():
     expected = read_tsv(GOLDEN / "tiny_state_dict.tsv")
     assert shapes(load_config(str(GOLDEN / "tiny_config.json"))) == list(expected.items())
@@ -134,7 +131,6 @@ def test_detector_topk_ranks_query_class_pairs_and_scales_xyxy():
     assert detector_topk(logits, boxes, k=6)[1][0].tolist() == [1, 1, 0, 0, 0, 1]
 
 
-@needs_reference
 @pytest.mark.parametrize("case", CASES)
 def test_sam_embedding_matches_golden(tiny_net, case):
     golden = np.load(GOLDEN / f"{case}.expected.npz")
@@ -146,7 +142,6 @@ def test_sam_embedding_matches_golden(tiny_net, case):
     assert rel_l2(embedding, golden["embedding"]) < 1e-4
 
 
-@needs_reference
 @pytest.mark.parametrize("case", CASES)
 def test_cellfinder_detections_match_golden(tiny_net, case):
     golden = np.load(GOLDEN / f"{case}.expected.npz")

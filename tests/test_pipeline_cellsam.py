@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ from cellsam_ray.model.segmenter import CellSAMSegmenter, cellsam_layout
 from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.pipeline.api import segment
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import validate_ome_zarr
+from cellsam_ray.testing import reference_dir, validate_ome_zarr
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "reference" / "golden"
+GOLDEN = reference_dir() / "golden"
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,11 +20,11 @@ from cellsam_ray.model.preprocess import (
     resize_to_model,
     sam_pixel_normalize,
 )
+from cellsam_ray.testing import reference_dir
 
-REFERENCE = Path(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference"))
+REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"
-needs_reference = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no reference data at {REFERENCE}")
-CASES = json.loads((GOLDEN / "cases.json").read_text()) if GOLDEN.is_dir() else {}
+CASES = json.loads((GOLDEN / "cases.json").read_text())
 
 
 def rel_l2(actual: torch.Tensor, expected: np.ndarray) -> float:
@@ -45,7 +43,6 @@ def golden_case(request):
     return resize_to_model(image), np.load(GOLDEN / f"{case}.expected.npz")
 
 
-@needs_reference
 def test_embedding_input_matches_golden(golden_case):
     resized, expected = golden_case
     actual = embedding_input(resized)
@@ -53,7 +50,6 @@ def test_embedding_input_matches_golden(golden_case):
     assert rel_l2(actual, expected["model_input_embedding"]) < 1e-4
 
 
-@needs_reference
 def test_detector_input_matches_golden(golden_case):
     resized, expected = golden_case
     actual = detector_input(resized)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +12,11 @@ from cellsam_ray.model.boxes import box_score_threshold, boxes_to_input_pixels, 
 from cellsam_ray.model.postprocess import fill_holes_and_remove_small_masks, paint_masks
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
 from cellsam_ray.model.weights import load_cellsam
+from cellsam_ray.testing import label_agreement, reference_dir
 
-REFERENCE = Path(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference"))
+REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"
-needs_reference = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no reference data at {REFERENCE}")
-CASES = json.loads((GOLDEN / "cases.json").read_text()) if GOLDEN.is_dir() else {}
+CASES = json.loads((GOLDEN / "cases.json").read_text())
 SMALLEST = "rgb3_256_nonorm"
 
 
@@ -26,20 +24,6 @@ def rel_l2(actual: np.ndarray, expected: np.ndarray) -> float:
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-
-
-def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    """(fraction of pixels equal once actual ids are mapped to their best-overlapping expected id,
-    worst IoU of an expected cell with its best-matching actual cell) — the README's label tolerance."""
-    n_act, n_exp = int(actual.max()) + 1, int(expected.max()) + 1
-    overlap = np.bincount(actual.ravel() * n_exp + expected.ravel(), minlength=n_act * n_exp).reshape(n_act, n_exp)
-    mapping = overlap.argmax(axis=1)
-    mapping[0] = 0
-    agree = float(np.mean(mapping[actual] == expected))
-    sizes_act, sizes_exp = overlap.sum(axis=1), overlap.sum(axis=0)
-    iou = overlap / (sizes_act[:, None] + sizes_exp[None, :] - overlap)
-    worst = float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0
-    return agree, worst
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +42,6 @@ def golden_run(request, tiny_model):
 # --- box selection -------------------------------------------------------------------------------------
 
 
-@needs_reference
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_dynamic_threshold_keeps_the_golden_boxes(case):
     golden = np.load(GOLDEN / f"{case}.expected.npz")
@@ -126,7 +109,6 @@ def test_filled_holes_swallow_enclosed_cells_as_published():
 # --- the whole tile -------------------------------------------------------------------------------------
 
 
-@needs_reference
 def test_labels_match_golden(golden_run):
     _, result, golden = golden_run
     assert result.labels.dtype == np.int32 and result.labels.shape == golden["labels"].shape
@@ -136,7 +118,6 @@ def test_labels_match_golden(golden_run):
     np.testing.assert_array_equal(np.unique(result.labels), np.arange(result.labels.max() + 1))
 
 
-@needs_reference
 def test_boxes_and_embedding_match_golden(golden_run):
     _, result, golden = golden_run
     assert result.boxes.shape == golden["boxes_original_xyxy"].shape
@@ -150,7 +131,6 @@ def test_boxes_and_embedding_match_golden(golden_run):
     assert rel_l2(result.scores, golden["detector_scores"][:n]) < 1e-4
 
 
-@needs_reference
 @pytest.mark.parametrize("kwargs", [{"bbox_threshold": 2.0}, {"iou_threshold": 1.1}])
 def test_nothing_surviving_gives_an_empty_tile(tiny_model, kwargs):
     image = np.load(GOLDEN / f"{SMALLEST}.input.npy")
@@ -161,7 +141,6 @@ def test_nothing_surviving_gives_an_empty_tile(tiny_model, kwargs):
     assert result.embedding.shape == (1, 32, 64, 64)
 
 
-@needs_reference
 def test_iou_filter_drops_exactly_the_low_rated_masks(tiny_model):
     image = np.load(GOLDEN / f"{SMALLEST}.input.npy")
     full = segment_tile_reference(image, tiny_model, normalize=False, iou_threshold=0.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,11 @@ from PIL import Image
 
 import cellsam_ray.model.weights
 from cellsam_ray.cli import main
+from cellsam_ray.testing import reference_dir
 
-REFERENCE = Path(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference"))
+REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"
-needs_reference = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no reference data at {REFERENCE}")
-CASES = json.loads((GOLDEN / "cases.json").read_text()) if GOLDEN.is_dir() else {}
+CASES = json.loads((GOLDEN / "cases.json").read_text())
 
 
 def tiny_args(tmp_path: Path, input_path: Path, output_name: str, normalize: bool, *mode: str) -> list[str]:
@@ -29,7 +28,6 @@ def tiny_args(tmp_path: Path, input_path: Path, output_name: str, normalize: boo
     ]
 
 
-@needs_reference
 @pytest.mark.parametrize(
     ("case", "suffix", "output_name"),
     [("rgb3_256_nonorm", ".npy", "labels.tif"), ("two_channel_300x200_norm", ".tif", "labels.npy"),
@@ -129,7 +127,6 @@ def test_missing_input_and_missing_weights(tmp_path, capsys):
     assert_one_line_error(capsys, "not found")
 
 
-@needs_reference
 def test_reference_mode_gives_the_golden_labels_too(tmp_path, capsys):
     case = "two_channel_300x200_norm"
     np.save(tmp_path / "in.npy", np.load(GOLDEN / f"{case}.input.npy"))
@@ -144,7 +141,6 @@ def test_an_unknown_mode_is_refused(capsys):
     assert "invalid choice: 'turbo'" in capsys.readouterr().err
 
 
-@needs_reference
 def test_input_output_and_weights_in_object_storage(tmp_path, capsys, monkeypatch, storage_options, s3_prefix):
     import fsspec
 

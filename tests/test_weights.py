@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import fsspec
@@ -13,9 +12,9 @@ import torch
 from cellsam_ray.errors import UserError
 from cellsam_ray.model.config import CellSAMConfig
 from cellsam_ray.model.weights import load_cellsam, load_checkpoint_state
+from cellsam_ray.testing import reference_dir
 
-GOLDEN = Path(os.environ.get("CELLSAM_REFERENCE_DIR", "/work/shared/reference")) / "golden"
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no golden data at {GOLDEN}")
+GOLDEN = reference_dir() / "golden"
 CHECKPOINT = GOLDEN / "tiny_cellsam.pt"
 CONFIG = str(GOLDEN / "tiny_config.json")
 
