@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from skimage.exposure import equalize_adapthist, rescale_intensity
 
+from cellsam_ray.model.sam import PIXEL_MEAN as SAM_PIXEL_MEAN
+from cellsam_ray.model.sam import PIXEL_STD as SAM_PIXEL_STD
+
 MODEL_SIZE = 1024
 """Side of the square both networks see; every tile is stretched (not letterboxed) to it."""
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_MAX_EPS = 1e-6
