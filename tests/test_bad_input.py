@@ -109,6 +109,8 @@ def test_what_is_not_an_ome_zarr_image_is_refused(tmp_path, capsys):
     (image_axes("cyx"), (1, 64, 64), "complex64", [], "unsupported pixel type complex64"),
     (image_axes("czyx"), (1, 3, 64, 64), "uint16", [], "the image has 3 z planes: choose one with --z"),
     (image_axes("czyx"), (1, 3, 64, 64), "uint16", ["--z", "5"], "plane --z 5 does not exist: the image has 3"),
+    (image_axes("cyx"), (1, 64, 64), "uint16", ["--z", "2"], "--z 2 does not exist: the image has no z axis (its axes are cyx)"),
+    (image_axes("czyx"), (1, 1, 64, 64), "uint16", ["--t", "1"], "--t 1 does not exist: the image has no t axis (its axes are czyx)"),
 ])
 def test_unsupported_images_are_refused(tmp_path, capsys, axes, shape, dtype, argv, message):
     url = image_with(tmp_path, axes, shape, dtype)

@@ -107,6 +107,9 @@ def check_axes(image: NgffImage, spec: SegmentSpec) -> dict:
         raise UserError(f"unsupported axes {list(axes)}: expected a subset of t, c, z, y, x with y and x")
     shape = image.levels[0].shape
     plane = {}
+    for axis, chosen in (("t", spec.t), ("z", spec.z)):
+        if axis not in axes and chosen:  # a plane other than the only one of an absent axis
+            raise UserError(f"--{axis} {chosen} does not exist: the image has no {axis} axis (its axes are {''.join(axes)})")
     if "t" in axes:
         size = shape[axes.index("t")]
         if spec.t >= size:
