@@ -9,12 +9,14 @@ extra, so they are imported only when used.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -114,22 +116,23 @@ def free_port() -> int:
 
 
 class RayNodes:
-    """A real multi-node Ray cluster on this machine: ``ray start --head`` and ``ray start --address`` workers.
+    """A real multi-node Ray cluster on this machine, every process listening on 127.0.0.1 only.
 
-    Each node is a ``ray start --block`` process in its own session, so stopping it (SIGTERM, then SIGKILL
-    of its process group) takes down exactly its raylet, GCS and dashboard, never another cluster on the
-    machine (``ray stop`` would stop them all). Each node has its own short temp dir (Unix socket paths
+    The head is ``ray start --head``. Ray binds its servers to loopback only when a node's address is
+    literally 127.0.0.1, which ``ray start`` gives only in its single-node mode
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``); in that mode ``ray start --address`` refuses to add a node,
+    and with the mode off it rewrites 127.0.0.1 (and the head's address) to the machine's routable one.
+    So each worker node is started by :func:`join_cluster` below: exactly what ``ray start --address
+    --block`` runs once its checks pass (Ray's own ``Node`` with ``head=False``), with the head's and its
+    own address kept at 127.0.0.1. Each node is its own process session, so stopping it (SIGTERM, then
+    SIGKILL of its process group) takes down exactly its raylet, GCS and dashboard, never another cluster on
+    the machine (``ray stop`` would stop them all). Each node has its own short temp dir (Unix socket paths
     are limited to 107 bytes), so ``/tmp/ray/ray_current_cluster`` is never written for others to join.
-
-    The dashboard listens on 127.0.0.1 only. The nodes themselves use the address Ray picks for this
-    machine: a worker node refuses to join with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's single-node
-    loopback mode), and with it on, Ray resolves 127.0.0.1 to the machine's routable address.
     """
 
     def __init__(self, cpus: tuple[int, ...] = (1, 1), env: dict[str, str] | None = None) -> None:
         self.cpus = cpus
-        self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                    **(env or {})}
+        self.env = {**os.environ, **safe_ray_environment(), **(env or {})}
         self.root = Path(tempfile.mkdtemp(prefix="crn", dir="/tmp"))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.processes: list[subprocess.Popen] = []
@@ -138,23 +141,41 @@ class RayNodes:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, command: list[str]) -> None:
         log = open(self.root / f"{name}.log", "w")
-        self.processes.append(subprocess.Popen(
-            ["ray", "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root / name}",
-             f"--dashboard-agent-listen-port={free_port()}", *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
 
     def start(self, timeout: float = 120) -> "RayNodes":
-        self._start("head", ["--head", f"--port={self.gcs_port}", f"--num-cpus={self.cpus[0]}",
+        self._start("head", ["ray", "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root / 'head'}",
+                             "--head", f"--port={self.gcs_port}", f"--num-cpus={self.cpus[0]}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"])
+                             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+                             f"--dashboard-agent-listen-port={free_port()}"])
         self._wait_for(lambda: "Ray runtime started" in self.log("head"), timeout, "the head node")
         for i, cpus in enumerate(self.cpus[1:], start=1):
-            self._start(f"worker{i}", [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={cpus}"])
+            self._start(f"worker{i}", [sys.executable, "-m", "cellsam_ray.testing", f"127.0.0.1:{self.gcs_port}",
+                                       str(cpus), str(self.root / f"worker{i}"), str(free_port())])
         for i in range(1, len(self.cpus)):
             self._wait_for(lambda: "Ray runtime started" in self.log(f"worker{i}"), timeout, f"worker node {i}")
         return self
+
+    def listening_addresses(self) -> set[str]:
+        """The local IPs on which any process of the cluster's nodes accepts TCP connections (from /proc)."""
+        sessions = {p.pid for p in self.processes}
+        inodes: set[str] = set()
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+                if session in sessions:
+                    inodes.update(link.readlink().name[8:-1] for link in (proc / "fd").iterdir()
+                                  if link.readlink().name.startswith("socket:["))
+            except (OSError, IndexError, ValueError):  # a process that ended while being read
+                continue
+        return {_proc_net_ip(fields[1].split(":")[0])
+                for table in ("/proc/net/tcp", "/proc/net/tcp6")
+                for fields in (line.split() for line in Path(table).read_text().splitlines()[1:])
+                if fields[3] == "0A" and fields[9] in inodes}  # 0A: LISTEN
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -253,3 +274,27 @@ def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, fl
     agree = float(np.mean(mapping[actual] == expected))
     iou = overlap / (overlap.sum(axis=1)[:, None] + overlap.sum(axis=0)[None, :] - overlap)
     return agree, float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0
+
+
+def _proc_net_ip(hex_address: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it: 32-bit words of the address, each in host (little-endian) order."""
+    raw = bytes.fromhex(hex_address)
+    address = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+    return str(getattr(address, "ipv4_mapped", None) or address)
+
+
+def join_cluster(gcs_address: str, num_cpus: int, temp_dir: str, agent_port: int) -> None:
+    """Run a worker node of the cluster at ``gcs_address`` on 127.0.0.1 until this process is stopped (see
+    :class:`RayNodes` for why not ``ray start --address``)."""
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    params = RayParams(gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=num_cpus, temp_dir=temp_dir,
+                       dashboard_agent_listen_port=agent_port)
+    Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    print("Ray runtime started.", flush=True)
+    signal.pause()
+
+
+if __name__ == "__main__":
+    join_cluster(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
