@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 
-from cellsam_ray.errors import UserError
+from cellsam_ray.io.storage import parse_storage_options
 from cellsam_ray.spec import SegmentSpec, validate_spec
 
 HELP = "Segment every cell of an OME-Zarr slide on Ray and write labels/<name> into it."
@@ -62,10 +62,7 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
         if name in ("nuclear", "whole_cell"):
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif name in ("storage_options", "storage_options_env"):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{_option(name)} is not valid JSON: {err}") from err
+            value = parse_storage_options(value, _option(name))
         values[info.alias or name] = value
     return validate_spec(values, lambda where: f"--{where.replace('_', '-')}")
 

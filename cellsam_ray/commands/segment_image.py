@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
-import json
 import sys
 from pathlib import Path, PurePosixPath
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.io.storage import parse_storage_options
 
 HELP = "Segment one .npy/.tif/.png image (H×W or H×W×C, C ≤ 3) with CellSAM and write int32 labels."
 
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    storage_options = _storage_options(args.storage_options)
+    storage_options = parse_storage_options(args.storage_options) or {}
     _check_output(args.output)
     image = read_image(args.input, storage_options)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -155,14 +155,3 @@ def _check_suffix(path: str, allowed: tuple[str, ...], role: str) -> str:
         raise UserError(f"{role} {path}: unknown extension {shown}; expected one of {', '.join(allowed)}")
     return suffix
 
-
-def _storage_options(text: str | None) -> dict:
-    if text is None:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"--storage-options is not valid JSON: {err}") from None
-    if not isinstance(options, dict):
-        raise UserError("--storage-options must be a JSON object")
-    return options

@@ -29,16 +29,16 @@ Mode = Literal["r", "r+", "a", "w", "w-"]
 _BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
-def parse_storage_options(text: str | None) -> dict[str, Any] | None:
-    """The ``--storage-options`` JSON object, or None when not given."""
+def parse_storage_options(text: str | None, flag: str = "--storage-options") -> dict[str, Any] | None:
+    """The JSON object given to ``flag`` (``--storage-options`` or the like), or None when not given."""
     if text is None or not text.strip():
         return None
     try:
         options = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"--storage-options is not valid JSON: {err}") from None
+        raise UserError(f"{flag} is not valid JSON: {err}") from None
     if not isinstance(options, dict):
-        raise UserError(f"--storage-options must be a JSON object, got {type(options).__name__}")
+        raise UserError(f"{flag} must be a JSON object, got {type(options).__name__}")
     return options
 
 
