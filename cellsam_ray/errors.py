@@ -5,6 +5,9 @@ a non-zero exit and no traceback. Raise it for bad input (a misspelled channel, 
 image, a checkpoint with the wrong keys), always before any model time is spent.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line."""
@@ -16,3 +19,18 @@ class RunFailed(Exception):
     Unlike a ``UserError`` it happens after model time was spent; what did finish is kept, so rerunning
     the same spec retries only what failed.
     """
+
+
+@contextmanager
+def storage_errors(*, refused: str, unreachable: str) -> Iterator[None]:
+    """Turn any failure to reach storage inside the block into a one-line UserError: refused credentials
+    as ``"<refused> (<reason>): check the credentials"``, anything else as ``"<unreachable>: <kind>: <reason>"``.
+    A UserError raised inside passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except PermissionError as err:
+        raise UserError(f"{refused} ({err}): check the credentials") from None
+    except Exception as err:  # noqa: BLE001 - any failure to reach the storage is the user's to fix
+        raise UserError(f"{unreachable}: {type(err).__name__}: {err}") from None

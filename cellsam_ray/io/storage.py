@@ -21,7 +21,7 @@ import zarr.errors
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
-from cellsam_ray.errors import UserError
+from cellsam_ray.errors import UserError, storage_errors
 
 Mode = Literal["r", "r+", "a", "w", "w-"]
 
@@ -119,7 +119,7 @@ def check_location(url: str, storage_options: dict[str, Any] | None = None, *, m
     except (ImportError, ValueError, TypeError) as err:
         raise UserError(f"cannot open {url}: {err}") from None
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    try:
+    with storage_errors(refused=f"access to {url} was refused", unreachable=f"cannot reach {url}"):
         if protocols & _BUCKET_PROTOCOLS:
             bucket = path.split("/", 1)[0]
             try:
@@ -130,9 +130,3 @@ def check_location(url: str, storage_options: dict[str, Any] | None = None, *, m
                 ) from None
         if must_exist and not fs.exists(path):
             raise UserError(f"{url} does not exist")
-    except UserError:
-        raise
-    except PermissionError as err:
-        raise UserError(f"access to {url} was refused ({err}): check the credentials") from None
-    except Exception as err:  # noqa: BLE001 - any failure to reach the storage is the user's to fix
-        raise UserError(f"cannot reach {url}: {type(err).__name__}: {err}") from None

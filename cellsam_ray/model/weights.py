@@ -22,7 +22,7 @@ import fsspec
 import torch
 from torch import Tensor
 
-from cellsam_ray.errors import UserError
+from cellsam_ray.errors import UserError, storage_errors
 from cellsam_ray.model.config import CellSAMConfig, load_config
 from cellsam_ray.model.network import CellSAM, build_cellsam
 
@@ -94,7 +94,8 @@ def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha2
     Returns the file's SHA-256: always for a local file (a local read is cheap), for a remote one only
     when ``sha256`` is given (verifying it means reading the whole file once, on the driver).
     """
-    try:
+    readable = f"checkpoint {uri} cannot be read"
+    with storage_errors(refused=readable, unreachable=readable):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         if not fs.isfile(path):
             raise UserError(f"checkpoint {uri} not found")
@@ -107,12 +108,6 @@ def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha2
                 return None
             f.seek(0)
             digest = _sha256_of(f)
-    except UserError:
-        raise
-    except PermissionError as err:
-        raise UserError(f"checkpoint {uri} cannot be read ({err}): check the credentials") from None
-    except Exception as err:  # noqa: BLE001 - any failure to reach the storage is the user's to fix
-        raise UserError(f"checkpoint {uri} cannot be read: {type(err).__name__}: {err}") from None
     if sha256:
         _verify(digest, sha256, uri)
     return digest
