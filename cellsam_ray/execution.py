@@ -32,11 +32,11 @@ import ray
 
 from cellsam_ray.errors import RunFailed
 from cellsam_ray.merge.objects import CellSet
+from cellsam_ray.merge.rasterise import rasterise_core
+from cellsam_ray.merge.reconcile import global_offsets
 from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.stages import reconcile_tile, segment_tiles, with_ids
-from cellsam_ray.merge.rasterise import rasterise_core
-from cellsam_ray.merge.reconcile import global_offsets
 from cellsam_ray.qc.views import write_qc_images
 from cellsam_ray.report import TileFailure
 from cellsam_ray.table import stage as table_stage
@@ -215,16 +215,19 @@ def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
     """How many model actors, and what each asks for: a GPU share where GPUs exist, else CPUs.
 
     Without GPUs the actors share the cluster's CPUs less a quarter of one, which stays free for small
-    I/O work (fractional CPUs are fine for Ray's scheduler).
+    I/O work (fractional CPUs are fine for Ray's scheduler), and no actor asks for more than the largest
+    node has less that quarter: an actor is one process, and a request no node can meet waits forever.
     """
     spec = plan.spec
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus and spec.device != "cpu":
         workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
         return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": 1}
+    reserve = PERSIST_CPUS * 2.5
     cpus = ray.cluster_resources().get("CPU", 1)
+    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=cpus)
     workers = spec.workers or 1
-    return workers, {"num_cpus": round((cpus - PERSIST_CPUS * 2.5) / workers, 2)}
+    return workers, {"num_cpus": round(min((cpus - reserve) / workers, largest_node - reserve), 2)}
 
 
 def _start_cell_table(plan: SlidePlan, homes: list[tuple[int, int]], written: dict) -> tuple:

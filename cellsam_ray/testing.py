@@ -135,7 +135,7 @@ class RayNodes:
         self.env = {**os.environ, **safe_ray_environment(), **(env or {})}
         self.root = Path(tempfile.mkdtemp(prefix="crn", dir="/tmp"))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[str, subprocess.Popen] = {}  # node name -> its process
 
     @property
     def dashboard_url(self) -> str:
@@ -143,8 +143,8 @@ class RayNodes:
 
     def _start(self, name: str, command: list[str]) -> None:
         log = open(self.root / f"{name}.log", "w")
-        self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+        self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
 
     def start(self, timeout: float = 120) -> "RayNodes":
         self._start("head", ["ray", "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root / 'head'}",
@@ -152,17 +152,27 @@ class RayNodes:
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
                              f"--dashboard-agent-listen-port={free_port()}"])
-        self._wait_for(lambda: "Ray runtime started" in self.log("head"), timeout, "the head node")
-        for i, cpus in enumerate(self.cpus[1:], start=1):
-            self._start(f"worker{i}", [sys.executable, "-m", "cellsam_ray.testing", f"127.0.0.1:{self.gcs_port}",
-                                       str(cpus), str(self.root / f"worker{i}"), str(free_port())])
-        for i in range(1, len(self.cpus)):
-            self._wait_for(lambda: "Ray runtime started" in self.log(f"worker{i}"), timeout, f"worker node {i}")
+        self._wait_for("head", timeout)
+        for cpus in self.cpus[1:]:
+            self.add_worker(cpus, timeout)
         return self
+
+    def add_worker(self, cpus: int, timeout: float = 120) -> str:
+        """Start one more worker node with ``cpus`` CPUs; returns its name (``worker<i>``)."""
+        name = f"worker{len(self.processes)}"
+        self._start(name, [sys.executable, "-m", "cellsam_ray.testing", f"127.0.0.1:{self.gcs_port}", str(cpus),
+                           str(self.root / name), str(free_port())])
+        self._wait_for(name, timeout)
+        return name
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of one node at once, as when its machine is lost."""
+        os.killpg(self.processes[name].pid, signal.SIGKILL)
+        self.processes[name].wait()
 
     def listening_addresses(self) -> set[str]:
         """The local IPs on which any process of the cluster's nodes accepts TCP connections (from /proc)."""
-        sessions = {p.pid for p in self.processes}
+        sessions = {p.pid for p in self.processes.values()}
         inodes: set[str] = set()
         for proc in Path("/proc").glob("[0-9]*"):
             try:
@@ -177,12 +187,13 @@ class RayNodes:
                 for fields in (line.split() for line in Path(table).read_text().splitlines()[1:])
                 if fields[3] == "0A" and fields[9] in inodes}  # 0A: LISTEN
 
-    def _wait_for(self, ready, timeout: float, what: str) -> None:
+    def _wait_for(self, name: str, timeout: float) -> None:
+        """Until the node's log says it runs; its exit or the timeout raise with every node's log."""
         deadline = time.monotonic() + timeout
-        while not ready():
-            if any(p.poll() is not None for p in self.processes) or time.monotonic() > deadline:
+        while "Ray runtime started" not in self.log(name):
+            if self.processes[name].poll() is not None or time.monotonic() > deadline:
                 logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.root.glob("*.log"))
-                raise RuntimeError(f"{what} did not start:\n{logs}")
+                raise RuntimeError(f"Ray node {name} did not start:\n{logs}")
             time.sleep(0.5)
 
     def log(self, name: str) -> str:
@@ -190,10 +201,11 @@ class RayNodes:
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
-        for p in reversed(self.processes):
+        nodes = list(reversed(self.processes.values()))
+        for p in nodes:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in reversed(self.processes):
+        for p in nodes:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -1,6 +1,6 @@
-"""Fault tolerance and resume, with real faults: a model actor's process dies, a driver is SIGKILLed, a
-tile fails on every attempt, CUDA runs out of memory. Each run's label image must be byte-identical to a
-clean run's, and tiles finished before a fault must not be segmented again.
+"""Fault tolerance and resume, with real faults: a model actor's process dies, a worker node is lost, a
+driver is SIGKILLed, a tile fails on every attempt, CUDA runs out of memory. Each run's label image must be
+byte-identical to a clean run's, and tiles finished before a fault must not be segmented again.
 
 The segmenter is ``cellsam_ray.faults:FaultySegmenter`` (the ground-truth oracle plus injected faults and
 a file per window segmented, configured through ``CELLSAM_RAY_FAULT_*``).
@@ -23,7 +23,7 @@ from cellsam_ray.cli import main
 from cellsam_ray.faults import window_calls
 from cellsam_ray.pipeline.api import segment
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import array_checksums
+from cellsam_ray.testing import RayNodes, array_checksums
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +184,53 @@ def test_a_segmenter_that_cannot_be_built_fails_the_run_at_once(slide, monkeypat
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error == "cellsam-ray: failed: the model actors cannot start: KeyError: 'CELLSAM_RAY_ORACLE_LABELS'"
+
+
+@pytest.fixture(scope="module")
+def two_machines():
+    """A cluster whose model actors can only run on its two 1-CPU worker nodes (the head has no CPUs)."""
+    with RayNodes(cpus=(0, 1, 1), env={"RAY_AUTH_MODE": "token"}) as nodes:
+        yield nodes
+
+
+def submit(spec: Path, cluster: RayNodes, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cellsam_ray.cli", "submit", str(spec), "--address",
+                             cluster.dashboard_url, "--wait"], env={**os.environ, "RAY_AUTH_MODE": "token", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_model_actor_asks_for_no_more_cpus_than_one_node_has(slide, faults, two_machines):
+    """Two CPUs in the cluster, one per node: one actor asking for all of them would wait forever."""
+    spec = faults / "spec.yaml"
+    spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="one-actor", workers=1)))
+    job = submit(spec, two_machines)
+    output = job.communicate(timeout=240)[0]
+    assert job.returncode == 0, output
+    assert_same_labels(slide, "one-actor")
+
+
+def test_a_lost_worker_node_costs_only_its_tiles(slide, faults, two_machines):
+    spec = faults / "spec.yaml"
+    spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="lost", workers=2, batch_size=2)))
+    before = array_checksums(slide)
+    job = submit(spec, two_machines, CELLSAM_RAY_FAULT_DELAY="0.5")
+    deadline = time.monotonic() + 180
+    while len(done_tiles(slide, "lost")) < 4 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finished = done_tiles(slide, "lost")
+    assert job.poll() is None, job.communicate()[0]  # still running when the machine goes
+
+    two_machines.kill("worker1")  # one model actor's machine is gone, with the tiles it was holding
+    two_machines.add_worker(1)  # and a replacement joins, as an autoscaler would start one
+
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output
+    assert 4 <= len(finished) < 16, output
+    report = json.loads(Path(slide, "labels", "lost", "report.json").read_text())
+    assert report["status"] == "succeeded" and report["summary"]["tiles_segmented"] == 16
+    assert len(report["nodes"]) == 2  # the surviving worker node and the replacement
+    calls = Counter(window_calls(faults / "run1"))
+    assert set(calls) == {t.origin for t in GRID.tiles()}
+    assert all(calls[t.origin] == 1 for t in GRID.tiles() if t.key in finished)  # finished tiles not redone
+    assert_same_labels(slide, "lost")
+    assert array_checksums(slide) == before
