@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "submit": "submit",
     "status": "status",
     "logs": "logs",
+    "stop": "stop",
 }
 
 

@@ -1,6 +1,6 @@
-"""Talking to a Ray cluster's Job Submission API (the dashboard, port 8265): submit, status, logs.
+"""Talking to a Ray cluster's Job Submission API (the dashboard, port 8265): submit, status, logs, stop.
 
-Shared by ``cellsam-ray submit``, ``status`` and ``logs``, so the errors a user can act on (no dashboard at
+Shared by ``cellsam-ray submit``, ``status``, ``logs`` and ``stop``, so the errors a user can act on (no dashboard at
 that address, a token the cluster wants, a job id that does not exist) become one-line ``UserError``s in
 one place. Token authentication is Ray's own: with ``RAY_AUTH_MODE=token`` set, the client sends the token
 from ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``.
@@ -56,6 +56,15 @@ class JobApi:
     def logs(self, job_id: str) -> str:
         with self._user_errors():
             return self.client.get_job_logs(job_id)
+
+    def stop(self, job_id: str, timeout: float = 60):
+        """Ask the job to stop and wait (up to ``timeout`` s) until it has; returns its info then."""
+        with self._user_errors():
+            self.client.stop_job(job_id)
+        deadline = time.monotonic() + timeout
+        while not (info := self.info(job_id)).status.is_terminal() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return info
 
     def stream_logs(self, job_id: str) -> None:
         """Copy the job's log to stdout as it is written, until the job ends."""

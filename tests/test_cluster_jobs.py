@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing import RayNodes, array_checksums
 
 ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+SLOW_ORACLE = "cellsam_ray.faults:FaultySegmenter"
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,32 @@ def test_client_errors_are_one_line(cluster):
 
     nowhere = cellsam_ray("status", "raysubmit_nosuchjob", "--address", "http://127.0.0.1:9")
     assert nowhere.returncode == 2 and "cannot reach a Ray dashboard at http://127.0.0.1:9" in nowhere.stderr
+
+
+def test_a_stopped_job_resumes_when_its_spec_is_submitted_again(cluster, tmp_path):
+    slide = tmp_path / "slide.ome.zarr"
+    write_synthetic_slide(str(slide), size=(512, 512), channels=2, ngff="0.5", seed=6, chunk=128)
+    # The oracle, slowed down (cellsam_ray.faults), so that the job is still running when it is stopped.
+    write_spec(tmp_path / "spec.yaml", input=str(slide), nuclear=["DAPI"], segmenter=SLOW_ORACLE, tile=128,
+               halo=32, band=8, chunk=64, workers=2, batch_size=2, tissue_mask=False, cell_table=False,
+               qc_images=False)
+    env = dict(CELLSAM_RAY_ORACLE_LABELS=str(slide), CELLSAM_RAY_FAULT_DIR=str(tmp_path / "calls"))
+    submitted = cellsam_ray("submit", str(tmp_path / "spec.yaml"), "--address", cluster.dashboard_url,
+                            CELLSAM_RAY_FAULT_DELAY="0.5", **env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.splitlines()[0]
+    work = slide / "labels" / "cells" / "work" / "candidates"
+    deadline = time.monotonic() + 180
+    while len(list(work.glob("*.done"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    stopped = cellsam_ray("stop", job_id, "--address", cluster.dashboard_url)
+
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"{job_id} STOPPED", stopped.stdout + stopped.stderr
+    kept = len(list(work.glob("*.done")))
+    assert 2 <= kept < 16
+    again = cellsam_ray("submit", str(tmp_path / "spec.yaml"), "--address", cluster.dashboard_url, "--wait", **env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    report = json.loads((slide / "labels" / "cells" / "report.json").read_text())
+    assert report["status"] == "succeeded" and report["summary"]["tiles_resumed"] >= kept
+    assert report["summary"]["tiles_resumed"] + report["summary"]["tiles_segmented"] == 16
