@@ -10,7 +10,9 @@
   small writer actor streams their rows, in id order, to one Parquet file. The QC pictures are one task
   after stage E (they need the label pyramid).
 - Actors restart and tasks retry (set explicitly: Ray's defaults for actors are 0); every write is to a
-  key derived from the tile or chunk alone, so a retry rewrites the same bytes.
+  key derived from the tile or chunk alone, so a retry rewrites the same bytes. A batch held too long (an
+  actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
+  actor once the queue is empty; the first copy to finish counts.
 - A batch that still fails is retried tile by tile; a tile that fails on every attempt is recorded
   (``RunStats.failed``) and the later stages do not run, so no tile is ever left silently empty. CUDA out
   of memory halves an actor's batch, down to one tile.
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 
@@ -46,6 +49,8 @@ from cellsam_ray.table.write import ParquetStream
 
 CANDIDATES = "candidates"
 ACTOR_RESTARTS = 3
+BACKUP_AFTER_S = float(os.environ.get("CELLSAM_RAY_BACKUP_AFTER_S", "120"))
+"""Seconds (at least) a batch is in flight before an idle actor runs it too (see ``_segment_stage``)."""
 TASK_RETRIES = 3
 PERSIST_CPUS = 0.1  # small I/O work (the cell table's writer) must not wait for a CPU the model actors hold
 
@@ -130,9 +135,11 @@ class SegmentWorker:
                 _release_cuda_cache()
         return results
 
+    @ray.method(concurrency_group="control")  # answers while both batch threads are busy
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    @ray.method(concurrency_group="control")
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -244,6 +251,107 @@ def _start_cell_table(plan: SlidePlan, homes: list[tuple[int, int]], written: di
     return writer, appends, writer.close.remote()
 
 
+@dataclass
+class _Sent:
+    """A batch given to the actor in ``slot``, and when."""
+
+    slot: int
+    actor: Any
+    batch: list
+    at: float
+
+
+def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progress,
+                   on_progress: Callable[[Progress], None] | None) -> None:
+    """Stage A: every tile of ``todo`` through the model actors, two batches in flight per actor.
+
+    Once the queue is empty, an actor with room also runs a batch that another actor has held for
+    ``BACKUP_AFTER_S`` (and 3× the median batch time): an actor whose node was lost waits for room to
+    restart, forever on a cluster without any, and a straggler holds the whole run back. Whichever copy
+    finishes first counts; the other's results are the same bytes under the same keys.
+    """
+    n_workers, resources = _actor_resources(plan)
+    actor_cls = ray.remote(concurrency_groups={"control": 1})(SegmentWorker).options(
+        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
+        scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
+    )
+    actors = [actor_cls.remote(plan) for _ in range(min(n_workers, len(todo)))]
+    batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))
+    outstanding = {t.key for t in todo}
+    in_flight: dict[ray.ObjectRef, _Sent] = {}
+    backed_up: set[ray.ObjectRef] = set()
+    batch_seconds: list[float] = []
+
+    def late_batch(slot: int) -> list | None:
+        """The batch held longest by another actor, if it is late and has no backup yet."""
+        limit = max(BACKUP_AFTER_S, 3 * statistics.median(batch_seconds)) if batch_seconds else BACKUP_AFTER_S
+        now = time.monotonic()
+        late = [(sent.at, ref) for ref, sent in in_flight.items()
+                if sent.slot != slot and ref not in backed_up and now - sent.at > limit
+                and any(t.key in outstanding for t in sent.batch)]
+        if not late:
+            return None
+        ref = min(late, key=lambda pair: pair[0])[1]
+        backed_up.add(ref)
+        return in_flight[ref].batch
+
+    def fill() -> None:
+        for slot, actor in enumerate(actors):
+            while sum(sent.slot == slot for sent in in_flight.values()) < 2:  # the next is read while one computes
+                batch = batches.popleft() if batches else late_batch(slot)
+                if batch is None:
+                    break
+                in_flight[actor.run.remote(batch)] = _Sent(slot, actor, batch, time.monotonic())
+
+    fill()
+    while outstanding:
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5)
+        if ready:
+            sent = in_flight.pop(ready[0])
+            try:
+                results = ray.get(ready[0])
+                batch_seconds.append(time.monotonic() - sent.at)
+            except ray.exceptions.RayError as err:  # retries are used up
+                results = []
+                if isinstance(err, ray.exceptions.RayActorError):
+                    if err.actor_init_failed:
+                        raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
+                    if actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
+                        ray.kill(sent.actor)
+                        actors[sent.slot] = actor_cls.remote(plan)
+                pending = [t for t in sent.batch if t.key in outstanding]
+                if len(pending) > 1:  # retry tile by tile, to find the tile at fault
+                    batches.extendleft([t] for t in reversed(pending))
+                elif pending and not any(pending[0] in other.batch for other in in_flight.values()):
+                    stats.failed.append(TileFailure.of(pending[0], _one_line(err)))
+                    outstanding.discard(pending[0].key)
+            for key, n, seconds in results:
+                if key not in outstanding:  # its backup's twin (or the original) came first
+                    continue
+                outstanding.discard(key)
+                stats.candidates += n
+                stats.model_seconds += seconds
+                stats.tiles_segmented += 1
+                progress.tiles_done += 1
+                progress.cells += n
+            if on_progress:
+                on_progress(progress)
+        fill()
+    _actor_facts(actors, stats)
+    for actor in actors:
+        ray.kill(actor)
+
+
+def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
+    """Peak memory and node of every actor that answers in time (one still waiting to restart does not)."""
+    asked = [(actor.peak_rss_mb.remote(), actor.node_id.remote()) for actor in actors]
+    refs = [ref for pair in asked for ref in pair]
+    ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0])
+    answered = [(rss, node) for rss, node in asked if rss in ready and node in ready]
+    stats.actor_peak_rss_mb = [round(ray.get(rss), 1) for rss, _ in answered]
+    stats.nodes = sorted({ray.get(node) for _, node in answered})
+
+
 def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None) -> RunStats:
     stats = RunStats()
     finished = plan.work.done(CANDIDATES)
@@ -254,54 +362,7 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
 
     t0 = time.perf_counter()
     if todo:
-        n_workers, resources = _actor_resources(plan)
-        n_workers = min(n_workers, len(todo))
-        actor_cls = ray.remote(SegmentWorker).options(
-            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
-            scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
-        )
-        actors = [actor_cls.remote(plan) for _ in range(n_workers)]
-        batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))
-        in_flight: dict = {}  # ref -> (actor slot, actor, batch)
-
-        def submit(slot: int) -> None:
-            if batches:
-                batch = batches.popleft()
-                in_flight[actors[slot].run.remote(batch)] = (slot, actors[slot], batch)
-
-        for slot in range(len(actors)):
-            for _ in range(2):  # two batches in flight: the next is read while one computes
-                submit(slot)
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, actor, batch = in_flight.pop(ready[0])
-            try:
-                results = ray.get(ready[0])
-            except ray.exceptions.RayError as err:  # retries are used up
-                results = []
-                if isinstance(err, ray.exceptions.RayActorError):
-                    if err.actor_init_failed:
-                        raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
-                    if actors[slot] is actor:  # its restarts are used up: a fresh actor takes the slot
-                        ray.kill(actor)
-                        actors[slot] = actor_cls.remote(plan)
-                if len(batch) > 1:  # retry tile by tile, to find the tile at fault
-                    batches.extendleft([t] for t in reversed(batch))
-                else:
-                    stats.failed.append(TileFailure.of(batch[0], _one_line(err)))
-            submit(slot)
-            for _key, n, seconds in results:
-                stats.candidates += n
-                stats.model_seconds += seconds
-                stats.tiles_segmented += 1
-                progress.tiles_done += 1
-                progress.cells += n
-            if on_progress:
-                on_progress(progress)
-        stats.actor_peak_rss_mb = [round(m, 1) for m in ray.get([a.peak_rss_mb.remote() for a in actors])]
-        stats.nodes = sorted(set(ray.get([a.node_id.remote() for a in actors])))
-        for actor in actors:
-            ray.kill(actor)
+        _segment_stage(plan, todo, stats, progress, on_progress)
     stats.stage_seconds["segment"] = time.perf_counter() - t0
     if stats.failed:  # the finished tiles are persisted; a rerun of the same spec retries the rest
         return stats

@@ -165,6 +165,9 @@ class RayNodes:
         self._wait_for(name, timeout)
         return name
 
+    def running_workers(self) -> list[str]:
+        return [name for name, p in self.processes.items() if name != "head" and p.poll() is None]
+
     def kill(self, name: str) -> None:
         """SIGKILL every process of one node at once, as when its machine is lost."""
         os.killpg(self.processes[name].pid, signal.SIGKILL)

@@ -234,3 +234,26 @@ def test_a_lost_worker_node_costs_only_its_tiles(slide, faults, two_machines):
     assert all(calls[t.origin] == 1 for t in GRID.tiles() if t.key in finished)  # finished tiles not redone
     assert_same_labels(slide, "lost")
     assert array_checksums(slide) == before
+
+
+def test_a_lost_worker_node_without_replacement_costs_time_not_the_run(slide, faults, two_machines):
+    """No room to restart the lost node's actor: once the queue is empty, the surviving actor also runs
+    the batches the lost one held (after CELLSAM_RAY_BACKUP_AFTER_S), instead of the job waiting forever."""
+    spec = faults / "spec.yaml"
+    spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="lost-for-good", workers=2, batch_size=2)))
+    job = submit(spec, two_machines, CELLSAM_RAY_FAULT_DELAY="0.5", CELLSAM_RAY_BACKUP_AFTER_S="5")
+    deadline = time.monotonic() + 180
+    while len(done_tiles(slide, "lost-for-good")) < 4 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.poll() is None, job.communicate()[0]
+
+    survivor, lost = two_machines.running_workers()
+    two_machines.kill(lost)
+
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output
+    report = json.loads(Path(slide, "labels", "lost-for-good", "report.json").read_text())
+    assert report["status"] == "succeeded" and report["summary"]["tiles_segmented"] == 16
+    assert len(report["nodes"]) == 1  # the lost node's actor never came back
+    assert set(window_calls(faults / "run1")) == {t.origin for t in GRID.tiles()}
+    assert_same_labels(slide, "lost-for-good")
