@@ -2,14 +2,19 @@
 
 Each result is written as a data object first and a tiny ``.done`` marker last, both under keys derived
 from the tile alone, so a retried or resumed task overwrites with the same bytes and a half-written
-result is never mistaken for a finished one.
+result is never mistaken for a finished one. Two copies of one tile may be written at once (a batch and
+its backup) and one writer may be killed mid-write, so a result replaces its object whole: object stores
+do that by themselves, a file system by writing a temporary file and renaming it.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
+import uuid
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 
 class WorkStore:
@@ -47,7 +52,12 @@ class WorkStore:
     def put(self, stage: str, key: str, data: bytes) -> None:
         path = self._path(stage, key)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        self.fs.pipe_file(path + ".npz", data)
+        if isinstance(self.fs, LocalFileSystem):
+            partial = f"{path}.{uuid.uuid4().hex}.partial"
+            self.fs.pipe_file(partial, data)
+            os.replace(partial, path + ".npz")  # atomic: a reader sees the old bytes or the new, never half
+        else:
+            self.fs.pipe_file(path + ".npz", data)
         self.fs.pipe_file(path + ".done", b"")
 
     def get(self, stage: str, key: str) -> bytes:
