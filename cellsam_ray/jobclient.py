@@ -8,6 +8,7 @@ from ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
@@ -17,6 +18,12 @@ from typing import Iterator
 from cellsam_ray.errors import UserError
 
 ADDRESS_HELP = "The Ray dashboard's URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)."
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """JOB and --address, for the commands about one submitted job (status, logs, stop)."""
+    parser.add_argument("job_id", metavar="JOB", help="The id `cellsam-ray submit` printed.")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
 
 
 class JobApi:

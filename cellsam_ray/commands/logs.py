@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellsam_ray.jobclient import ADDRESS_HELP
+from cellsam_ray.jobclient import add_job_arguments
 
 HELP = "Print a submitted job's log; --follow streams it until the job ends."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job_id", metavar="JOB", help="The id `cellsam-ray submit` printed.")
-    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_arguments(parser)
     parser.add_argument("--follow", action="store_true", help="Keep streaming until the job ends.")
 
 

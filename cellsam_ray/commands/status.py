@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from cellsam_ray.jobclient import ADDRESS_HELP
+from cellsam_ray.jobclient import add_job_arguments
 
 HELP = "Show a submitted job's status (and why it failed, if it did)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job_id", metavar="JOB", help="The id `cellsam-ray submit` printed.")
-    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellsam_ray.jobclient import ADDRESS_HELP
+from cellsam_ray.jobclient import add_job_arguments
 
 HELP = "Stop a submitted job (finished tiles are kept: submitting the same spec again resumes it)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job_id", metavar="JOB", help="The id `cellsam-ray submit` printed.")
-    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
