@@ -109,7 +109,8 @@ def check_axes(image: NgffImage, spec: SegmentSpec) -> dict:
     plane = {}
     for axis, chosen in (("t", spec.t), ("z", spec.z)):
         if axis not in axes and chosen:  # a plane other than the only one of an absent axis
-            raise UserError(f"--{axis} {chosen} does not exist: the image has no {axis} axis (its axes are {''.join(axes)})")
+            raise UserError(f"--{axis} {chosen} does not exist: the image has no {axis} axis "
+                            f"(its axes are {''.join(axes)})")
     if "t" in axes:
         size = shape[axes.index("t")]
         if spec.t >= size:

@@ -137,7 +137,7 @@ def init_local_attention(net: CellSAM, gain: float = 8.0) -> None:
     """
     transformer = net.cellfinder.decode_head.transformer
     fresh = type(transformer)(net.config).state_dict()
-    fresh["position.weight"] = transformer.position.weight.clone()  # the anchors are set by ``anchors``
+    fresh["position.weight"] = anchor_points(net).clone()  # the anchors are set by ``anchors``
     transformer.load_state_dict(fresh)
     d, heads = transformer.d_model, net.config.cellfinder_nheads
     head_dim = d // heads
@@ -273,8 +273,7 @@ class Objective(nn.Module):
         num_cells = _global_count(sum(len(t) for t in targets), device)
         w = self.weights
         total = torch.zeros((), device=device)
-        transformer = finder.decode_head.transformer
-        anchors = transformer.position.weight.detach().repeat(transformer.num_pattern, 1)
+        anchors = anchor_points(self.net).detach().repeat(finder.decode_head.transformer.num_pattern, 1)
         for logits, boxes in layers:
             matches = [hungarian_match(logits[i].detach(), boxes[i].detach(), targets[i], self.costs, anchors)
                        for i in range(len(targets))]
