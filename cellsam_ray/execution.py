@@ -343,13 +343,26 @@ def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progr
 
 
 def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
-    """Peak memory and node of every actor that answers in time (one still waiting to restart does not)."""
+    """Peak memory and node of every actor that answers in time: best effort, never the run's failure.
+
+    An actor whose node was lost may be dead, restarting or unreachable by now. ``ray.wait`` counts a ref
+    whose task *failed* as ready, so each answer is fetched on its own, and an actor whose answer failed
+    or did not come is left out of the report's lists.
+    """
     asked = [(actor.peak_rss_mb.remote(), actor.node_id.remote()) for actor in actors]
     refs = [ref for pair in asked for ref in pair]
     ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0])
-    answered = [(rss, node) for rss, node in asked if rss in ready and node in ready]
-    stats.actor_peak_rss_mb = [round(ray.get(rss), 1) for rss, _ in answered]
-    stats.nodes = sorted({ray.get(node) for _, node in answered})
+    nodes = set()
+    for rss, node in asked:
+        if rss not in ready or node not in ready:
+            continue
+        try:
+            peak_rss_mb, node_id = ray.get([rss, node])
+        except ray.exceptions.RayError:
+            continue
+        stats.actor_peak_rss_mb.append(round(peak_rss_mb, 1))
+        nodes.add(node_id)
+    stats.nodes = sorted(nodes)
 
 
 def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None) -> RunStats:
