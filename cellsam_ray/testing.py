@@ -47,6 +47,17 @@ def safe_aws_environment(endpoint_url: str = NOWHERE) -> dict[str, str]:
     }
 
 
+def spec_storage(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Spec fields that reach the storage ``storage_options`` reach, as a user must write them: the plain
+    options inline, the credentials named as environment variables (``safe_aws_environment`` sets them,
+    and every process of the run reads them from its own environment)."""
+    if not storage_options:
+        return {}
+    plain = {k: v for k, v in storage_options.items() if k not in TEST_CREDENTIALS}
+    return {"storage_options": plain or None,
+            "storage_options_env": {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}}
+
+
 def safe_ray_environment() -> dict[str, str]:
     """Environment for a local Ray node that listens on loopback only and phones nowhere (stack.md 5.3)."""
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -11,6 +11,7 @@ the tissue mask's verdict per tile, both computed once from a coarse level.
 from __future__ import annotations
 
 import posixpath
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +51,9 @@ class SlidePlan:
     label_shapes: tuple[tuple[int, int], ...]  # every label level, finest first
     label_scales: tuple[tuple[float, float], ...]  # (y, x) pixel size of every label level
     extra: dict = field(default_factory=dict)
-    weights_sha256: str | None = None  # of the checkpoint, when known (see ``check_model``)
+    weights_sha256: str | None = None  # of the checkpoint (see ``check_model``); None for another segmenter
+    input_fingerprint: dict = field(default_factory=dict)  # the image's geometry, to tell a changed input
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this run (a resume is a new run)
 
     @property
     def band(self) -> int:
@@ -156,7 +159,7 @@ def read_channels(array, axes, plane, channels, ys: slice, xs: slice) -> np.ndar
 
 def check_model(spec: SegmentSpec) -> str | None:
     """Fail now, not in every actor: the segmenter can be imported, or the checkpoint exists, is a PyTorch
-    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 when known."""
+    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 (None for another segmenter)."""
     if spec.segmenter:
         segmenter_factory(spec.segmenter)
         return None
@@ -164,11 +167,11 @@ def check_model(spec: SegmentSpec) -> str | None:
         raise UserError("no model: give --weights CHECKPOINT or --segmenter module:attr")
     from cellsam_ray.model.weights import check_checkpoint_file  # imports torch: only when a model runs
 
-    return check_checkpoint_file(spec.weights, storage_options=spec.storage_options, sha256=spec.weights_sha256)
+    return check_checkpoint_file(spec.weights, storage_options=spec.storage.options(), sha256=spec.weights_sha256)
 
 
 def make_plan(spec: SegmentSpec) -> SlidePlan:
-    image = open_image(spec.input, spec.storage_options)
+    image = open_image(spec.input, spec.storage.options())
     axes = tuple(image.axes)
     plane = check_axes(image, spec)
     n_channels = image.levels[0].shape[axes.index("c")] if "c" in axes else 1
@@ -181,6 +184,8 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
     height, width = lvl.shape[axes.index("y")], lvl.shape[axes.index("x")]
     grid = plan_grid(height, width, tile=spec.tile, halo=spec.halo, chunk=spec.chunk, band=spec.band)
     weights_sha256 = check_model(spec)
+    if weights_sha256:  # every actor loads (and caches) exactly the file checked here, by its content
+        spec = spec.model_copy(update={"weights_sha256": weights_sha256})
 
     # The coarsest level still at least as fine as COARSE_PIXELS gives the statistics and tissue mask.
     coarse_index = level
@@ -217,11 +222,19 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
         grid=grid,
         tiles=tuple(tiles),
         skipped=len(grid) - len(tiles),
-        work=WorkStore(work_url, spec.storage_options),
+        work=WorkStore(work_url, spec.storage),
         label_shapes=tuple(label_shapes),
         label_scales=tuple(label_scales),
         weights_sha256=weights_sha256,
+        input_fingerprint=input_fingerprint(image),
     )
+
+
+def input_fingerprint(image: NgffImage) -> dict:
+    """What a resume compares of the input, cheaply (metadata only): axes, channel names and every
+    level's array path, shape, chunks and dtype."""
+    return dict(axes=list(image.axes), channels=list(image.channel_names),
+                levels=[[lv.path, list(lv.shape), list(lv.chunks), str(lv.dtype)] for lv in image.levels])
 
 
 def tiles_with_tissue(tiles: list[Tile], mask: np.ndarray, height: int, width: int) -> list[Tile]:
