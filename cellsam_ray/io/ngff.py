@@ -220,7 +220,8 @@ class NgffImage:
         ``complete=False`` an unlisted, unfinished one is opened too: the run that writes it reads it back.
         """
         has = name in self.group["labels"] if "labels" in self.group else False
-        if complete and name not in self.label_names:
+        listed = listed_labels(self.group, self.version)
+        if complete and name not in listed:
             if has:
                 raise UserError(f"labels/{name} in {_where(self.group)} is incomplete: the run writing it has not "
                                 f"finished (see labels/{name}/report.json)")
@@ -278,7 +279,10 @@ def read_image(group: zarr.Group) -> NgffImage:
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{_where(group)} has malformed multiscales metadata: {err}") from None
     channels = ome.get("omero", {}).get("channels", []) if isinstance(ome.get("omero"), dict) else []
-    label_names = listed_labels(group, version)
+    try:
+        label_names = listed_labels(group, version)
+    except UserError:  # the pixels can still be read; writing or finding labels refuses (see listed_labels)
+        label_names = ()
     return NgffImage(
         group=group,
         version=version,

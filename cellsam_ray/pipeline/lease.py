@@ -200,7 +200,13 @@ class Lease:
         self.lost = f"now held by {holder.describe()}" if holder else "the lease file is gone"
 
     def check(self) -> None:
-        """RunFailed if another run has taken the label over: this run must not write it any more."""
+        """Renew now; RunFailed if the lease is no longer ours (taken over, or its file removed): this run
+        must not write the label any more."""
+        if not self.lost:
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - a storage hiccup is not a lost lease; the heartbeat retries
+                pass
         if self.lost:
             raise RunFailed(f"this run lost its lease on the label ({self.lost}); it wrote nothing more")
 

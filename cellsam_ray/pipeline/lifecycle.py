@@ -32,7 +32,15 @@ import ray
 import cellsam_ray
 from cellsam_ray.errors import UserError
 from cellsam_ray.execution import RunStats
-from cellsam_ray.io.ngff import NgffImage, RUN_MARKER, create_labels, open_image, publish_label, remove_label_arrays
+from cellsam_ray.io.ngff import (
+    RUN_MARKER,
+    NgffImage,
+    create_labels,
+    listed_labels,
+    open_image,
+    publish_label,
+    remove_label_arrays,
+)
 from cellsam_ray.io.storage import is_local, join_url, local_path
 from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.lease import Lease
@@ -77,6 +85,7 @@ class LabelRun:
         """Check the work location, take the lease, then decide: new run, resume, or refuse."""
         check_work_location(self.plan)
         image = open_image(self.plan.spec.input, self.plan.spec.storage.options(), mode="r+")
+        listed_labels(image.group, image.version)  # a listing we could not extend is refused, untouched
         self.lease.take(take_over=self.plan.spec.take_over, label=self.where)
         try:
             self._claim(image)
