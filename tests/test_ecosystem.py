@@ -121,7 +121,7 @@ def test_sharded_v05_factor_three_uint8_on_s3(s3_prefix, storage_options, ray_cl
     assert [lv.shape[1:] for lv in image.levels] == [(301, 403), (100, 134), (33, 44)]
     before = array_checksums(url, storage_options)
     run_oracle(url, truth, monkeypatch, tmp_path, storage_options, nuclear=["DAPI"], whole_cell=["CD45"],
-               tile=128, halo=32, band=8)
+               cell_table=False, qc_images=False)  # both are covered elsewhere; S3 runs are slow
     check_labels(url, truth, storage_options)
     read_back_with_ome_zarr_py(url, "0.5", 3)  # through AWS_ENDPOINT_URL, as ome-zarr-py opens s3:// itself
     assert array_checksums(url, storage_options) == before
@@ -158,17 +158,17 @@ def test_bioformats2raw_layout_on_s3_by_its_root(s3_prefix, storage_options, ray
 
     truth = disc_cells((333, 415), seed=4)
     root = f"{s3_prefix}/slide.zarr"
-    series = write_bioformats2raw(root, fluorescence(truth, 3, np.int16, seed=4), chunk=64,
+    series = write_bioformats2raw(root, fluorescence(truth, 3, np.int16, seed=4), chunk=128,
                                   channel_names=["DAPI", "CD45", "PanCK"], storage_options=storage_options)
     image = open_image(root, storage_options)
     assert image.axes == ("t", "c", "z", "y", "x")
-    assert [lv.shape[-2:] for lv in image.levels] == [(333, 415), (166, 207), (83, 103), (41, 51)]
+    assert [lv.shape[-2:] for lv in image.levels] == [(333, 415), (166, 207), (83, 103)]
     assert image.array(0).metadata.dimension_separator == "/"
     fs = fsspec.filesystem("s3", **storage_options)
     xml = fs.cat_file(f"{root[5:]}/OME/METADATA.ome.xml")
     before = array_checksums(root, storage_options)
     report = run_oracle(root, truth, monkeypatch, tmp_path, storage_options, nuclear=["DAPI"],
-                        whole_cell=["CD45", "PanCK"], tile=128, halo=32, band=8)
+                        whole_cell=["CD45", "PanCK"], cell_table=False, qc_images=False)
     assert report["summary"]["labels"] == f"{series}/labels/cells"
     check_labels(series, truth, storage_options)
     assert open_image(root, storage_options).label_names == ("cells",)  # the root names series 0
