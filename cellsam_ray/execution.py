@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import ray
 
-from cellsam_ray.errors import RunFailed
+from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets
@@ -211,10 +211,16 @@ def _pyramid_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) ->
     labels_out.build_chunk(plan, level, chunk_index)
 
 
+# Names of variables never forwarded to the actors: a runtime_env is kept by Ray and shown by its dashboard.
+_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
 def _segmenter_environment() -> dict | None:
     """The driver's ``CELLSAM_RAY_*`` variables, for segmenters configured by environment (they are
-    built with no arguments); the actors may run in processes started before the driver set them."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("CELLSAM_RAY_")}
+    built with no arguments); the actors may run in processes started before the driver set them. A
+    variable whose name says it holds a secret stays on the driver: each node has its own."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("CELLSAM_RAY_") and not any(word in k for word in _SECRET_WORDS)}
     return {"env_vars": env} if env else None
 
 
@@ -228,6 +234,10 @@ def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
     spec = plan.spec
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus and spec.device != "cpu":
+        most = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]), default=gpus)
+        if spec.gpus_per_worker > most:
+            raise UserError(f"--gpus-per-worker {spec.gpus_per_worker:g} is more than any node of the cluster has "
+                            f"({most:g} GPUs): an actor is one process on one node, and would wait forever")
         workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
         return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": 1}
     reserve = PERSIST_CPUS * 2.5
@@ -243,7 +253,7 @@ def _start_cell_table(plan: SlidePlan, homes: list[tuple[int, int]], written: di
     layout = table_stage.table_layout(plan)
     h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
     writer = ray.remote(ParquetStream).options(num_cpus=PERSIST_CPUS).remote(
-        labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage_options, layout, h5ad)
+        labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad)
     appends = []
     for home in homes:
         pieces = [written[rc][2] for rc in plan.grid.neighbourhood(*home)]
@@ -343,17 +353,34 @@ def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progr
 
 
 def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
-    """Peak memory and node of every actor that answers in time (one still waiting to restart does not)."""
+    """Peak memory and node of every actor that answers in time: best effort, never the run's failure.
+
+    An actor whose node was lost may be dead, restarting or unreachable by now. ``ray.wait`` counts a ref
+    whose task *failed* as ready, so each answer is fetched on its own, and an actor whose answer failed
+    or did not come is left out of the report's lists.
+    """
     asked = [(actor.peak_rss_mb.remote(), actor.node_id.remote()) for actor in actors]
     refs = [ref for pair in asked for ref in pair]
     ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0])
-    answered = [(rss, node) for rss, node in asked if rss in ready and node in ready]
-    stats.actor_peak_rss_mb = [round(ray.get(rss), 1) for rss, _ in answered]
-    stats.nodes = sorted({ray.get(node) for _, node in answered})
+    nodes = set()
+    for rss, node in asked:
+        if rss not in ready or node not in ready:
+            continue
+        try:
+            peak_rss_mb, node_id = ray.get([rss, node])
+        except ray.exceptions.RayError:
+            continue
+        stats.actor_peak_rss_mb.append(round(peak_rss_mb, 1))
+        nodes.add(node_id)
+    stats.nodes = sorted(nodes)
 
 
-def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None) -> RunStats:
-    stats = RunStats()
+def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None, *,
+             before_write: Callable[[], None] | None = None, stats: RunStats | None = None) -> RunStats:
+    """Run every stage; ``before_write`` is called once every tile is segmented (and persisted) and
+    reconciled, before anything is written into the label image; ``stats`` (filled as the run goes, so a
+    caller sees how far a failed run came) is returned."""
+    stats = RunStats() if stats is None else stats
     finished = plan.work.done(CANDIDATES)
     todo = [t for t in plan.tiles if t.key not in finished]
     progress = Progress(tiles_total=len(plan.tiles), tiles_done=len(plan.tiles) - len(todo))
@@ -380,6 +407,8 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
         stats.cut_at_window += c["cut_at_window"]
     offsets = dict(zip(homes, global_offsets([counts[h]["cells"] for h in homes])))
     stats.stage_seconds["reconcile"] = time.perf_counter() - t0
+    if before_write is not None:
+        before_write()
 
     t0 = time.perf_counter()
     written = {}

@@ -1,8 +1,10 @@
 """The run report, ``labels/<name>/report.json``: what was run, on what, how it went.
 
 One pydantic model, so the report ``segment`` returns, the file it writes and the published schema
-(``schemas/report.schema.json``, generated from ``RunReport``) cannot drift apart. A failed run writes one
-too (``status: failed``), listing each tile that failed and why, beside the unfinished labels.
+(``schemas/report.schema.json``, generated from ``RunReport``) cannot drift apart. A run writes it when it
+starts (``status: running``) and on every way out: ``succeeded``, ``failed`` (with the error, and each
+tile that failed and why) or ``stopped``. A run killed outright leaves ``running``; its label image is
+not listed, so no reader takes it for finished.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class ModelInfo(_Strict):
 
 
 class RunReport(_Strict):
-    status: Literal["succeeded", "failed"]
+    status: Literal["running", "succeeded", "failed", "stopped"]
+    run_id: str = Field(description="This run's id (as in the label's lease and the work prefix's owner marker).")
+    error: str | None = Field(default=None, description="Why the run failed or stopped, one line.")
     input: str = Field(description="URL of the image segmented.")
     summary: Summary
     spec: dict = Field(description="The job spec, storage options left out.")

@@ -40,7 +40,7 @@ class CellSAMSegmenter:
     def from_spec(cls, spec: SegmentSpec) -> "CellSAMSegmenter":
         device = resolve_device(spec.device)
         model = load_cellsam(spec.weights, spec.model_config_name, device=device,
-                             storage_options=spec.storage_options, sha256=spec.weights_sha256)
+                             storage_options=spec.storage.options(), sha256=spec.weights_sha256)
         return cls(model, mode=spec.mode, device=device, bbox_threshold=spec.bbox_threshold,
                    batch_size=spec.batch_size)
 

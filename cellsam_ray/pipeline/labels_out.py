@@ -1,11 +1,9 @@
-"""Writing ``labels/<name>``: create it once, fill level ``plan.level`` core by core, then the other levels.
+"""Writing ``labels/<name>``: fill level ``plan.level`` core by core, then the other levels; files beside it.
 
-Only this module writes to the slide, and only under ``labels/<name>``: the image's own arrays are opened
-read-only everywhere else. Every chunk has exactly one writer: a tile core holds whole chunks of the
-segmented level, and each chunk of another level is built whole from the level next to it.
-
-The run's work prefix (``labels/<name>/work`` unless the spec names another) holds the spec's fingerprint:
-a rerun of the same spec resumes there without ``--overwrite``; any other spec must not touch it.
+Only this module and ``pipeline.lifecycle`` (which creates, replaces and publishes the label image) write
+to the slide, and only under ``labels/``: the image's own arrays are opened read-only everywhere else.
+Every chunk has exactly one writer: a tile core holds whole chunks of the segmented level, and each chunk
+of another level is built whole from the level next to it.
 """
 
 from __future__ import annotations
@@ -18,52 +16,24 @@ from functools import lru_cache
 import fsspec
 import numpy as np
 
-from cellsam_ray.errors import UserError
 from cellsam_ray.io import pyramid
-from cellsam_ray.io.ngff import create_labels, open_image
+from cellsam_ray.io.ngff import open_image
 from cellsam_ray.io.storage import join_url
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.tiling import Tile
 
-# Spec fields that do not change the output, so a resume may differ in them.
-RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
-                   "cell_table", "cell_table_h5ad", "qc_images", "storage_options_env", "storage_profile"}
-FINGERPRINT = "spec.json"
-
-
-def fingerprint(plan: SlidePlan) -> bytes:
-    fields = plan.spec.model_dump(mode="json", by_alias=True, exclude=RUN_ONLY_FIELDS)
-    return json.dumps(fields, sort_keys=True).encode()
-
-
-def is_resumable(plan: SlidePlan) -> bool:
-    return plan.work.read_file(FINGERPRINT) == fingerprint(plan)
-
-
-def prepare(plan: SlidePlan) -> None:
-    """Create the empty label image, or find the unfinished run of the same spec to resume."""
-    image = open_image(plan.spec.input, plan.spec.storage_options, mode="r+")
-    exists = plan.spec.label_name in image.label_names
-    if exists and not plan.spec.overwrite:
-        if is_resumable(plan):
-            return
-        raise UserError(f"labels/{plan.spec.label_name} already exists in {plan.spec.input}: choose another "
-                        "--label-name or pass --overwrite")
-    if plan.spec.overwrite:
-        plan.work.remove()
-    chunks = [plan.spec.chunk if a in ("y", "x") else 1 for a in plan.axes if a != "c"]
-    create_labels(image, plan.spec.label_name, chunks=chunks, overwrite=plan.spec.overwrite)
-    plan.work.write_file(FINGERPRINT, fingerprint(plan))
-
 
 @lru_cache(maxsize=4)
-def _label_arrays(url: str, name: str, options_json: str) -> list:
+def _label_arrays(url: str, name: str, options_json: str, run_id: str) -> list:
     image = open_image(url, json.loads(options_json), mode="r+")
-    return image.label(name).arrays()
+    return image.label(name, complete=False).arrays()
 
 
 def label_arrays(plan: SlidePlan) -> list:
-    return _label_arrays(plan.spec.input, plan.spec.label_name, json.dumps(plan.spec.storage_options, sort_keys=True))
+    """The label arrays this run writes, opened once per process and run (a worker may serve several
+    runs in turn, and an overwrite recreates the arrays)."""
+    options = json.dumps(plan.spec.storage.options(), sort_keys=True)
+    return _label_arrays(plan.spec.input, plan.spec.label_name, options, plan.run_id)
 
 
 def plane_selection(plan: SlidePlan, ys: slice, xs: slice) -> tuple:
@@ -135,13 +105,13 @@ def sidecar_url(plan: SlidePlan, *parts: str) -> str:
 def write_sidecar(plan: SlidePlan, relative: str, data: bytes) -> str:
     """Write a file beside the labels (``relative`` may name a subfolder, e.g. ``qc/overview.png``)."""
     url = sidecar_url(plan, *relative.split("/"))
-    fs, path = fsspec.core.url_to_fs(url, **(plan.spec.storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(url, **(plan.spec.storage.options() or {}))
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     fs.pipe_file(path, data)
     return url
 
 
-def finish(plan: SlidePlan, report: dict) -> None:
-    """Write the run report beside the labels and drop the work prefix: the run is complete."""
-    write_sidecar(plan, "report.json", json.dumps(report, indent=2).encode())
-    plan.work.remove()
+def read_sidecar(plan: SlidePlan, relative: str) -> bytes | None:
+    """A file beside the labels, or None where there is none."""
+    fs, path = fsspec.core.url_to_fs(sidecar_url(plan, *relative.split("/")), **(plan.spec.storage.options() or {}))
+    return fs.cat_file(path) if fs.exists(path) else None

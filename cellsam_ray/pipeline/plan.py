@@ -13,6 +13,7 @@ one next to it.
 from __future__ import annotations
 
 import posixpath
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +59,9 @@ class SlidePlan:
     label_scales: tuple[tuple[float, float], ...]  # (y, x) pixel size of every label level
     label_maps: tuple[tuple[AxisMap, ...] | None, ...]  # per label level, how it is built (``pyramid_maps``)
     extra: dict = field(default_factory=dict)
-    weights_sha256: str | None = None  # of the checkpoint, when known (see ``check_model``)
+    weights_sha256: str | None = None  # of the checkpoint (see ``check_model``); None for another segmenter
+    input_fingerprint: dict = field(default_factory=dict)  # the image's geometry, to tell a changed input
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this run (a resume is a new run)
 
     @property
     def band(self) -> int:
@@ -149,7 +152,7 @@ def check_axes(image: NgffImage, spec: SegmentSpec) -> dict:
 
 def check_model(spec: SegmentSpec) -> str | None:
     """Fail now, not in every actor: the segmenter can be imported, or the checkpoint exists, is a PyTorch
-    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 when known."""
+    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 (None for another segmenter)."""
     if spec.segmenter:
         segmenter_factory(spec.segmenter)
         return None
@@ -157,14 +160,14 @@ def check_model(spec: SegmentSpec) -> str | None:
         raise UserError("no model: give --weights CHECKPOINT or --segmenter module:attr")
     from cellsam_ray.model.weights import check_checkpoint_file  # imports torch: only when a model runs
 
-    return check_checkpoint_file(spec.weights, storage_options=spec.storage_options, sha256=spec.weights_sha256)
+    return check_checkpoint_file(spec.weights, storage_options=spec.storage.options(), sha256=spec.weights_sha256)
 
 
 def make_plan(spec: SegmentSpec) -> SlidePlan:
     # A layout that holds the image deeper (bioformats2raw's root) is planned at the image itself, so the
     # labels, the work prefix and every reader find it there.
-    spec = spec.model_copy(update={"input": image_url(spec.input, spec.storage_options)})
-    image = open_image(spec.input, spec.storage_options)
+    spec = spec.model_copy(update={"input": image_url(spec.input, spec.storage.options())})
+    image = open_image(spec.input, spec.storage.options())
     axes = tuple(image.axes)
     plane = check_axes(image, spec)
     sizes = dict(zip(axes, image.levels[0].shape))
@@ -179,6 +182,8 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
     grid = plan_grid(height, width, tile=spec.tile, halo=spec.halo, chunk=spec.chunk, band=spec.band)
     maps = pyramid_maps(image, level)
     weights_sha256 = check_model(spec)
+    if weights_sha256:  # every actor loads (and caches) exactly the file checked here, by its content
+        spec = spec.model_copy(update={"weights_sha256": weights_sha256})
 
     # The statistics and tissue mask come from the finest level of at most COARSE_PIXELS, or from an
     # overview of the coarsest one when even that is larger (a single-level image), read chunk by chunk.
@@ -216,11 +221,12 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
         grid=grid,
         tiles=tuple(tiles),
         skipped=len(grid) - len(tiles),
-        work=WorkStore(work_url, spec.storage_options),
+        work=WorkStore(work_url, spec.storage),
         label_shapes=tuple(label_shapes),
         label_scales=tuple(label_scales),
         label_maps=maps,
         weights_sha256=weights_sha256,
+        input_fingerprint=input_fingerprint(image),
     )
 
 
@@ -246,6 +252,13 @@ def pyramid_maps(image: NgffImage, level: int) -> tuple[tuple[AxisMap, ...] | No
             raise UserError(f"pyramid level {image.levels[k].path} cannot be made from level "
                             f"{image.levels[source].path}: {err}") from None
     return tuple(maps)
+
+
+def input_fingerprint(image: NgffImage) -> dict:
+    """What a resume compares of the input, cheaply (metadata only): axes, channel names and every
+    level's array path, shape, chunks and dtype."""
+    return dict(axes=list(image.axes), channels=list(image.channel_names),
+                levels=[[lv.path, list(lv.shape), list(lv.chunks), str(lv.dtype)] for lv in image.levels])
 
 
 def tiles_with_tissue(tiles: list[Tile], mask: np.ndarray, height: int, width: int) -> list[Tile]:

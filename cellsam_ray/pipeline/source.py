@@ -23,7 +23,7 @@ def _level_array(url: str, level: int, storage_options_json: str):
 
 
 def level_array(plan: SlidePlan):
-    options = json.dumps(plan.spec.storage_options, sort_keys=True)
+    options = json.dumps(plan.spec.storage.options(), sort_keys=True)
     return _level_array(plan.spec.input, plan.level, options)
 
 
