@@ -18,7 +18,7 @@ from cellsam_ray.ecosystem_fixtures import (brightfield, disc_cells, fluorescenc
                                             write_with_ome_zarr_py)
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.pipeline.api import segment
-from cellsam_ray.testing import array_checksums, same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing import array_checksums, same_up_to_relabelling, spec_storage, validate_ome_zarr
 
 ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
 TILING = dict(tile=256, halo=64, band=16, chunk=64)
@@ -29,7 +29,7 @@ def run_oracle(url, truth, monkeypatch, tmp_path, storage_options=None, **spec):
     path = tmp_path / f"truth-{spec.get('label_name', 'cells')}.npy"
     np.save(path, truth)
     monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", str(path))
-    values = dict(input=url, segmenter=ORACLE, storage_options=storage_options, **{**TILING, **spec})
+    values = dict(input=url, segmenter=ORACLE, **spec_storage(storage_options), **{**TILING, **spec})
     return segment(values, progress=False)
 
 
