@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from cellsam_ray.errors import UserError
 from cellsam_ray.io.storage import HOW_TO_PASS_SECRETS, StorageAccess, inline_secret
@@ -22,7 +23,14 @@ class SegmentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="URL or path of the OME-Zarr image (local, s3://, gs://, memory://, ...).")
-    nuclear: list[str] = Field(min_length=1, description="Nuclear channel(s), by omero name or index.")
+    stain: Literal["fluorescence", "brightfield"] = Field(
+        default="fluorescence", description="'fluorescence' (channels named by --nuclear/--whole-cell) or "
+        "'brightfield' (H&E, IHC: an RGB image whose colours are the input, no channels named)."
+    )
+    nuclear: list[str] = Field(
+        default_factory=list, validate_default=True,
+        description="Nuclear channel(s), by omero name or index (required for fluorescence).",
+    )
     whole_cell: list[str] = Field(
         default_factory=list, description="Whole-cell (membrane/cytoplasm) channel(s), by name or index."
     )
@@ -89,6 +97,15 @@ class SegmentSpec(BaseModel):
         default=600, ge=1, description="Seconds without a heartbeat after which a run's lease on its label "
         "counts as stale (the running driver renews it every lease_timeout_s / 10)."
     )
+
+    @field_validator("nuclear")
+    @classmethod
+    def _nuclear_for_fluorescence(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # ``stain`` is declared first, so it is in ``info.data`` unless it was itself invalid.
+        if info.data.get("stain", "fluorescence") == "fluorescence" and not value:
+            raise PydanticCustomError("missing", "Field required: name the nuclear channel(s) by name or index "
+                                      "(--stain brightfield needs none)")
+        return value
 
     @field_validator("label_name")
     @classmethod

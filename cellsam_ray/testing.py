@@ -292,6 +292,14 @@ def reference_dir() -> Path:
     return folder
 
 
+def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images hold the same cells, each possibly under another id."""
+    if a.shape != b.shape or not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
 def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
     """The golden label tolerance: (fraction of pixels equal once each actual id is mapped to its
     best-overlapping expected id, worst IoU of an expected cell with its best-matching actual cell)."""

@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.io.layouts import image_group
 from cellsam_ray.io.storage import Mode, open_group
 
 # Attribute of a label image this package writes: {"complete": bool, "run_id": str} (see NgffImage.label).
@@ -259,9 +260,11 @@ def listed_labels(group: zarr.Group, version: NgffVersion) -> tuple[str, ...]:
 def open_image(
     url: str | zarr.Group, storage_options: dict[str, Any] | None = None, *, mode: Mode = "r"
 ) -> NgffImage:
-    """Open an OME-Zarr image (or label image) at a path or URL; ``mode="r+"`` to add labels to it."""
+    """Open an OME-Zarr image (or label image) at a path or URL; ``mode="r+"`` to add labels to it.
+
+    A bioformats2raw root opens as its first series (``layouts``)."""
     group = url if isinstance(url, zarr.Group) else open_group(url, storage_options, mode=mode)
-    return read_image(group)
+    return read_image(image_group(group))
 
 
 def read_image(group: zarr.Group) -> NgffImage:

@@ -8,6 +8,7 @@ of another level is built whole from the level next to it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import posixpath
 from functools import lru_cache
@@ -45,43 +46,55 @@ def write_core(plan: SlidePlan, tile: Tile, labels: np.ndarray) -> None:
 
 
 def build_order(plan: SlidePlan) -> list[int]:
-    """Levels to build after the segmented one: coarser ones outward, then finer ones inward."""
+    """Levels to build after the segmented one: coarser ones outward, then finer ones inward, so each is
+    built after the level it is made from (``plan.label_maps``)."""
     n = len(plan.label_shapes)
     return list(range(plan.level + 1, n)) + list(range(plan.level - 1, -1, -1))
 
 
+def source_level(plan: SlidePlan, level: int) -> int:
+    """The level that ``level`` is made from: the next one towards the segmented level."""
+    return level - 1 if level > plan.level else level + 1
+
+
+def plane_spans(plan: SlidePlan) -> list[dict[int, tuple[int, int]]]:
+    """Per label level, for each label axis of the segmented plane (t, z), the index range it covers there.
+
+    At the segmented level that is the chosen plane; a level made by resampling t or z (a pyramid that
+    halves z too) covers the planes made from it, so only chunks of those ever hold labels.
+    """
+    label_axes = [a for a in plan.axes if a != "c"]
+    planes = {i: (plan.plane[a], plan.plane[a] + 1) for i, a in enumerate(label_axes) if a in plan.plane}
+    spans: list[dict[int, tuple[int, int]]] = [{} for _ in plan.label_shapes]
+    spans[plan.level] = planes
+    for level in build_order(plan):
+        source = spans[source_level(plan, level)]
+        spans[level] = {i: plan.label_maps[level][i].target_span(*span) for i, span in source.items()}
+    return spans
+
+
 def chunk_indices(plan: SlidePlan, level: int) -> list[tuple[int, ...]]:
     """Grid positions of the chunks of a label level that lie in the segmented plane (t, z)."""
-    label_axes = [a for a in plan.axes if a != "c"]
-    return [
-        index
-        for index in pyramid.output_chunks(label_arrays(plan)[level])
-        if all(index[i] == plan.plane[a] for i, a in enumerate(label_axes) if a in plan.plane)
-    ]
+    array = label_arrays(plan)[level]
+    unit = array.shards or array.chunks
+    spans = plane_spans(plan)[level]
+    ranges = []
+    for i, (n, c) in enumerate(zip(array.shape, unit)):
+        lo, hi = spans.get(i, (0, n))
+        ranges.append(range(lo // c, -(-hi // c)))
+    return list(itertools.product(*ranges))
 
 
 def build_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) -> None:
     """Write one whole chunk of ``level`` from the level next to it towards the segmented one.
 
-    Coarser levels take the mode with foreground priority of each 2×2 block; finer ones (when a coarse
-    level was segmented) repeat each label pixel 2×2. Neither ever mixes ids.
+    Coarser levels take the mode with foreground priority of each target pixel's source block, finer ones
+    (when a coarse level was segmented) repeat the source pixel under each target pixel; the blocks come
+    from the two levels' real shapes and scales (``pyramid.AxisMap``). Neither ever mixes ids.
     """
     arrays = label_arrays(plan)
-    label_axes = [a for a in plan.axes if a != "c"]
-    yx = (label_axes.index("y"), label_axes.index("x"))
-    if level > plan.level:
-        pyramid.build_chunk(arrays[level - 1], arrays[level], chunk_index, factor=2, kind="labels", axes=yx)
-        return
-    target, source = arrays[level], arrays[level + 1]
-    c = plan.spec.chunk
-    h, w = plan.label_shapes[level]
-    ys = slice(chunk_index[yx[0]] * c, min((chunk_index[yx[0]] + 1) * c, h))
-    xs = slice(chunk_index[yx[1]] * c, min((chunk_index[yx[1]] + 1) * c, w))
-    src_ys, src_xs = slice(ys.start // 2, -(-ys.stop // 2)), slice(xs.start // 2, -(-xs.stop // 2))
-    block = np.asarray(source[plane_selection(plan, src_ys, src_xs)])
-    up = np.repeat(np.repeat(block, 2, axis=0), 2, axis=1)
-    oy, ox = ys.start - 2 * src_ys.start, xs.start - 2 * src_xs.start
-    target[plane_selection(plan, ys, xs)] = up[oy : oy + ys.stop - ys.start, ox : ox + xs.stop - xs.start]
+    pyramid.build_chunk(arrays[source_level(plan, level)], arrays[level], chunk_index, "labels",
+                        plan.label_maps[level])
 
 
 def sidecar_url(plan: SlidePlan, *parts: str) -> str:
