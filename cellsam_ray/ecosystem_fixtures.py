@@ -203,3 +203,55 @@ def write_bioformats2raw(
     fs, path = fsspec.core.url_to_fs(join_url(url, "OME", "METADATA.ome.xml"), **(storage_options or {}))
     fs.pipe_file(path, xml.encode())
     return join_url(url, "0")
+
+
+def write_sparse_bioformats2raw(url: str, truth_url: str, *, size: tuple[int, int], tissue: tuple[int, int, int, int],
+                                chunk: int = 1024, seed: int = 0) -> tuple[str, np.ndarray]:
+    """A whole-slide-sized image in bioformats2raw's layout (2 uint16 channels, 5-D, ``/`` keys, floor-halved
+    levels down to one chunk) with tissue only in the box ``tissue`` = (y0, x0, h, w): every other chunk
+    is never written (zarr's fill value), as a scanner's converter leaves glass. The ground truth of the
+    box goes to ``truth_url`` (an image with ``labels/ground_truth``, also written only there, for
+    ``GroundTruthSegmenter``). Returns the series URL and the box's ground truth."""
+    from cellsam_ray.io import ngff
+
+    height, width = size
+    y0, x0, h, w = tissue
+    truth = disc_cells((h, w), seed=seed)
+    pixels = fluorescence(truth, 2, np.uint16, seed=seed)
+    root = open_group(url, mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    root.create_group("OME").attrs["series"] = ["0"]
+    series = root.create_group("0")
+    datasets, k, shape = [], 0, (height, width)
+    while True:
+        array = series.create_array(str(k), shape=(1, 2, 1, *shape), dtype=np.uint16, chunks=(1, 1, 1, chunk, chunk),
+                                    chunk_key_encoding={"name": "v2", "separator": "/"}, fill_value=0)
+        f = 2**k
+        ys, xs = -(-y0 // f), -(-x0 // f)  # the level's pixels that sample the box (every f-th)
+        block = pixels[:, ys * f - y0 :: f, xs * f - x0 :: f]
+        array[0, :, 0, ys : ys + block.shape[1], xs : xs + block.shape[2]] = block
+        datasets.append({"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 1.0, 0.5 * f, 0.5 * f]}]})
+        if max(shape) <= chunk:
+            break
+        k, shape = k + 1, (shape[0] // 2, shape[1] // 2)
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    series.attrs.update({
+        "multiscales": [{"version": "0.4", "name": "image", "axes": axes, "datasets": datasets}],
+        "omero": {"channels": [{"label": n, "color": "FFFFFF", "active": True,
+                                "window": {"min": 0.0, "max": 65535.0, "start": 0.0, "end": 4000.0}}
+                               for n in ("DAPI", "CD45")]},
+    })
+    xml = OME_XML.format(name="sparse fixture", type="uint16", x=width, y=height, c=2, px=0.5,
+                         channels="".join(f'      <Channel ID="Channel:0:{i}" Name="{n}" SamplesPerPixel="1"/>\n'
+                                          for i, n in enumerate(("DAPI", "CD45"))))
+    fs, path = fsspec.core.url_to_fs(join_url(url, "OME", "METADATA.ome.xml"))
+    fs.pipe_file(path, xml.encode())
+
+    image = ngff.create_image(truth_url, shape=(1, height, width), dtype=np.uint8, chunks=(1, chunk, chunk),
+                              axes=ngff.image_axes("cyx"), scale=(1.0, 0.5, 0.5), levels=1, version="0.4")
+    labels = ngff.create_labels(image, "ground_truth", chunks=(chunk, chunk), run_id="fixture")
+    labels.array(0)[y0 : y0 + h, x0 : x0 + w] = truth
+    ngff.publish_label(image, "ground_truth")
+    return join_url(url, "0"), truth

@@ -78,6 +78,8 @@ class RunReport(_Strict):
     spec: dict = Field(description="The job spec, storage options left out.")
     model: ModelInfo
     timings: dict[str, float] = Field(description="Seconds per stage (segment, reconcile, write, pyramid, ...).")
+    tasks: dict[str, int] = Field(default_factory=dict, description="Ray tasks per stage (model batches for "
+                                  "segment): after segmenting they follow the tissue, not the slide's area.")
     model_seconds: float = Field(description="Seconds spent inside the model, summed over actors.")
     actor_peak_rss_mb: list[float] = Field(default_factory=list, description="Peak memory of each model actor.")
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the model actors ran on.")

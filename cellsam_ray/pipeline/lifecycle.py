@@ -232,6 +232,7 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float, statu
         spec=spec.model_dump(mode="json", by_alias=True),
         model=model,
         timings={k: round(v, 3) for k, v in stats.stage_seconds.items()},
+        tasks=dict(stats.tasks),
         model_seconds=round(stats.model_seconds, 3),
         cell_table=stats.cell_table,
         qc=stats.qc,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import posixpath
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class SlidePlan:
         """How many channels the image has (the cell table measures all of them, not only ``channels``)."""
         return self.level_shape[self.axes.index("c")] if "c" in self.axes else 1
 
-    @property
+    @cached_property  # asked once per neighbour by every reconcile task: computed once per process
     def planned_keys(self) -> frozenset[str]:
         return frozenset(t.key for t in self.tiles)
 
