@@ -277,7 +277,7 @@ class _Sent:
     at: float
 
 
-def _segment_stage(plan_ref, plan: SlidePlan, todo: list, stats: RunStats, progress: Progress,
+def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progress,
                    on_progress: Callable[[Progress], None] | None) -> None:
     """Stage A: every tile of ``todo`` through the model actors, two batches in flight per actor.
 
@@ -291,7 +291,8 @@ def _segment_stage(plan_ref, plan: SlidePlan, todo: list, stats: RunStats, progr
         max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
         scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
     )
-    actors = [actor_cls.remote(plan_ref) for _ in range(min(n_workers, len(todo)))]
+    # The plan itself, not its reference: an actor restarted after its node was lost needs its arguments.
+    actors = [actor_cls.remote(plan) for _ in range(min(n_workers, len(todo)))]
     batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))
     outstanding = {t.key for t in todo}
     in_flight: dict[ray.ObjectRef, _Sent] = {}
@@ -335,7 +336,7 @@ def _segment_stage(plan_ref, plan: SlidePlan, todo: list, stats: RunStats, progr
                         raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
                     if actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
                         ray.kill(sent.actor)
-                        actors[sent.slot] = actor_cls.remote(plan_ref)
+                        actors[sent.slot] = actor_cls.remote(plan)
                 pending = [t for t in sent.batch if t.key in outstanding]
                 if len(pending) > 1:  # retry tile by tile, to find the tile at fault
                     batches.extendleft([t] for t in reversed(pending))
@@ -456,7 +457,7 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
     reconciled, before anything is written into the label image; ``stats`` (filled as the run goes, so a
     caller sees how far a failed run came) is returned."""
     stats = RunStats() if stats is None else stats
-    plan_ref = ray.put(plan)  # once, into the object store; every actor and task gets the reference
+    plan_ref = ray.put(plan)  # once, into the object store; every task gets the reference
     finished = plan.work.done(CANDIDATES)
     todo = [t for t in plan.tiles if t.key not in finished]
     progress = Progress(tiles_total=len(plan.tiles), tiles_done=len(plan.tiles) - len(todo))
@@ -465,7 +466,7 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
 
     t0 = time.perf_counter()
     if todo:
-        _segment_stage(plan_ref, plan, todo, stats, progress, on_progress)
+        _segment_stage(plan, todo, stats, progress, on_progress)
     stats.stage_seconds["segment"] = time.perf_counter() - t0
     stats.tasks["segment_batches"] = stats.batches
     if stats.failed:  # the finished tiles are persisted; a rerun of the same spec retries the rest
