@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cellsam_ray.model.boxes import box_score_threshold, boxes_to_input_pixels, confident_boxes
+from cellsam_ray.model.boxes import box_score_threshold, boxes_to_input_pixels, confident_boxes, sklearn_centres
 from cellsam_ray.model.postprocess import fill_holes_and_remove_small_masks, paint_masks
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
+from cellsam_ray.model.two_means import two_means_centres
 from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.testing import label_agreement, reference_dir
 
@@ -55,6 +56,26 @@ def test_threshold_moves_with_the_two_score_groups():
     scores = np.array([0.1] * 50 + [0.9] * 50, dtype=np.float32)
     assert box_score_threshold(scores, 0.4) == pytest.approx(0.66 * 0.4 + 0.33 * 0.5, abs=1e-6)
     assert box_score_threshold(np.full(10, 0.8, dtype=np.float32), 0.4) == pytest.approx(0.264 + 0.33 * 0.8)
+
+
+def test_closed_form_two_means_is_sklearns_kmeans():
+    """The replay gives sklearn's centres (to float32 rounding) wherever it answers, and answers on
+    detector-like scores (a mass near 0, a group of confident cells); the golden tiles are covered too."""
+    rng = np.random.default_rng(0)
+    answered = 0
+    cases = [np.load(GOLDEN / f"{case}.expected.npz")["detector_scores"] for case in sorted(CASES)]
+    for i in range(40):
+        n = (100, 1000, 3500)[i % 3]
+        confident = rng.integers(1, n // 2)
+        scores = np.concatenate([rng.beta(0.5, 20, n - confident), rng.beta(20, 2, confident)])
+        cases.append((-np.sort(-scores) if i % 2 else scores).astype(np.float32))
+    cases += [rng.uniform(size=300).astype(np.float32), np.round(rng.uniform(size=500), 2).astype(np.float32)]
+    for scores in cases:
+        centres = two_means_centres(scores)
+        if centres is not None:
+            answered += 1
+            np.testing.assert_allclose(np.sort(centres), np.sort(sklearn_centres(scores).ravel()), atol=5e-6)
+    assert answered >= 40
 
 
 @pytest.mark.parametrize("scores", [[], [0.7]])
