@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from scipy.ndimage import binary_fill_holes, find_objects
+from scipy import ndimage
 
 MIN_SIZE = 25
 """Objects smaller than this many pixels are dropped (``segment_cellular_image``'s ``min_size=25``)."""
@@ -24,24 +24,75 @@ def paint_masks(masks: Iterable[np.ndarray], shape: tuple[int, int]) -> np.ndarr
     return labels
 
 
-def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarray:
+def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Fill each object's holes, drop objects under ``min_size`` pixels and number the rest 1..K.
 
-    Works in place on ``labels`` (and returns it) in ascending label order, exactly as the published
-    Cellpose port does, including its order effects: an object's filled holes overwrite any other
-    object inside them, and an object's size is counted after earlier objects have been filled, so a
-    cell swallowed by an earlier neighbour's hole disappears. ``min_size <= 0`` keeps every object.
+    Returns the labels (``labels`` itself, changed in place) and, for each kept object k, the label it
+    had before (``sources[k - 1]``): the row of its mask among the painted ones, so its score and
+    predicted IoU are known without guessing.
+
+    The result is that of the published Cellpose port, which works in ascending label order, order
+    effects included: an object's filled holes overwrite any other object inside them, and an object's
+    size is counted after earlier objects have been filled, so a cell swallowed by an earlier
+    neighbour's hole disappears. ``min_size <= 0`` keeps every object. Only objects that can have a hole
+    are filled: a hole pixel has the object on both sides in its row, so an object with a single run in
+    every row has none (most cells; the check is a few whole-image operations), and losing pixels to an
+    earlier object's filled hole cannot give an object a hole it did not have (the hole would contain
+    the earlier object's ring, already enclosed). Filled objects are written as negative numbers until
+    the end, so they never mix with the original labels still to be processed.
     """
-    kept = 0
-    for index, region in enumerate(find_objects(labels)):
+    regions = ndimage.find_objects(labels)
+    count = len(regions)
+    remaining = np.bincount(labels.ravel(), minlength=count + 1)[: count + 1].astype(np.int64)
+    may_have_holes = _several_runs_in_a_row(labels, count)
+    renumber = np.zeros(count + 1, dtype=labels.dtype)
+    sources: list[int] = []
+    for index, region in enumerate(regions):
+        label = index + 1
         if region is None:
             continue
+        if not may_have_holes[label]:
+            if remaining[label] > 0 and not (min_size > 0 and remaining[label] < min_size):
+                sources.append(label)
+                renumber[label] = len(sources)
+            continue
         view = labels[region]
-        mask = view == index + 1
-        size = int(mask.sum())
+        mask = view == label
+        size = int(np.count_nonzero(mask))
         if min_size > 0 and size < min_size:
             view[mask] = 0
         elif size > 0:
-            kept += 1
-            view[binary_fill_holes(mask)] = kept
-    return labels
+            sources.append(label)
+            filled = _fill_holes(mask)
+            overwritten = view[filled & ~mask]
+            remaining -= np.bincount(overwritten[overwritten > 0], minlength=count + 1)[: count + 1]
+            view[filled] = -len(sources)
+    final = np.concatenate((np.arange(len(sources), 0, -1, dtype=labels.dtype), renumber))  # -K..-1, then 0..count
+    np.take(final, labels + len(sources), out=labels)
+    return labels, np.asarray(sources, dtype=np.int64)
+
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``binary_fill_holes(mask)`` (4-connected background): the mask plus every component of its
+    complement that does not reach the array's edge; labelling once is ~2× faster than SciPy's
+    iterated dilation."""
+    background, count = ndimage.label(~mask, _CROSS)
+    is_hole = np.ones(count + 1, dtype=bool)
+    is_hole[0] = False
+    is_hole[background[0]] = is_hole[background[-1]] = is_hole[background[:, 0]] = is_hole[background[:, -1]] = False
+    return mask | is_hole[background]
+
+
+def _several_runs_in_a_row(labels: np.ndarray, count: int) -> np.ndarray:
+    """Per label (index 0..count), whether some image row holds two or more separate runs of it."""
+    starts = np.ones(labels.shape, dtype=bool)
+    np.not_equal(labels[:, 1:], labels[:, :-1], out=starts[:, 1:])
+    starts &= labels > 0
+    at = np.flatnonzero(starts)
+    keys, runs = np.unique(at // labels.shape[1] * (count + 1) + labels.ravel()[at], return_counts=True)
+    several = np.zeros(count + 1, dtype=bool)
+    several[keys[runs > 1] % (count + 1)] = True
+    return several

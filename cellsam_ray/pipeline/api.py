@@ -14,6 +14,8 @@ import cellsam_ray
 from cellsam_ray import bundled
 from cellsam_ray.errors import RunFailed
 from cellsam_ray.execution import Progress, RunStats, run_plan
+from cellsam_ray.model import geometry
+from cellsam_ray.model.config import load_config
 from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.plan import SlidePlan, make_plan
 from cellsam_ray.report import ModelInfo, RunReport, Summary
@@ -60,6 +62,7 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
     spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
     spec = bundled.resolve_spec(spec)  # no weights and no segmenter: the bundled demo model
+    spec = geometry.resolve_spec(spec)  # CellSAM weights: windows from the model's input and --scale
     spec = spec.with_storage_resolved().with_local_paths_absolute()  # workers run in other folders
     if spec.cell_table_h5ad:
         require_anndata()
@@ -98,8 +101,11 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float) -> Ru
         qc_overview=labels_out.sidecar_url(plan, "qc", "overview.png") if stats.qc else None,
         wall_seconds=round(wall_seconds, 3),
     )
+    cellsam = None if spec.segmenter else dict(precision=spec.precision,
+                                               **geometry.describe(spec, load_config(spec.model_config_name).image_size))
     model = ModelInfo(segmenter=spec.segmenter or "cellsam", weights=None if spec.segmenter else spec.weights,
-                      weights_sha256=plan.weights_sha256, config=spec.model_config_name, mode=spec.mode)
+                      weights_sha256=plan.weights_sha256, config=spec.model_config_name, mode=spec.mode,
+                      **(cellsam or {}))
     return RunReport(
         status="failed" if stats.failed else "succeeded",
         input=spec.input,
