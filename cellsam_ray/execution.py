@@ -14,12 +14,14 @@
   actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
   actor once the queue is empty; the first copy to finish counts.
 - A batch that still fails is retried tile by tile; a tile that fails on every attempt is recorded
-  (``RunStats.failed``) and the later stages do not run, so no tile is ever left silently empty. CUDA out
-  of memory halves an actor's batch, down to one tile.
+  (``RunStats.failed``) and the later stages do not run, so no tile is ever left silently empty. Device out
+  of memory halves an actor's batch, down to one tile, and shrinks CellSAM's decoder chunk; a sticky CUDA
+  error ends the actor's process, so Ray restarts it with a fresh context.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import statistics
@@ -39,7 +41,7 @@ from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets
 from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
-from cellsam_ray.pipeline.stages import reconcile_tile, segment_tiles, with_ids
+from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
 from cellsam_ray.qc.views import write_qc_images
 from cellsam_ray.report import TileFailure
 from cellsam_ray.table import stage as table_stage
@@ -113,27 +115,49 @@ class SegmentWorker:
     @ray.method(retry_exceptions=True)  # a transient error (a storage hiccup) costs a retry, not the tile
     def run(self, tiles: list) -> list[tuple[str, int, float]]:
         windows = list(self.readers.map(lambda t: source.read_window(self.plan, t), tiles))
-        with self.model_lock:
-            results = self._segment(tiles, windows)
+        try:
+            with self.model_lock:
+                inferred = self._infer(tiles, windows)
+            # Host work (the segmenter's cleanup, the candidates) outside the lock: the other batch in
+            # flight has the model meanwhile.
+            results = [r for part, done in inferred for r in finish_tiles(self.plan, part, done)]
+        except Exception as err:
+            _exit_if_device_broken(err)
+            raise
         list(self.readers.map(lambda r: self.plan.work.put(CANDIDATES, r[1].key, r[0].to_bytes()), results))
         return [(o.key, o.candidates, o.model_seconds) for _, o in results]
 
-    def _segment(self, tiles: list, windows: list) -> list:
-        """Stage A in sub-batches of at most ``batch_limit`` tiles; CUDA out of memory halves the limit (down
-        to one tile) and redoes the unfinished part, and the lower limit stays for this actor's later batches."""
-        results: list = []
-        while len(results) < len(tiles):
-            i, n = len(results), min(self.batch_limit, len(tiles) - len(results))
+    def _infer(self, tiles: list, windows: list) -> list[tuple[list, Inferred]]:
+        """The model's part of stage A in sub-batches of at most ``batch_limit`` tiles.
+
+        Out of device memory (CUDA's allocator, or cuBLAS/cuDNN failing to allocate their workspaces)
+        halves the limit and asks the segmenter to shrink what it sizes itself (CellSAM: the decoder
+        chunk), then redoes the unfinished part; the lower sizes stay for this actor's later batches.
+        Memory is released after the ``except`` block, once the traceback no longer holds the failed
+        call's tensors.
+        """
+        done: list[tuple[list, Inferred]] = []
+        finished = 0
+        while finished < len(tiles):
+            n = min(self.batch_limit, len(tiles) - finished)
+            part = tiles[finished : finished + n]
+            out_of_memory = None
             try:
-                results += segment_tiles(self.plan, self.segmenter, tiles[i : i + n], windows[i : i + n])
+                done.append((part, infer_tiles(self.segmenter, part, windows[finished : finished + n])))
+                finished += n
             except Exception as err:
-                if n == 1 or not _is_cuda_out_of_memory(err):
+                if not _is_out_of_memory(err):
                     raise
-                self.batch_limit = n // 2
-                print(f"CUDA out of memory on {n} tiles: batches of {self.batch_limit} from now on",
-                      file=sys.stderr, flush=True)
-                _release_cuda_cache()
-        return results
+                out_of_memory = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if out_of_memory:
+                shrunk = getattr(self.segmenter, "on_out_of_memory", lambda: False)()
+                if n == 1 and not shrunk:
+                    raise RuntimeError(f"out of device memory on one tile, with nothing left to shrink: {out_of_memory}")
+                self.batch_limit = max(n // 2, 1)
+                print(f"out of device memory on {n} tiles: batches of {self.batch_limit} from now on"
+                      f"{' and a smaller decoder chunk' if shrunk else ''}", file=sys.stderr, flush=True)
+                _release_device_memory()
+        return done
 
     @ray.method(concurrency_group="control")  # answers while both batch threads are busy
     def node_id(self) -> str:
@@ -144,16 +168,35 @@ class SegmentWorker:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _is_cuda_out_of_memory(err: Exception) -> bool:
-    """Whether ``err`` is torch's CUDA OOM; only a segmenter that imported torch can raise it, so a
-    segmenter without torch never pays for importing it here."""
+_ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
+"""Device out-of-memory as cuBLAS, cuDNN or a raw CUDA call report it (not torch's OutOfMemoryError)."""
+_BROKEN_DEVICE = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+                  "illegal instruction", "uncorrectable ECC error", "CUDA error: an illegal", "launch timed out")
+"""Sticky CUDA errors: the process's CUDA context is unusable afterwards, so nothing it retries can work."""
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is the device running out of memory. Only a segmenter that imported torch can raise
+    torch's error, so a segmenter without torch never pays for importing it here."""
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
+    if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in _ALLOCATION_FAILURES)
 
 
-def _release_cuda_cache() -> None:
-    torch = sys.modules["torch"]
-    if torch.cuda.is_available():
+def _exit_if_device_broken(err: BaseException) -> None:
+    """End the actor's process on a sticky CUDA error: Ray restarts the actor with a fresh context and
+    retries its tasks, where retrying in this process would fail the same way on every tile."""
+    if isinstance(err, RuntimeError) and any(text in str(err) for text in _BROKEN_DEVICE):
+        print(f"the CUDA context is broken ({str(err).splitlines()[0]}): restarting this model actor",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _release_device_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -219,20 +262,30 @@ def _segmenter_environment() -> dict | None:
 
 
 def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
-    """How many model actors, and what each asks for: a GPU share where GPUs exist, else CPUs.
+    """How many model actors, and what each asks for: a GPU share and CPUs where GPUs exist, else CPUs.
 
-    Without GPUs the actors share the cluster's CPUs less a quarter of one, which stays free for small
-    I/O work (fractional CPUs are fine for Ray's scheduler), and no actor asks for more than the largest
-    node has less that quarter: an actor is one process, and a request no node can meet waits forever.
+    A GPU actor does host work besides the model (reading windows, CellSAM's cleanup, the candidates), so
+    it asks for ``cpus_per_worker`` CPUs, by default its share of the GPU nodes' CPUs (the fewest CPUs per
+    GPU among them, times ``gpus_per_worker``) less what stays free for small I/O work. Without GPUs the
+    actors share the cluster's CPUs less that reserve (fractional CPUs are fine for Ray's scheduler), and
+    no actor asks for more than the largest node has less the reserve: an actor is one process, and a
+    request no node can meet waits forever.
     """
-    spec = plan.spec
-    gpus = ray.cluster_resources().get("GPU", 0)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return _model_actors(plan.spec, ray.cluster_resources(), nodes)
+
+
+def _model_actors(spec, cluster: dict, nodes: list[dict]) -> tuple[int, dict]:
+    """``_actor_resources`` for a cluster's total resources and its live nodes' resources."""
+    reserve = PERSIST_CPUS * 2.5
+    gpus = cluster.get("GPU", 0)
     if gpus and spec.device != "cpu":
         workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
-        return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": 1}
-    reserve = PERSIST_CPUS * 2.5
-    cpus = ray.cluster_resources().get("CPU", 1)
-    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=cpus)
+        per_gpu = min((node.get("CPU", 1) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
+        cpus = spec.cpus_per_worker or max(round(per_gpu * spec.gpus_per_worker - reserve, 2), 1)
+        return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": cpus}
+    cpus = cluster.get("CPU", 1)
+    largest_node = max((node.get("CPU", 0) for node in nodes), default=cpus)
     workers = spec.workers or 1
     return workers, {"num_cpus": round(min((cpus - reserve) / workers, largest_node - reserve), 2)}
 

@@ -53,6 +53,8 @@ class CellSAMSegmenter:
     def from_spec(cls, spec: SegmentSpec) -> "CellSAMSegmenter":
         device = resolve_device(spec.device)
         chosen = precision.configure(spec.precision, device)
+        if device == "cuda" and spec.gpus_per_worker < 1:  # actors sharing a GPU share its memory too
+            torch.cuda.set_per_process_memory_fraction(spec.gpus_per_worker)
         model = load_cellsam(spec.weights, spec.model_config_name, device=device,
                              storage_options=spec.storage_options, sha256=spec.weights_sha256, inference=True)
         return cls(model, mode=spec.mode, device=device, bbox_threshold=spec.bbox_threshold,
@@ -75,10 +77,13 @@ class CellSAMSegmenter:
         tiles = [segment_tile_reference(image, self.model, **options) for image in images]
         return [partial(cells_of, tile) for tile in tiles]
 
-    def on_out_of_memory(self) -> None:
-        """Halve the decoder chunk and the boxes painted at once (the actor halves its batches too)."""
+    def on_out_of_memory(self) -> bool:
+        """Halve the decoder chunk and the boxes painted at once (the actor halves its batches too);
+        whether anything was left to shrink."""
+        shrunk = self.box_chunk > 1 or self.paint_boxes > 0
         self.box_chunk = max(self.box_chunk // 2, 1)
         self.paint_boxes = self.paint_boxes // 2
+        return shrunk
 
 
 def cellsam_layout(window: np.ndarray) -> np.ndarray:
