@@ -181,8 +181,6 @@ def test_accelerator_order_statistics_equal_the_cpu_partition():
     flat[2] = 0
     count = (flat != 0).sum(dim=1)
     ranks = torch.stack((torch.zeros_like(count), count // 3, (count - 1).clamp(min=0)), dim=1)
-    on_cpu = preprocess._nonzero_order_statistics(flat, ranks, count)
-    ordered = flat.sort(dim=1).values
-    negatives, zeros = (flat < 0).sum(dim=1, keepdim=True), flat.shape[1] - count[:, None]
-    index = torch.where(ranks < negatives, ranks, ranks + zeros).clamp(max=flat.shape[1] - 1)
-    assert torch.equal(on_cpu, torch.where(count[:, None] > 0, ordered.gather(1, index), 0.0))
+    on_cpu = preprocess._partitioned_order_statistics(flat, ranks, count)
+    assert torch.equal(on_cpu, preprocess._sorted_order_statistics(flat, ranks, count))
+    assert torch.equal(on_cpu[0], torch.sort(flat[0][flat[0] != 0]).values[ranks[0]])

@@ -112,8 +112,8 @@ def test_fill_holes_remove_small_and_renumber():
     labels[4, 4] = 0
     labels[10, 10] = 5  # 1 pixel: removed
     labels[12:18, 12:18] = 7
-    out, sources = fill_holes_and_remove_small_masks(labels.copy(), min_size=25)
-    assert sources.tolist() == [2, 7]  # label 1 was label 2, label 2 was label 7
+    out, sources, regions = fill_holes_and_remove_small_masks(labels.copy(), min_size=25)
+    assert sources.tolist() == [2, 7] and regions == [(slice(1, 8), slice(1, 8)), (slice(12, 18), slice(12, 18))]  # label 1 was label 2, label 2 was label 7
     assert out[4, 4] == 1 and np.sum(out == 1) == 49
     assert out[10, 10] == 0
     assert np.sum(out == 2) == 36 and out.max() == 2
@@ -125,8 +125,8 @@ def test_filled_holes_swallow_enclosed_cells_as_published():
     labels[0:30, 0:30] = 1
     labels[5:25, 5:25] = 0
     labels[10:20, 10:20] = 2  # a cell inside the ring's hole
-    out, sources = fill_holes_and_remove_small_masks(labels, min_size=25)
-    assert np.all(out == 1) and sources.tolist() == [1]
+    out, sources, regions = fill_holes_and_remove_small_masks(labels, min_size=25)
+    assert np.all(out == 1) and sources.tolist() == [1] and regions == [(slice(0, 30), slice(0, 30))]
 
 
 def _published_cleanup(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -165,8 +165,10 @@ def test_cleanup_equals_the_published_loop_and_names_each_cells_mask():
             masks.append(mask)
         painted = paint_masks(masks, (height, width))
         min_size = int(rng.choice([0, 5, 25]))
-        labels, sources = fill_holes_and_remove_small_masks(painted.copy(), min_size)
+        labels, sources, regions = fill_holes_and_remove_small_masks(painted.copy(), min_size)
         np.testing.assert_array_equal(labels, _published_cleanup(painted.copy(), min_size))
+        extents = find_objects(labels, max_label=len(sources))
+        assert regions == extents
         for k, source in enumerate(sources, start=1):
             assert not np.any(labels == k) or np.any((labels == k) & (painted == source))
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 from torch import Tensor
+from torch.profiler import record_function
 
 from cellsam_ray.model import paint, precision
 from cellsam_ray.model.boxes import BBOX_THRESHOLD, box_score_threshold, boxes_to_input_pixels
@@ -50,6 +51,8 @@ BOX_CHUNK = {"cpu": 4, "cuda": 128}
 """Boxes per mask-decoder call by device type. At v1.2 sizes a box's decoder activations take ~30 MB; on
 a CPU larger chunks fall out of cache and get slower per box (4: 102 ms, 32: 140 ms on 1 Zen 4 core); on a
 GPU small chunks are launch-bound (``python -m cellsam_ray.gpu_check`` times 16..512)."""
+HOST = "cellsam.host"
+"""Profiler label of the host work on the model-locked path (``bench_host`` counts it as host time)."""
 PAINT_BOXES = {"cpu": 0, "cuda": 1024}
 """Boxes whose low-res masks (256 KB each) are kept to be painted together, one host sync per paint call;
 0: paint every decoder chunk (a CPU has no sync to save, and keeps its cache)."""
@@ -85,9 +88,9 @@ def finish_tile(tile: PaintedTile, min_size: int = MIN_SIZE) -> TileSegmentation
     """The host phase: wait for the tile's labels, fill holes, drop small objects (published rules)."""
     if tile.ready is not None:
         tile.ready.synchronize()
-    labels, sources = fill_holes_and_remove_small_masks(tile.labels.numpy(), min_size)
-    return TileSegmentation(labels=labels, boxes=tile.boxes, scores=tile.scores, ious=tile.ious,
-                            embedding=tile.embedding, cell_rows=sources - 1)
+    cleaned = fill_holes_and_remove_small_masks(tile.labels.numpy(), min_size)
+    return TileSegmentation(labels=cleaned.labels, boxes=tile.boxes, scores=tile.scores, ious=tile.ious,
+                            embedding=tile.embedding, cell_rows=cleaned.sources - 1, cell_regions=cleaned.regions)
 
 
 @torch.inference_mode()
@@ -106,6 +109,7 @@ def infer_tiles(
     static_chunks: bool = False,
     precision_name: str = "fp32",
     keep_embedding: bool = False,
+    roles: bool = False,
 ) -> list[PaintedTile]:
     """The device phase for every tile, ``tile_batch`` tiles per encoder batch.
 
@@ -115,6 +119,9 @@ def infer_tiles(
     ``torch.compile`` or CUDA graphs). ``precision_name`` is one of ``precision.PRECISIONS``; the
     process's matmul flags are the caller's (``precision.configure``). ``keep_embedding`` copies each
     SAM image embedding to the host (4 MiB per tile at v1.2 sizes; nothing in the pipeline reads it).
+    With ``roles`` each image is a pipeline window (nuclear[, whole-cell], H, W), already normalised:
+    its channels go to CellSAM's channels 1 and 2 (``segmenter.cellsam_layout``) without a host copy in
+    between.
     """
     device = torch.device(device)
     chunk = box_chunk or BOX_CHUNK.get(device.type, BOX_CHUNK["cuda"])
@@ -122,7 +129,7 @@ def infer_tiles(
         normalize=normalize, bbox_threshold=bbox_threshold, iou_threshold=iou_threshold,
         mask_threshold=mask_threshold, device=device, box_chunk=chunk,
         paint_boxes=paint_boxes if paint_boxes is not None else PAINT_BOXES.get(device.type, PAINT_BOXES["cuda"]),
-        static_chunks=static_chunks, precision_name=precision_name, keep_embedding=keep_embedding,
+        static_chunks=static_chunks, precision_name=precision_name, keep_embedding=keep_embedding, roles=roles,
     )
     tiles: list[PaintedTile] = []
     for start in range(0, len(images), tile_batch):
@@ -133,60 +140,80 @@ def infer_tiles(
 def _infer_batch(
     images: Sequence[np.ndarray], model: CellSAM, *, normalize: bool, bbox_threshold: float, iou_threshold: float,
     mask_threshold: float, device: torch.device, box_chunk: int, paint_boxes: int, static_chunks: bool,
-    precision_name: str, keep_embedding: bool,
+    precision_name: str, keep_embedding: bool, roles: bool,
 ) -> list[PaintedTile]:
     sam = model.sam
     size = sam.image_encoder.img_size
-    tensors = [model_tensor(image, normalize=normalize) for image in images]
-    resized = _resize_on_device(tensors, size, device)
+    resized, shapes = _upload_resized(images, roles=roles, normalize=normalize, size=size, device=device)
     unit = embedding_input(resized, adv_mode=model.adv_mode)
     detector = detector_input(resized, adv_mode=model.adv_mode)
 
-    with precision.autocast(precision_name, device):
-        embeddings = sam.image_encoder.neck(vit_tokens(sam.image_encoder, sam_pixel_normalize(unit)))
-        finder = model.cellfinder.decode_head
-        features = finder.input_proj[0](vit_tokens(finder.backbone.body, detector))
-        logits, raw_boxes = finder.transformer(features)
+    embeddings, logits, raw_boxes = encode(model, unit, detector, precision_name)
     scores, _, boxes = detector_topk(logits.float(), raw_boxes.float(), image_size=(size, size))
     detections = torch.cat((scores[..., None], boxes), dim=-1).cpu()  # the batch's sync: the 2-means runs here
     image_pe = prompt_positions(sam, device)
 
     results = []
-    for index, tensor in enumerate(tensors):
-        height, width = tensor.shape[1:]
-        tile_scores = detections[index, :, 0]
-        # Scores come sorted (top-k), so the boxes above the threshold are a prefix: no mask to upload.
-        kept = int((tile_scores > box_score_threshold(tile_scores, bbox_threshold)).sum())
+    for index, (height, width) in enumerate(shapes):
+        with record_function(HOST):
+            tile_scores = detections[index, :, 0]
+            # Scores come sorted (top-k), so the boxes above the threshold are a prefix: no mask to upload.
+            kept = int((tile_scores > box_score_threshold(tile_scores, bbox_threshold)).sum())
         labels, painted, ious = _paint_tile(
             sam, embeddings[index : index + 1], image_pe, boxes[index, :kept], (height, width),
             iou_threshold=iou_threshold, mask_threshold=mask_threshold, box_chunk=box_chunk,
             paint_boxes=paint_boxes, static_chunks=static_chunks, precision_name=precision_name,
         )
         host_labels, ready = _to_host(labels.view(height, width))
-        painted = torch.from_numpy(painted)
-        results.append(PaintedTile(
-            labels=host_labels,
-            ready=ready,
-            boxes=boxes_to_input_pixels(detections[index, painted, 1:], height, width, size).numpy().reshape(-1, 4),
-            scores=tile_scores[painted].numpy(),
-            ious=ious,
-            embedding=embeddings[index : index + 1].float().cpu().numpy() if keep_embedding else None,
-        ))
+        with record_function(HOST):
+            painted = torch.from_numpy(painted)
+            painted_boxes = boxes_to_input_pixels(detections[index, painted, 1:], height, width, size)
+            results.append(PaintedTile(
+                labels=host_labels,
+                ready=ready,
+                boxes=painted_boxes.numpy().reshape(-1, 4),
+                scores=tile_scores[painted].numpy(),
+                ious=ious,
+                embedding=embeddings[index : index + 1].float().cpu().numpy() if keep_embedding else None,
+            ))
     return results
 
 
-def _resize_on_device(tensors: list[Tensor], size: int, device: torch.device) -> Tensor:
-    """(B, 3, size, size) float32 on ``device``: tiles of one shape are copied and resized together."""
-    out = torch.empty((len(tensors), 3, size, size), device=device)
+def encode(model: CellSAM, unit: Tensor, detector: Tensor, precision_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Both encoders and CellFinder's transformer: SAM image embeddings (B, C, g, g), class logits (B, Q, K)
+    and (cx, cy, w, h) boxes (B, Q, 4)."""
+    sam = model.sam
+    with precision.autocast(precision_name, unit.device):
+        embeddings = sam.image_encoder.neck(vit_tokens(sam.image_encoder, sam_pixel_normalize(unit)))
+        finder = model.cellfinder.decode_head
+        features = finder.input_proj[0](vit_tokens(finder.backbone.body, detector))
+        logits, raw_boxes = finder.transformer(features)
+    return embeddings, logits, raw_boxes
+
+
+def _upload_resized(images: Sequence[np.ndarray], *, roles: bool, normalize: bool, size: int,
+                    device: torch.device) -> tuple[Tensor, list[tuple[int, int]]]:
+    """(B, 3, size, size) float32 on ``device`` and each tile's (H, W). Tiles of one shape are laid out in
+    CellSAM's channel order straight into one (pinned) host buffer, copied and resized together."""
+    shapes = [tuple(image.shape[1:] if roles else image.shape[:2]) for image in images]
+    out = torch.empty((len(images), 3, size, size), device=device)
     by_shape: dict[tuple, list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        by_shape.setdefault(tuple(tensor.shape), []).append(i)
-    for indices in by_shape.values():
-        batch = torch.stack([tensors[i] for i in indices])
-        if device.type == "cuda":
-            batch = batch.pin_memory()
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(i)
+    for shape, indices in by_shape.items():
+        with record_function(HOST):
+            batch = torch.empty((len(indices), 3, *shape), pin_memory=device.type == "cuda")
+            for slot, i in zip(batch, indices):
+                if roles:
+                    if normalize or not 1 <= len(images[i]) <= 2:
+                        raise ValueError("role windows are (1 or 2, H, W) and already normalised")
+                    slot[0] = 0
+                    slot[1 : 1 + len(images[i])] = torch.from_numpy(np.asarray(images[i], dtype=np.float32))
+                    slot[1 + len(images[i]) :] = 0
+                else:
+                    slot.copy_(model_tensor(images[i], normalize=normalize))
         out[indices] = resize_to_model(batch.to(device, non_blocking=True), size)
-    return out
+    return out, shapes
 
 
 def _to_host(labels: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -24,12 +25,21 @@ def paint_masks(masks: Iterable[np.ndarray], shape: tuple[int, int]) -> np.ndarr
     return labels
 
 
-def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SIZE) -> tuple[np.ndarray, np.ndarray]:
+class Cleaned(NamedTuple):
+    """The cleanup's result: the labels, and per kept object k where it came from and where it lies."""
+
+    labels: np.ndarray  # (H, W) int32, ``labels`` itself, changed in place
+    sources: np.ndarray  # (K,) int64: object k had label sources[k - 1] before (its mask's paint rank)
+    regions: list[tuple[slice, slice] | None]  # object k's extent (None: swallowed by a later hole)
+
+
+def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SIZE) -> Cleaned:
     """Fill each object's holes, drop objects under ``min_size`` pixels and number the rest 1..K.
 
-    Returns the labels (``labels`` itself, changed in place) and, for each kept object k, the label it
-    had before (``sources[k - 1]``): the row of its mask among the painted ones, so its score and
-    predicted IoU are known without guessing.
+    Besides the labels it returns, for each kept object k, the label it had before: the row of its mask
+    among the painted ones, so its score and predicted IoU are known without guessing; and its extent,
+    which is its painted extent unless another object's filled hole took some of its pixels (then it
+    is measured again), so the cells can be cut out without searching the image.
 
     The result is that of the published Cellpose port, which works in ascending label order, order
     effects included: an object's filled holes overwrite any other object inside them, and an object's
@@ -46,6 +56,7 @@ def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SI
     remaining = np.bincount(labels.ravel(), minlength=count + 1)[: count + 1].astype(np.int64)
     may_have_holes = _several_runs_in_a_row(labels, count)
     renumber = np.zeros(count + 1, dtype=labels.dtype)
+    lost = np.zeros(count + 1, dtype=bool)  # objects (by first label) that lost pixels to a filled hole
     sources: list[int] = []
     for index, region in enumerate(regions):
         label = index + 1
@@ -65,11 +76,27 @@ def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SI
             sources.append(label)
             filled = _fill_holes(mask)
             overwritten = view[filled & ~mask]
-            remaining -= np.bincount(overwritten[overwritten > 0], minlength=count + 1)[: count + 1]
+            if overwritten.any():
+                originals = overwritten[overwritten > 0]
+                remaining -= np.bincount(originals, minlength=count + 1)[: count + 1]
+                lost[originals] = True
+                lost[np.asarray(sources)[-overwritten[overwritten < 0] - 1]] = True  # earlier filled objects
             view[filled] = -len(sources)
     final = np.concatenate((np.arange(len(sources), 0, -1, dtype=labels.dtype), renumber))  # -K..-1, then 0..count
     np.take(final, labels + len(sources), out=labels)
-    return labels, np.asarray(sources, dtype=np.int64)
+    return Cleaned(labels, np.asarray(sources, dtype=np.int64),
+                   [_extent(labels, regions[source - 1], k) if lost[source] else regions[source - 1]
+                    for k, source in enumerate(sources, start=1)])
+
+
+def _extent(labels: np.ndarray, region: tuple[slice, slice], label: int) -> tuple[slice, slice] | None:
+    """The extent of ``label`` inside ``region`` (None where none of it is left)."""
+    found = ndimage.find_objects((labels[region] == label).view(np.uint8))
+    if not found:
+        return None
+    rows, cols = found[0]
+    return (slice(region[0].start + rows.start, region[0].start + rows.stop),
+            slice(region[1].start + cols.start, region[1].start + cols.stop))
 
 
 _CROSS = ndimage.generate_binary_structure(2, 1)

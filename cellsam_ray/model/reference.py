@@ -51,6 +51,7 @@ class TileSegmentation:
     ious: np.ndarray  # (N,) float32, SAM's predicted IoU of each mask
     embedding: np.ndarray | None  # (1, C, g, g) float32, the SAM image embedding of the tile, when asked for
     cell_rows: np.ndarray  # (K,) int64, the row of boxes/scores/ious that label k + 1 was painted from
+    cell_regions: list  # (K,) label k + 1's extent, (rows, cols) slices, or None where it is absent
 
 
 @torch.inference_mode()
@@ -99,15 +100,16 @@ def segment_tile_reference(
             ious.append(iou)
             yield mask
 
-    labels, sources = fill_holes_and_remove_small_masks(paint_masks(masks(), (height, width)), min_size)
+    cleaned = fill_holes_and_remove_small_masks(paint_masks(masks(), (height, width)), min_size)
     kept = torch.tensor(painted, dtype=torch.long)
     return TileSegmentation(
-        labels=labels,
+        labels=cleaned.labels,
         boxes=boxes_to_input_pixels(boxes[kept], height, width, size).numpy().reshape(-1, 4),
         scores=scores[kept].numpy(),
         ious=np.asarray(ious, dtype=np.float32),
         embedding=embedding.float().cpu().numpy() if keep_embedding else None,
-        cell_rows=sources - 1,
+        cell_rows=cleaned.sources - 1,
+        cell_regions=cleaned.regions,
     )
 
 

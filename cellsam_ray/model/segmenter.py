@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from cellsam_ray.model import precision
 from cellsam_ray.model.fast import BOX_CHUNK, PAINT_BOXES, finish_tile, infer_tiles
@@ -68,13 +67,12 @@ class CellSAMSegmenter:
 
     def infer_batch(self, windows: list[np.ndarray], *, origins: list[tuple[int, int]]) -> list[Callable[[], dict]]:
         """The model's part of ``segment_batch``; calling each result does the rest (host work only)."""
-        images = [cellsam_layout(w) for w in windows]
         options = dict(normalize=False, bbox_threshold=self.bbox_threshold, device=self.device)
         if self.mode == "fast":
-            painted = infer_tiles(images, self.model, tile_batch=self.batch_size, box_chunk=self.box_chunk,
+            painted = infer_tiles(windows, self.model, roles=True, tile_batch=self.batch_size, box_chunk=self.box_chunk,
                                   paint_boxes=self.paint_boxes, precision_name=self.precision, **options)
             return [partial(_cells_of_painted, tile) for tile in painted]
-        tiles = [segment_tile_reference(image, self.model, **options) for image in images]
+        tiles = [segment_tile_reference(cellsam_layout(w), self.model, **options) for w in windows]
         return [partial(cells_of, tile) for tile in tiles]
 
     def on_out_of_memory(self) -> bool:
@@ -102,11 +100,11 @@ def _cells_of_painted(tile) -> dict[str, Any]:
 def cells_of(tile: TileSegmentation) -> dict[str, Any]:
     """The contract's boxes, scores, ious and masks: one per cell of the tile's label image.
 
-    A cell's box is its mask's extent; its score and predicted IoU are those of the box whose mask
-    painted it (``tile.cell_rows``).
+    A cell's box is its mask's extent (``tile.cell_regions``, kept by the cleanup); its score and
+    predicted IoU are those of the box whose mask painted it (``tile.cell_rows``).
     """
     boxes, rows, masks = [], [], []
-    for index, found in enumerate(ndimage.find_objects(tile.labels)):
+    for index, found in enumerate(tile.cell_regions):
         if found is None:
             continue
         y, x = found
