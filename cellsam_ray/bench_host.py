@@ -7,8 +7,8 @@ it on a CPU, with the networks' outputs replaced by fixed synthetic ones, so onl
 - encoders: zero embeddings and a detector that finds ``cells`` cells on a grid (score 0.9, the other
   queries 0.02); mask decoder: a disc of the box's size for each box, predicted IoU 0.9;
 - everything else is the real fast path, the pipeline's, with CUDA's decoder chunk and paint size:
-  ``fast.infer_tiles`` (preprocessing, top-k, box threshold, painting), then ``finish_tile``, ``cells_of``, the contract check, ``tile_candidates``
-  and the candidates' serialisation.
+  ``fast.infer_tiles`` (preprocessing, top-k, box threshold, painting), then ``finish_tile``,
+  ``cells_of``, the contract check, ``tile_candidates`` and the candidates' serialisation.
 
 ``host_ms_per_tile_critical`` is host time in ``infer_tiles``, the model-locked phase during which the
 network cannot run: its wall time, less the time inside the outermost torch ops (on a GPU their work is
@@ -18,8 +18,10 @@ memory, the detections once copied back) are marked ``fast.HOST`` and count whol
 preprocessing takes the accelerator's order statistics (a device sort; on a CPU NumPy would partition).
 Every tensor made during the phase is kept alive until it ends (a dispatch mode, whose own calibrated
 cost is taken off): freeing the CPU's stand-ins for device buffers (munmap of hundreds of MB, tens of
-ms) is not host work a GPU's caching allocator would do. ``host_ms_per_tile_total`` adds the host phase (wall time), which runs
-outside the lock, overlapped with the next batch. Both are medians over ``repeats`` runs.
+ms) is not host work a GPU's caching allocator would do.
+
+``host_ms_per_tile_total`` adds the host phase (wall time), which runs outside the lock, overlapped with
+the next batch. Both are medians over ``repeats`` runs.
 """
 
 from __future__ import annotations

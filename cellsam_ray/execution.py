@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import resource
 import statistics
@@ -35,6 +34,7 @@ from typing import Any, Callable
 
 import ray
 
+from cellsam_ray import device
 from cellsam_ray.errors import RunFailed
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
@@ -122,42 +122,21 @@ class SegmentWorker:
             # flight has the model meanwhile.
             results = [r for part, done in inferred for r in finish_tiles(self.plan, part, done)]
         except Exception as err:
-            _exit_if_device_broken(err)
+            device.exit_if_device_broken(err)
             raise
         list(self.readers.map(lambda r: self.plan.work.put(CANDIDATES, r[1].key, r[0].to_bytes()), results))
         return [(o.key, o.candidates, o.model_seconds) for _, o in results]
 
     def _infer(self, tiles: list, windows: list) -> list[tuple[list, Inferred]]:
-        """The model's part of stage A in sub-batches of at most ``batch_limit`` tiles.
+        """The model's part of stage A in sub-batches of at most ``batch_limit`` tiles; out of device memory
+        halves the limit and shrinks the segmenter's own work (``device.run_shrinking``), and the lower
+        sizes stay for this actor's later batches."""
+        def run(part: list) -> Inferred:
+            return infer_tiles(self.segmenter, [t for t, _ in part], [w for _, w in part])
 
-        Out of device memory (CUDA's allocator, or cuBLAS/cuDNN failing to allocate their workspaces)
-        halves the limit and asks the segmenter to shrink what it sizes itself (CellSAM: the decoder
-        chunk), then redoes the unfinished part; the lower sizes stay for this actor's later batches.
-        Memory is released after the ``except`` block, once the traceback no longer holds the failed
-        call's tensors.
-        """
-        done: list[tuple[list, Inferred]] = []
-        finished = 0
-        while finished < len(tiles):
-            n = min(self.batch_limit, len(tiles) - finished)
-            part = tiles[finished : finished + n]
-            out_of_memory = None
-            try:
-                done.append((part, infer_tiles(self.segmenter, part, windows[finished : finished + n])))
-                finished += n
-            except Exception as err:
-                if not _is_out_of_memory(err):
-                    raise
-                out_of_memory = str(err).splitlines()[0] if str(err) else type(err).__name__
-            if out_of_memory:
-                shrunk = getattr(self.segmenter, "on_out_of_memory", lambda: False)()
-                if n == 1 and not shrunk:
-                    raise RuntimeError(f"out of device memory on one tile, with nothing left to shrink: {out_of_memory}")
-                self.batch_limit = max(n // 2, 1)
-                print(f"out of device memory on {n} tiles: batches of {self.batch_limit} from now on"
-                      f"{' and a smaller decoder chunk' if shrunk else ''}", file=sys.stderr, flush=True)
-                _release_device_memory()
-        return done
+        done, self.batch_limit = device.run_shrinking(list(zip(tiles, windows)), self.batch_limit, run,
+                                                      getattr(self.segmenter, "on_out_of_memory", None))
+        return [([t for t, _ in part], inferred) for part, inferred in done]
 
     @ray.method(concurrency_group="control")  # answers while both batch threads are busy
     def node_id(self) -> str:
@@ -166,38 +145,6 @@ class SegmentWorker:
     @ray.method(concurrency_group="control")
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-_ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
-"""Device out-of-memory as cuBLAS, cuDNN or a raw CUDA call report it (not torch's OutOfMemoryError)."""
-_BROKEN_DEVICE = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
-                  "illegal instruction", "uncorrectable ECC error", "CUDA error: an illegal", "launch timed out")
-"""Sticky CUDA errors: the process's CUDA context is unusable afterwards, so nothing it retries can work."""
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is the device running out of memory. Only a segmenter that imported torch can raise
-    torch's error, so a segmenter without torch never pays for importing it here."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(err, RuntimeError) and any(text in str(err) for text in _ALLOCATION_FAILURES)
-
-
-def _exit_if_device_broken(err: BaseException) -> None:
-    """End the actor's process on a sticky CUDA error: Ray restarts the actor with a fresh context and
-    retries its tasks, where retrying in this process would fail the same way on every tile."""
-    if isinstance(err, RuntimeError) and any(text in str(err) for text in _BROKEN_DEVICE):
-        print(f"the CUDA context is broken ({str(err).splitlines()[0]}): restarting this model actor",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-
-def _release_device_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _one_line(err: BaseException) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from cellsam_ray.evaluate import label_agreement  # noqa: F401 - the golden tolerance, re-exported for tests
 from cellsam_ray.io.storage import join_url, open_group
 
 TEST_CREDENTIALS = {"key": "testing", "secret": "testing"}
@@ -277,18 +278,6 @@ def reference_dir() -> Path:
         raise FileNotFoundError(f"no reference data at {folder} (expected golden/cases.json there); "
                                 "set CELLSAM_REFERENCE_DIR to the folder holding golden/")
     return folder
-
-
-def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    """The golden label tolerance: (fraction of pixels equal once each actual id is mapped to its
-    best-overlapping expected id, worst IoU of an expected cell with its best-matching actual cell)."""
-    n_act, n_exp = int(actual.max()) + 1, int(expected.max()) + 1
-    overlap = np.bincount(actual.ravel() * n_exp + expected.ravel(), minlength=n_act * n_exp).reshape(n_act, n_exp)
-    mapping = overlap.argmax(axis=1)
-    mapping[0] = 0
-    agree = float(np.mean(mapping[actual] == expected))
-    iou = overlap / (overlap.sum(axis=1)[:, None] + overlap.sum(axis=0)[None, :] - overlap)
-    return agree, float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0
 
 
 def _proc_net_ip(hex_address: str) -> str:

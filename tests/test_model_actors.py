@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellsam_ray import execution
+from cellsam_ray import device, execution
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.tiling import TileGrid
 
@@ -43,7 +43,7 @@ def test_gpu_actors_get_their_share_of_the_nodes_cpus(gpus_per_worker, cpus_per_
     (ValueError("CUBLAS_STATUS_ALLOC_FAILED"), False),
 ])
 def test_out_of_memory_includes_cublas_and_cudnn_allocation_failures(error, expected):
-    assert execution._is_out_of_memory(error) is expected
+    assert device.is_out_of_memory(error) is expected
 
 
 class _SmallDevice:
@@ -74,9 +74,9 @@ def test_out_of_memory_shrinks_the_batch_and_the_decoder_chunk_and_redoes_only_t
 
 
 def test_a_sticky_cuda_error_ends_the_process():
-    code = ("from cellsam_ray import execution\n"
-            "execution._exit_if_device_broken(RuntimeError('CUDA error: an illegal memory access was encountered'))\n"
+    code = ("from cellsam_ray import device\n"
+            "device.exit_if_device_broken(RuntimeError('CUDA error: an illegal memory access was encountered'))\n"
             "print('still alive')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "still alive" not in done.stdout and "restarting this model actor" in done.stderr
-    execution._exit_if_device_broken(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # returns
+    device.exit_if_device_broken(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # returns

@@ -63,8 +63,10 @@ def attention(attn: Attention, x: Tensor) -> Tensor:
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     else:
         grid_q = q.unflatten(2, (h, w))
-        rel_h = torch.einsum("bnyxc,ykc->bnyxk", grid_q, relative_positions(h, attn.rel_pos_h).to(q.dtype)).flatten(2, 3)
-        rel_w = torch.einsum("bnyxc,xkc->bnyxk", grid_q, relative_positions(w, attn.rel_pos_w).to(q.dtype)).flatten(2, 3)
+        table_h, table_w = (relative_positions(n, table).to(q.dtype) for n, table in ((h, attn.rel_pos_h),
+                                                                                         (w, attn.rel_pos_w)))
+        rel_h = torch.einsum("bnyxc,ykc->bnyxk", grid_q, table_h).flatten(2, 3)
+        rel_w = torch.einsum("bnyxc,xkc->bnyxk", grid_q, table_w).flatten(2, 3)
         parts = []
         for start in range(0, h * w, ATTENTION_QUERY_CHUNK):
             rows = slice(start, start + ATTENTION_QUERY_CHUNK)

@@ -154,7 +154,8 @@ class _Plan:
         return (ints[self.start][:, None] + steps).clamp(max=tile - 1), steps < ints[self.length][:, None]
 
 
-def paint(labels: Tensor, low: Tensor, reach: Tensor, rank: Tensor, rows: Axis, cols: Axis, mask_threshold: float) -> None:
+def paint(labels: Tensor, low: Tensor, reach: Tensor, rank: Tensor, rows: Axis, cols: Axis,
+          mask_threshold: float) -> None:
     """Upsample each mask where its reachable low-res pixels can land in the tile, and max-paint its rank.
 
     ``labels`` is the flat (H·W,) int32 tile; ``low`` (n, s, s) float32 logits, ``reach`` where they may

@@ -37,9 +37,12 @@ VALUE_MARGIN = 1e-5
 """Scores within this of a midpoint (or of the final threshold) count as ties: centres are float32 means."""
 
 
-def two_means_centres(scores: np.ndarray) -> np.ndarray | None:
+def two_means_centres(scores: np.ndarray, *, strict: bool = True) -> np.ndarray | None:
     """The two cluster centres sklearn's KMeans finds for ``scores`` (n >= 2, float32, data order),
-    or None where rounding could change its answer (ties, degenerate clusters)."""
+    or None where rounding could change its answer (ties, degenerate clusters). With ``strict`` off,
+    near-ties are taken as float64 decides them (for a machine without sklearn); None only where
+    sklearn would relocate an empty cluster."""
+    margins = (DRAW_MARGIN, VALUE_MARGIN) if strict else (0.0, 0.0)
     values = np.asarray(scores, dtype=np.float32).reshape(-1)
     if np.all(values == values[0]):
         return np.array([values[0], values[0]], dtype=np.float64)  # sklearn: one distinct cluster, twice
@@ -51,10 +54,10 @@ def two_means_centres(scores: np.ndarray) -> np.ndarray | None:
     prefix = np.concatenate(([0.0], np.cumsum(ordered)))
     tol = float(np.var(values)) * TOL
     answers = set()
-    for init in _kmeans_plusplus(x, values):
+    for init in _kmeans_plusplus(x, margins[0]):
         if init is None:
             return None
-        centres = _lloyd(ordered, prefix, init, tol)
+        centres = _lloyd(ordered, prefix, init, tol, margins[1])
         if centres is None:
             return None
         answers.add(tuple(np.round(centres + mean, 12)))
@@ -63,7 +66,7 @@ def two_means_centres(scores: np.ndarray) -> np.ndarray | None:
     return np.array(answers.pop())
 
 
-def _kmeans_plusplus(x: np.ndarray, values: np.ndarray) -> list[tuple[float, float] | None]:
+def _kmeans_plusplus(x: np.ndarray, margin: float) -> list[tuple[float, float] | None]:
     """Initial centres as sklearn's ``_kmeans_plusplus`` picks them: one reading, or two for a draw that
     float32 rounding could put on either side of a boundary; None for a near-tie between candidates."""
     n = len(x)
@@ -78,16 +81,16 @@ def _kmeans_plusplus(x: np.ndarray, values: np.ndarray) -> list[tuple[float, flo
     for draw in draws:
         index = min(int(np.searchsorted(cumulative, draw)), n - 1)
         options = {index}
-        if index > 0 and draw - cumulative[index - 1] < DRAW_MARGIN * potential:
+        if index > 0 and draw - cumulative[index - 1] < margin * potential:
             options.add(index - 1)
-        if cumulative[index] - draw < DRAW_MARGIN * potential and index + 1 < n:
+        if cumulative[index] - draw < margin * potential and index + 1 < n:
             options.add(index + 1)
         readings.append(sorted(options))
     inits: list[tuple[float, float] | None] = []
     for a in readings[0]:
         for b in readings[1]:
             pots = [np.minimum(closest, (x - x[c]) ** 2).sum() for c in (a, b)]
-            if x[a] != x[b] and abs(pots[0] - pots[1]) < DRAW_MARGIN * potential:
+            if x[a] != x[b] and abs(pots[0] - pots[1]) < margin * potential:
                 inits.append(None)  # the two candidates lower the potential equally: argmin is a coin toss
                 continue
             second = (a, b)[int(np.argmin(pots))]
@@ -95,10 +98,11 @@ def _kmeans_plusplus(x: np.ndarray, values: np.ndarray) -> list[tuple[float, flo
     return list(dict.fromkeys(inits))
 
 
-def _lloyd(ordered: np.ndarray, prefix: np.ndarray, init: tuple[float, float], tol: float) -> np.ndarray | None:
+def _lloyd(ordered: np.ndarray, prefix: np.ndarray, init: tuple[float, float], tol: float,
+           margin: float) -> np.ndarray | None:
     """sklearn's ``_kmeans_single_lloyd`` on sorted 1-D data. A score at a midpoint (within rounding) is
     followed both ways; None unless every way ends in the same centres, or at any other near-tie."""
-    ends = _paths(ordered, prefix, np.array(init, dtype=np.float64), None, tol, MAX_ITER, [BRANCHES])
+    ends = _paths(ordered, prefix, np.array(init, dtype=np.float64), None, tol, MAX_ITER, [BRANCHES], margin)
     if ends is None or len({tuple(c) for c in ends}) != 1:
         return None
     return ends[0]
@@ -108,7 +112,7 @@ BRANCHES = 16
 """Most extra Lloyd paths followed through near-ties before the replay gives up and sklearn answers."""
 
 
-def _paths(ordered, prefix, centres, previous_split, tol, steps, budget) -> list[np.ndarray] | None:
+def _paths(ordered, prefix, centres, previous_split, tol, steps, budget, margin) -> list[np.ndarray] | None:
     """The final centres of every path Lloyd can take from ``centres`` in ``steps`` iterations."""
     n = len(ordered)
     while steps > 0:
@@ -118,9 +122,9 @@ def _paths(ordered, prefix, centres, previous_split, tol, steps, budget) -> list
         # The points nearer the lower centre form its cluster; a point at the midpoint joins cluster 0.
         split = int(np.searchsorted(ordered, midpoint, side="right" if centres[0] < centres[1] else "left"))
         splits = [split]
-        if split > 0 and midpoint - ordered[split - 1] < VALUE_MARGIN:
+        if split > 0 and midpoint - ordered[split - 1] < margin:
             splits.append(split - 1)
-        if split < n and ordered[split] - midpoint < VALUE_MARGIN:
+        if split < n and ordered[split] - midpoint < margin:
             splits.append(split + 1)
         if len(splits) > 1:
             budget[0] -= len(splits) - 1
@@ -128,16 +132,17 @@ def _paths(ordered, prefix, centres, previous_split, tol, steps, budget) -> list
                 return None
             ends: list[np.ndarray] = []
             for choice in splits:
-                outcome = _update(ordered, prefix, centres, choice, previous_split, tol)
+                outcome = _update(ordered, prefix, centres, choice, previous_split, tol, margin)
                 if outcome is None:
                     return None
                 new, done = outcome
-                more = [new] if done or steps == 1 else _paths(ordered, prefix, new, choice, tol, steps - 1, budget)
+                more = [new] if done or steps == 1 else _paths(
+                    ordered, prefix, new, choice, tol, steps - 1, budget, margin)
                 if more is None:
                     return None
                 ends += more
             return ends
-        outcome = _update(ordered, prefix, centres, split, previous_split, tol)
+        outcome = _update(ordered, prefix, centres, split, previous_split, tol, margin)
         if outcome is None:
             return None
         centres, done = outcome
@@ -147,7 +152,7 @@ def _paths(ordered, prefix, centres, previous_split, tol, steps, budget) -> list
     return [centres]
 
 
-def _update(ordered, prefix, centres, split, previous_split, tol) -> tuple[np.ndarray, bool] | None:
+def _update(ordered, prefix, centres, split, previous_split, tol, margin) -> tuple[np.ndarray, bool] | None:
     """The centres of the clusters ``split`` makes, and whether sklearn stops there (labels unchanged, or
     the squared shift within ``tol``); None for an empty cluster or a shift at the tolerance."""
     n = len(ordered)
@@ -160,6 +165,6 @@ def _update(ordered, prefix, centres, split, previous_split, tol) -> tuple[np.nd
     shift = float(((new - centres) ** 2).sum())
     if split == previous_split:
         return new, True
-    if abs(shift - tol) < 1e-3 * tol:
+    if margin and abs(shift - tol) < 1e-3 * tol:
         return None
     return new, shift <= tol

@@ -62,7 +62,8 @@ def infer_tiles(segmenter: Segmenter, tiles: list[Tile], windows: list[np.ndarra
 def finish_tiles(plan: SlidePlan, tiles: list[Tile], inferred: Inferred) -> list[tuple[CellSet, TileOutcome]]:
     """The host part of stage A, outside any model lock: finish each tile and keep its candidates."""
     start = time.perf_counter()
-    found = [check_detections(finish(), f"segmenter on tile {tile.key}") for tile, finish in zip(tiles, inferred.finishers)]
+    found = [check_detections(finish(), f"segmenter on tile {tile.key}")
+             for tile, finish in zip(tiles, inferred.finishers)]
     per_tile = (inferred.seconds + time.perf_counter() - start) / max(len(tiles), 1)
     out = []
     for tile, detections in zip(tiles, found):
