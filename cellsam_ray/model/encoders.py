@@ -87,6 +87,8 @@ def relative_positions(size: int, table: Tensor) -> Tensor:
 
 @lru_cache(maxsize=16)
 def _offset_index(size: int, device: torch.device) -> Tensor:
-    """(size, size) int64 index ``i - j + size - 1``, built once per size and device."""
-    steps = torch.arange(size, device=device)
-    return steps[:, None] - steps[None, :] + (size - 1)
+    """(size, size) int64 index ``i - j + size - 1``, built once per size and device (as a normal tensor,
+    even when first asked for in inference mode, so autograd may use it later)."""
+    with torch.inference_mode(False):
+        steps = torch.arange(size, device=device)
+        return steps[:, None] - steps[None, :] + (size - 1)

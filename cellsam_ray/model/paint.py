@@ -102,6 +102,11 @@ class Axis:
 @lru_cache(maxsize=32)
 def axis(low: int, model: int, tile: int, device: torch.device) -> Axis:
     """The :class:`Axis` for these sizes, built (and copied to ``device``) once per process."""
+    with torch.inference_mode(False):  # normal tensors, whatever mode the first caller is in
+        return _build_axis(low, model, tile, device)
+
+
+def _build_axis(low: int, model: int, tile: int, device: torch.device) -> Axis:
     if model % low:
         raise ValueError(f"model frame {model} is not a multiple of the low-res mask size {low}")
     to_model, to_tile = axis_taps(low, model), axis_taps(model, tile)
