@@ -185,9 +185,9 @@ def encode(model: CellSAM, unit: Tensor, detector: Tensor, precision_name: str) 
     sam = model.sam
     with precision.autocast(precision_name, unit.device):
         embeddings = sam.image_encoder.neck(vit_tokens(sam.image_encoder, sam_pixel_normalize(unit)))
-        finder = model.cellfinder.decode_head
-        features = finder.input_proj[0](vit_tokens(finder.backbone.body, detector))
-        logits, raw_boxes = finder.transformer(features)
+    finder = model.cellfinder.decode_head  # never bf16: it decides which boxes exist (``precision``)
+    features = finder.input_proj[0](vit_tokens(finder.backbone.body, detector))
+    logits, raw_boxes = finder.transformer(features)
     return embeddings, logits, raw_boxes
 
 
