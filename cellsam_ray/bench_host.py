@@ -88,6 +88,7 @@ def host_profile(*, cells: int = 1000, window: int = 1024, tiles: int = 2, repea
         host_ms_per_tile_critical=round(statistics.median(critical), 2),
         host_ms_per_tile_total=round(statistics.median(total), 2),
         host_phase_ms_per_tile=round(statistics.median(host), 2),
+        fastest=dict(critical=round(min(critical), 2), total=round(min(total), 2), host_phase=round(min(host), 2)),
         torch_ops_per_tile=round(statistics.median(ops), 1),
         launch_us_assumed=LAUNCH_US,
         keep_alive_us_per_op=round(mode_us, 2),

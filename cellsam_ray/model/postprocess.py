@@ -58,6 +58,7 @@ def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SI
     renumber = np.zeros(count + 1, dtype=labels.dtype)
     lost = np.zeros(count + 1, dtype=bool)  # objects (by first label) that lost pixels to a filled hole
     sources: list[int] = []
+    filled = False  # whether any object was written as a negative number
     for index, region in enumerate(regions):
         label = index + 1
         if region is None:
@@ -74,16 +75,20 @@ def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = MIN_SI
             view[mask] = 0
         elif size > 0:
             sources.append(label)
-            filled = _fill_holes(mask)
-            overwritten = view[filled & ~mask]
+            holes_filled = _fill_holes(mask)
+            overwritten = view[holes_filled & ~mask]
             if overwritten.any():
                 originals = overwritten[overwritten > 0]
                 remaining -= np.bincount(originals, minlength=count + 1)[: count + 1]
                 lost[originals] = True
                 lost[np.asarray(sources)[-overwritten[overwritten < 0] - 1]] = True  # earlier filled objects
-            view[filled] = -len(sources)
-    final = np.concatenate((np.arange(len(sources), 0, -1, dtype=labels.dtype), renumber))  # -K..-1, then 0..count
-    np.take(final, labels + len(sources), out=labels)
+            view[holes_filled] = -len(sources)
+            filled = True
+    if filled:
+        final = np.concatenate((np.arange(len(sources), 0, -1, dtype=labels.dtype), renumber))  # -K..-1, 0..count
+        labels[...] = final[labels + len(sources)]
+    else:
+        labels[...] = renumber[labels]
     return Cleaned(labels, np.asarray(sources, dtype=np.int64),
                    [_extent(labels, regions[source - 1], k) if lost[source] else regions[source - 1]
                     for k, source in enumerate(sources, start=1)])
