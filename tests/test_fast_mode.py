@@ -59,8 +59,11 @@ def test_chunking_and_grouping_do_not_change_labels(golden_runs, monkeypatch):
     case = "gray_512_norm"
     model = load_cellsam(str(GOLDEN / "tiny_cellsam.pt"), str(GOLDEN / "tiny_config.json"))
     monkeypatch.setattr(paint, "WINDOW_BUDGET", 5000)  # many small paste groups
-    result = fast.segment_tile_fast(np.load(GOLDEN / f"{case}.input.npy"), model, box_chunk=7)
-    np.testing.assert_array_equal(result.labels, golden_runs[case][1].labels)
+    image = np.load(GOLDEN / f"{case}.input.npy")
+    for options in (dict(box_chunk=7), dict(box_chunk=16, static_chunks=True, paint_boxes=40)):
+        result = fast.segment_tile_fast(image, model, **options)  # 100 boxes: a padded last chunk, 3 paint calls
+        np.testing.assert_array_equal(result.labels, golden_runs[case][1].labels)
+        np.testing.assert_array_equal(result.ious, golden_runs[case][1].ious)
 
 
 @pytest.mark.parametrize("shape", [(300, 200), (1500, 700), (1024, 1024), (37, 1100)])
