@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
-from cellsam_ray.errors import RunFailed, UserError
+from cellsam_ray.errors import RunFailed, RunStopped, UserError
 
 # subcommand name -> module under cellsam_ray.commands
 COMMANDS: dict[str, str] = {
@@ -38,6 +39,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="cellsam-ray",
         description="Distributed CellSAM cell segmentation of OME-Zarr slides, on Ray.",
     )
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of an unexpected error.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
         if only is not None and name != only:
@@ -50,15 +52,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; whatever goes wrong ends as one line on stderr and a non-zero exit (2: bad input,
+    1: the run failed, 130: stopped), with the traceback only under ``--debug``."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except UserError as err:
         print(f"cellsam-ray: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"cellsam-ray: {err}", file=sys.stderr)
+        return 130
     except RunFailed as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"cellsam-ray: failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cellsam-ray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a user sees one line, never a traceback, unless they ask
+        if args.debug:
+            traceback.print_exc()
+        text = str(err).strip().splitlines()
+        print(f"cellsam-ray: unexpected error: {type(err).__name__}{': ' + text[0] if text else ''} (rerun with "
+              "--debug for the traceback; a segment run's report.json says how far it came)", file=sys.stderr)
         return 1
 
 

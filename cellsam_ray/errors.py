@@ -21,6 +21,11 @@ class RunFailed(Exception):
     """
 
 
+class RunStopped(RunFailed):
+    """A run stopped from outside (SIGTERM from ``cellsam-ray stop`` or the cluster, Ctrl-C): what finished
+    is kept, as after a failure."""
+
+
 @contextmanager
 def storage_errors(*, refused: str, unreachable: str) -> Iterator[None]:
     """Turn any failure to reach storage inside the block into a one-line UserError: refused credentials

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import resource
 import statistics
-import sys
 import threading
 import time
 from collections import deque
@@ -35,11 +34,11 @@ from typing import Any, Callable
 import ray
 
 from cellsam_ray import device
-from cellsam_ray.errors import RunFailed
+from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets
-from cellsam_ray.pipeline import labels_out, source
+from cellsam_ray.pipeline import extent, labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
 from cellsam_ray.qc.views import write_qc_images
@@ -87,6 +86,8 @@ class RunStats:
     qc: dict | None = None  # the QC pictures written
     actor_peak_rss_mb: list = field(default_factory=list)
     nodes: list = field(default_factory=list)  # Ray node ids the model actors ran on
+    tasks: dict = field(default_factory=dict)  # tasks (or actor calls) per stage
+    batches: int = 0  # model batches handed to the actors
     failed: list[TileFailure] = field(default_factory=list)
 
 
@@ -174,16 +175,20 @@ def _reconcile(plan: SlidePlan, home: tuple[int, int]):
 
 
 @ray.remote(max_retries=TASK_RETRIES, num_returns=3)
-def _write_core(plan: SlidePlan, home: tuple[int, int], offsets: list[int], *kept: CellSet):
-    """Paint and write one core; returns the tile's key (small, fetched, so a failed write raises on the
-    driver) and, with the cell table on, the sums of the cells painted there: (complete, seam pieces)."""
+def _write_core(plan: SlidePlan, home: tuple[int, int], offsets: list[int], *kept: CellSet | None):
+    """Paint one core and write it, unless it stays empty (its chunks keep the fill value); returns whether
+    it was written (small, fetched, so a failed write raises on the driver) and, with the cell table on,
+    the sums of the cells painted there: (complete, seam pieces). ``kept`` is None for a neighbour that
+    homes no cell."""
     tile = plan.grid.tile_at(*home)
-    numbered = [with_ids(cells, offset) for cells, offset in zip(kept, offsets)]
+    numbered = [with_ids(cells, offset) for cells, offset in zip(kept, offsets) if cells is not None]
     labels = rasterise_core(tile, numbered)
-    labels_out.write_core(plan, tile, labels)
+    written = bool(labels.any())
+    if written:
+        labels_out.write_core(plan, tile, labels)
     if not plan.spec.cell_table:
-        return tile.key, None, None
-    return (tile.key, *table_stage.measure_tile(plan, tile, labels, CellSet.concat(numbered)))
+        return written, None, None
+    return (written, *table_stage.measure_tile(plan, tile, labels, CellSet.concat(numbered)))
 
 
 @ray.remote(max_retries=TASK_RETRIES)
@@ -201,10 +206,16 @@ def _pyramid_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) ->
     labels_out.build_chunk(plan, level, chunk_index)
 
 
+# Names of variables never forwarded to the actors: a runtime_env is kept by Ray and shown by its dashboard.
+_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
 def _segmenter_environment() -> dict | None:
     """The driver's ``CELLSAM_RAY_*`` variables, for segmenters configured by environment (they are
-    built with no arguments); the actors may run in processes started before the driver set them."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("CELLSAM_RAY_")}
+    built with no arguments); the actors may run in processes started before the driver set them. A
+    variable whose name says it holds a secret stays on the driver: each node has its own."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("CELLSAM_RAY_") and not any(word in k for word in _SECRET_WORDS)}
     return {"env_vars": env} if env else None
 
 
@@ -227,6 +238,10 @@ def _model_actors(spec, cluster: dict, nodes: list[dict]) -> tuple[int, dict]:
     reserve = PERSIST_CPUS * 2.5
     gpus = cluster.get("GPU", 0)
     if gpus and spec.device != "cpu":
+        most = max((node.get("GPU", 0) for node in nodes), default=gpus)
+        if spec.gpus_per_worker > most:
+            raise UserError(f"--gpus-per-worker {spec.gpus_per_worker:g} is more than any node of the cluster has "
+                            f"({most:g} GPUs): an actor is one process on one node, and would wait forever")
         workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
         per_gpu = min((node.get("CPU", 1) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
         cpus = spec.cpus_per_worker or max(round(per_gpu * spec.gpus_per_worker - reserve, 2), 1)
@@ -237,16 +252,16 @@ def _model_actors(spec, cluster: dict, nodes: list[dict]) -> tuple[int, dict]:
     return workers, {"num_cpus": round(min((cpus - reserve) / workers, largest_node - reserve), 2)}
 
 
-def _start_cell_table(plan: SlidePlan, homes: list[tuple[int, int]], written: dict) -> tuple:
+def _start_cell_table(plan_ref, plan: SlidePlan, homes: list[tuple[int, int]], written: dict) -> tuple:
     """Submit the per-tile row tasks and their appends, in raster (= id) order, to one writer actor; the
-    returned refs finish while the label pyramid is built."""
+    returned refs finish while the label pyramid is built. ``written`` holds each painted core's refs."""
     layout = table_stage.table_layout(plan)
     h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
     writer = ray.remote(ParquetStream).options(num_cpus=PERSIST_CPUS).remote(
-        labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage_options, layout, h5ad)
+        labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad)
     appends = []
     for home in homes:
-        pieces = [written[rc][2] for rc in plan.grid.neighbourhood(*home)]
+        pieces = [written[rc][2] for rc in plan.grid.neighbourhood(*home) if rc in written]
         appends.append(writer.append.remote(_cell_rows.remote(layout, home, written[home][1], *pieces)))
     return writer, appends, writer.close.remote()
 
@@ -275,6 +290,7 @@ def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progr
         max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
         scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
     )
+    # The plan itself, not its reference: an actor restarted after its node was lost needs its arguments.
     actors = [actor_cls.remote(plan) for _ in range(min(n_workers, len(todo)))]
     batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))
     outstanding = {t.key for t in todo}
@@ -302,6 +318,7 @@ def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progr
                 if batch is None:
                     break
                 in_flight[actor.run.remote(batch)] = _Sent(slot, actor, batch, time.monotonic())
+                stats.batches += 1
 
     fill()
     while outstanding:
@@ -343,17 +360,103 @@ def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progr
 
 
 def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
-    """Peak memory and node of every actor that answers in time (one still waiting to restart does not)."""
+    """Peak memory and node of every actor that answers in time: best effort, never the run's failure.
+
+    An actor whose node was lost may be dead, restarting or unreachable by now. ``ray.wait`` counts a ref
+    whose task *failed* as ready, so each answer is fetched on its own, and an actor whose answer failed
+    or did not come is left out of the report's lists.
+    """
     asked = [(actor.peak_rss_mb.remote(), actor.node_id.remote()) for actor in actors]
     refs = [ref for pair in asked for ref in pair]
     ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0])
-    answered = [(rss, node) for rss, node in asked if rss in ready and node in ready]
-    stats.actor_peak_rss_mb = [round(ray.get(rss), 1) for rss, _ in answered]
-    stats.nodes = sorted({ray.get(node) for _, node in answered})
+    nodes = set()
+    for rss, node in asked:
+        if rss not in ready or node not in ready:
+            continue
+        try:
+            peak_rss_mb, node_id = ray.get([rss, node])
+        except ray.exceptions.RayError:
+            continue
+        stats.actor_peak_rss_mb.append(round(peak_rss_mb, 1))
+        nodes.add(node_id)
+    stats.nodes = sorted(nodes)
 
 
-def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None) -> RunStats:
-    stats = RunStats()
+def _tasks_in_flight() -> int:
+    """How many CPU tasks the driver keeps submitted at once: enough to fill the cluster's CPUs twice."""
+    return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _bounded(items: list, submit: Callable[[Any], Any], limit: int):
+    """Yield ``(item, submit(item))`` for each item, submitting the next only while fewer than ``limit``
+    submitted tasks are unfinished, so the driver and the object store hold what is in flight, not a
+    task per tile. ``submit`` returns one ref or a list of them (the first says the task is done)."""
+    pending: list[ray.ObjectRef] = []
+    for item in items:
+        if len(pending) >= limit:
+            _, pending = ray.wait(pending, num_returns=len(pending) - limit + 1)
+        refs = submit(item)
+        pending.append(refs[0] if isinstance(refs, (list, tuple)) else refs)
+        yield item, refs
+
+
+def _write_stage(plan_ref, plan: SlidePlan, painted: list, offsets: dict, kept_refs: dict, limit: int) -> dict:
+    """Paint and write every core of ``painted``, a bounded number at a time; a home's kept cells are
+    released as soon as the last core that needs them is written. Returns each core's refs (written?,
+    complete sums, seam pieces), the first fetched."""
+    grid = plan.grid
+    users: dict = {}
+    for home in painted:
+        for rc in grid.neighbourhood(*home):
+            users[rc] = users.get(rc, 0) + 1
+    written, home_of = {}, {}
+
+    def submit(home):
+        block = grid.neighbourhood(*home)
+        refs = _write_core.remote(plan_ref, home, [offsets.get(rc, 0) for rc in block],
+                                  *[kept_refs.get(rc) for rc in block])
+        home_of[refs[0]] = home
+        return refs
+
+    def release(done: list) -> None:
+        for ref in done:
+            for rc in grid.neighbourhood(*home_of.pop(ref)):
+                users[rc] -= 1
+                if not users[rc]:
+                    kept_refs.pop(rc, None)
+
+    unfinished: list = []
+    for home, refs in _bounded(painted, submit, limit):
+        written[home] = refs
+        unfinished.append(refs[0])
+        done, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=0)
+        release(done)
+    flags = ray.get([written[h][0] for h in painted])  # raises a write that failed on every attempt
+    release(unfinished)
+    return {h: (flag, *written[h][1:]) for h, flag in zip(painted, flags)}
+
+
+def _pyramid_stage(plan_ref, plan: SlidePlan, cores: list, limit: int) -> int:
+    """Build, level by level, the chunks made from what was written (``cores`` at the segmented level):
+    chunks no written region reaches keep the fill value and cost no task. Returns the tasks run."""
+    boxes = {plan.level: cores}
+    tasks = 0
+    for level in labels_out.build_order(plan):
+        chunks = extent.chunks_touched(plan, level, boxes[labels_out.source_level(plan, level)])
+        refs = [ref for _, ref in _bounded(chunks, lambda i: _pyramid_chunk.remote(plan_ref, level, i), limit)]
+        ray.get(refs)
+        boxes[level] = extent.chunk_boxes(plan, level, chunks)
+        tasks += len(chunks)
+    return tasks
+
+
+def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None, *,
+             before_write: Callable[[], None] | None = None, stats: RunStats | None = None) -> RunStats:
+    """Run every stage; ``before_write`` is called once every tile is segmented (and persisted) and
+    reconciled, before anything is written into the label image; ``stats`` (filled as the run goes, so a
+    caller sees how far a failed run came) is returned."""
+    stats = RunStats() if stats is None else stats
+    plan_ref = ray.put(plan)  # once, into the object store; every task gets the reference
     finished = plan.work.done(CANDIDATES)
     todo = [t for t in plan.tiles if t.key not in finished]
     progress = Progress(tiles_total=len(plan.tiles), tiles_done=len(plan.tiles) - len(todo))
@@ -364,40 +467,44 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
     if todo:
         _segment_stage(plan, todo, stats, progress, on_progress)
     stats.stage_seconds["segment"] = time.perf_counter() - t0
+    stats.tasks["segment_batches"] = stats.batches
     if stats.failed:  # the finished tiles are persisted; a rerun of the same spec retries the rest
         return stats
 
+    limit = _tasks_in_flight()
     t0 = time.perf_counter()
-    homes = [(t.row, t.col) for t in plan.grid.tiles()]
-    counts_refs, kept_refs = {}, {}
-    for home in homes:
-        counts_refs[home], kept_refs[home] = _reconcile.remote(plan, home)
-    counts = dict(zip(homes, ray.get([counts_refs[h] for h in homes])))
+    homes = extent.active_homes(plan)
+    kept_refs, count_refs = {}, {}
+    for home, (counts_ref, kept_ref) in _bounded(homes, lambda h: _reconcile.remote(plan_ref, h), limit):
+        count_refs[home], kept_refs[home] = counts_ref, kept_ref
+    counts = dict(zip(homes, ray.get([count_refs[h] for h in homes])))
+    del count_refs
     for c in counts.values():
         stats.cells += c["cells"]
         stats.reconciled += c["reconciled"]
         stats.oversized += c["oversized"]
         stats.cut_at_window += c["cut_at_window"]
     offsets = dict(zip(homes, global_offsets([counts[h]["cells"] for h in homes])))
+    stats.tasks["reconcile"] = len(homes)
     stats.stage_seconds["reconcile"] = time.perf_counter() - t0
+    if before_write is not None:
+        before_write()
 
     t0 = time.perf_counter()
-    written = {}
-    for home in homes:
-        block = plan.grid.neighbourhood(*home)
-        written[home] = _write_core.remote(plan, home, [offsets[rc] for rc in block], *[kept_refs[rc] for rc in block])
-    ray.get([refs[0] for refs in written.values()])
+    painted = extent.painted_homes(plan, {h: c["cells"] for h, c in counts.items()})
+    written = _write_stage(plan_ref, plan, painted, offsets, kept_refs, limit)
+    stats.tasks["write"] = len(painted)
     stats.stage_seconds["write"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    table = _start_cell_table(plan, homes, written) if plan.spec.cell_table else None
+    table = _start_cell_table(plan_ref, plan, painted, written) if plan.spec.cell_table else None
+    cores = [extent.core_box(plan, plan.grid.tile_at(*h)) for h, refs in written.items() if refs[0]]
     del written  # the row tasks hold the sums they need; each is freed once its tasks are done
-    for level in labels_out.build_order(plan):
-        ray.get([_pyramid_chunk.remote(plan, level, idx) for idx in labels_out.chunk_indices(plan, level)])
+    stats.tasks["pyramid"] = _pyramid_stage(plan_ref, plan, cores, limit)
     stats.stage_seconds["pyramid"] = time.perf_counter() - t0
     qc = None
     if plan.spec.qc_images:
-        qc = _qc_images.remote(plan, {home: (c["cells"], c["reconciled"]) for home, c in counts.items()})
+        qc = _qc_images.remote(plan_ref, {home: (c["cells"], c["reconciled"]) for home, c in counts.items()})
 
     if table:
         writer, appends, closed = table

@@ -13,6 +13,8 @@ the way a user configures any segmenter built with no arguments:
 - ``CELLSAM_RAY_FAULT_OOM_ABOVE=n``: a batch of more than n windows raises CUDA out of memory; each such
   batch leaves ``oom/<n>.<unique>``.
 - ``CELLSAM_RAY_FAULT_DELAY=s``: sleeps s seconds per window (time to kill a driver mid-run).
+- ``CELLSAM_RAY_FAULT_HOLD_AT=y,x``: on that window, leaves ``held/<pid>`` (the process holding it) and
+  waits until a ``release`` file appears in the folder, so a test can act at a known point of a run.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class FaultySegmenter:
         self.fail_at = _origin(os.environ.get("CELLSAM_RAY_FAULT_FAIL_AT"))
         self.oom_above = int(os.environ.get("CELLSAM_RAY_FAULT_OOM_ABOVE", "0"))
         self.delay = float(os.environ.get("CELLSAM_RAY_FAULT_DELAY", "0"))
-        for sub in ("calls", "oom"):
+        self.hold_at = _origin(os.environ.get("CELLSAM_RAY_FAULT_HOLD_AT"))
+        for sub in ("calls", "oom", "held"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
 
     def segment(self, window: np.ndarray, *, origin: tuple[int, int]) -> dict[str, Any]:
@@ -62,9 +65,19 @@ class FaultySegmenter:
                 os._exit(1)  # as a segfault or the kernel's OOM killer would: no exception, no cleanup
         if origin == self.fail_at:
             raise RuntimeError(f"injected failure at window {origin}")
+        if origin == self.hold_at:
+            self._hold()
         time.sleep(self.delay)
         (self.folder / "calls" / f"{origin[0]}_{origin[1]}.{uuid.uuid4().hex}").touch()
         return self.oracle.segment(window, origin=origin)
+
+    def _hold(self, timeout: float = 300) -> None:
+        (self.folder / "held" / str(os.getpid())).touch()
+        deadline = time.monotonic() + timeout
+        while not (self.folder / "release").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"held for {timeout} s and never released")
+            time.sleep(0.05)
 
     def segment_batch(self, windows: list[np.ndarray], *, origins: list[tuple[int, int]]) -> list[dict[str, Any]]:
         if self.oom_above and len(windows) > self.oom_above:

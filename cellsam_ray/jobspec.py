@@ -17,15 +17,8 @@ import fsspec
 import yaml
 
 from cellsam_ray.errors import UserError
-from cellsam_ray.io.storage import is_local, local_path
+from cellsam_ray.io.storage import HOW_TO_PASS_SECRETS, inline_secret, is_local, local_path
 from cellsam_ray.spec import SegmentSpec, validate_spec
-
-# Storage option names that hold credentials (s3fs, gcsfs, adlfs, and botocore's client_kwargs).
-SECRET_OPTIONS = frozenset({
-    "key", "secret", "token", "password", "access_key", "secret_key", "session_token", "aws_access_key_id",
-    "aws_secret_access_key", "aws_session_token", "account_key", "sas_token", "client_secret",
-    "connection_string", "credentials",
-})
 
 
 def load_job_spec(source: str, storage_options: dict | None = None) -> SegmentSpec:
@@ -67,18 +60,11 @@ def spec_from_mapping(data: Any, source: str) -> SegmentSpec:
     return validate_spec(data, lambda where: f"job spec {source}: {where}")
 
 
-def refuse_inline_secrets(options: Any, source: str, where: str = "storage_options") -> None:
+def refuse_inline_secrets(options: Any, source: str) -> None:
     """A UserError for any credential written into the spec, however deeply nested."""
-    if not isinstance(options, dict):
-        return
-    for name, value in options.items():
-        if str(name).lower() in SECRET_OPTIONS and value not in (None, ""):
-            raise UserError(
-                f"job spec {source}: {where}.{name} holds a secret; specs must not: name the environment "
-                f'variable that holds it instead (storage_options_env: {{"{name}": "SOME_VARIABLE"}}) or use '
-                "storage_profile"
-            )
-        refuse_inline_secrets(value, source, f"{where}.{name}")
+    secret = inline_secret(options)
+    if secret:
+        raise UserError(f"job spec {source}: {secret} holds a secret; specs must not: {HOW_TO_PASS_SECRETS}")
 
 
 def portable_fields(spec: SegmentSpec, base: Path | None = None) -> dict:

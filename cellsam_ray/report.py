@@ -1,8 +1,10 @@
 """The run report, ``labels/<name>/report.json``: what was run, on what, how it went.
 
 One pydantic model, so the report ``segment`` returns, the file it writes and the published schema
-(``schemas/report.schema.json``, generated from ``RunReport``) cannot drift apart. A failed run writes one
-too (``status: failed``), listing each tile that failed and why, beside the unfinished labels.
+(``schemas/report.schema.json``, generated from ``RunReport``) cannot drift apart. A run writes it when it
+starts (``status: running``) and on every way out: ``succeeded``, ``failed`` (with the error, and each
+tile that failed and why) or ``stopped``. A run killed outright leaves ``running``; its label image is
+not listed, so no reader takes it for finished.
 """
 
 from __future__ import annotations
@@ -74,12 +76,16 @@ class ModelInfo(_Strict):
 
 
 class RunReport(_Strict):
-    status: Literal["succeeded", "failed"]
+    status: Literal["running", "succeeded", "failed", "stopped"]
+    run_id: str = Field(description="This run's id (as in the label's lease and the work prefix's owner marker).")
+    error: str | None = Field(default=None, description="Why the run failed or stopped, one line.")
     input: str = Field(description="URL of the image segmented.")
     summary: Summary
     spec: dict = Field(description="The job spec, storage options left out.")
     model: ModelInfo
     timings: dict[str, float] = Field(description="Seconds per stage (segment, reconcile, write, pyramid, ...).")
+    tasks: dict[str, int] = Field(default_factory=dict, description="Ray tasks per stage (model batches for "
+                                  "segment): after segmenting they follow the tissue, not the slide's area.")
     model_seconds: float = Field(description="Seconds spent inside the model, summed over actors.")
     actor_peak_rss_mb: list[float] = Field(default_factory=list, description="Peak memory of each model actor.")
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the model actors ran on.")

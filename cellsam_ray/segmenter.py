@@ -3,7 +3,7 @@
 A segmenter is an object with ``segment(window, *, origin) -> dict``:
 
 - ``window``: float32 array (C, H, W), the slide's normalised channels in role order (nuclear,
-  whole-cell); ``origin`` is the window's top-left (y, x) in pixels of the processed level (negative
+  whole-cell; with ``--stain brightfield`` a blank nuclear channel and the RGB's grey); ``origin`` is the window's top-left (y, x) in pixels of the processed level (negative
   where the window reaches past the image's top or left border, where it is padded).
 - the result holds ``boxes`` (N×4 float, x1, y1, x2, y2 in window pixels), ``scores`` (N floats) and
   ``masks`` (N boolean arrays; mask i covers box i rounded outward to whole pixels: rows

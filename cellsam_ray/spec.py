@@ -6,14 +6,15 @@ meaning; ``schemas/job.schema.json`` is generated from it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.io.storage import HOW_TO_PASS_SECRETS, StorageAccess, inline_secret
 
 
 class SegmentSpec(BaseModel):
@@ -22,7 +23,14 @@ class SegmentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="URL or path of the OME-Zarr image (local, s3://, gs://, memory://, ...).")
-    nuclear: list[str] = Field(min_length=1, description="Nuclear channel(s), by omero name or index.")
+    stain: Literal["fluorescence", "brightfield"] = Field(
+        default="fluorescence", description="'fluorescence' (channels named by --nuclear/--whole-cell) or "
+        "'brightfield' (H&E, IHC: an RGB image whose colours are the input, no channels named)."
+    )
+    nuclear: list[str] = Field(
+        default_factory=list, validate_default=True,
+        description="Nuclear channel(s), by omero name or index (required for fluorescence).",
+    )
     whole_cell: list[str] = Field(
         default_factory=list, description="Whole-cell (membrane/cytoplasm) channel(s), by name or index."
     )
@@ -72,11 +80,13 @@ class SegmentSpec(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the model runs.")
     bbox_threshold: float = Field(default=0.4, ge=0, le=1, description="CellSAM box threshold.")
     storage_options: dict | None = Field(
-        default=None, description="fsspec storage options (no secrets: use environment or profiles)."
+        default=None, description="fsspec storage options, e.g. {\"endpoint_url\": ...}; no secrets (refused): "
+        "use storage_options_env, storage_profile or the machine's own credentials."
     )
     storage_options_env: dict[str, str] | None = Field(
-        default=None, description="More storage options, read from environment variables where the run "
-        "starts: option name -> variable name, e.g. {\"secret\": \"AWS_SECRET_ACCESS_KEY\"}."
+        default=None, description="More storage options, read from environment variables by every process "
+        "of the run (the driver and each worker, on its own node): option name -> variable name, e.g. "
+        "{\"secret\": \"AWS_SECRET_ACCESS_KEY\"}."
     )
     storage_profile: str | None = Field(
         default=None, description="AWS profile (from ~/.aws) for s3:// storage, passed to s3fs as 'profile'."
@@ -94,8 +104,26 @@ class SegmentSpec(BaseModel):
         "labels/<label_name>/qc/."
     )
     work_dir: str | None = Field(
-        default=None, description="Where per-tile results live for resuming (default: beside the labels)."
+        default=None, description="Where per-tile results live for resuming (default: labels/<label_name>/work); "
+        "it must not be or hold the input, and one work_dir serves one slide and label at a time."
     )
+    take_over: bool = Field(
+        default=False, description="Take the label over from a run whose lease has had no heartbeat for "
+        "lease_timeout_s (a run that died without releasing it)."
+    )
+    lease_timeout_s: float = Field(
+        default=600, ge=1, description="Seconds without a heartbeat after which a run's lease on its label "
+        "counts as stale (the running driver renews it every lease_timeout_s / 10)."
+    )
+
+    @field_validator("nuclear")
+    @classmethod
+    def _nuclear_for_fluorescence(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # ``stain`` is declared first, so it is in ``info.data`` unless it was itself invalid.
+        if info.data.get("stain", "fluorescence") == "fluorescence" and not value:
+            raise PydanticCustomError("missing", "Field required: name the nuclear channel(s) by name or index "
+                                      "(--stain brightfield needs none)")
+        return value
 
     @field_validator("label_name")
     @classmethod
@@ -104,22 +132,11 @@ class SegmentSpec(BaseModel):
             raise ValueError(f"label name {value!r} must be a plain name (no '/', not starting with '.')")
         return value
 
-    def with_storage_resolved(self) -> "SegmentSpec":
-        """This spec with ``storage_options_env`` and ``storage_profile`` folded into ``storage_options``.
-
-        Resolved once, where the run starts (the job's driver), so secrets stay in that node's environment
-        and job specs never hold them; the plan carries the result to the workers, and reports leave
-        ``storage_options`` out.
-        """
-        options = dict(self.storage_options or {})
-        for option, variable in (self.storage_options_env or {}).items():
-            if variable not in os.environ:
-                raise UserError(f"storage_options_env.{option} names the environment variable {variable}, "
-                                "which is not set here")
-            options[option] = os.environ[variable]
-        if self.storage_profile:
-            options["profile"] = self.storage_profile
-        return self.model_copy(update={"storage_options": options or None})
+    @property
+    def storage(self) -> StorageAccess:
+        """How every process of the run reaches storage: resolved where it is used (``storage.options()``),
+        so the spec, and every plan that carries it to the workers, holds no credential."""
+        return StorageAccess(self.storage_options, self.storage_options_env, self.storage_profile)
 
     def with_local_paths_absolute(self, base: Path | None = None) -> "SegmentSpec":
         """This spec with relative local paths (input, weights, work_dir, a JSON config) made absolute from
@@ -140,6 +157,14 @@ class SegmentSpec(BaseModel):
         if self.level is not None and self.pixel_size is not None:
             raise ValueError("give --level or --pixel-size, not both")
         return self
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict | None) -> dict | None:
+        secret = inline_secret(value)
+        if secret:
+            raise ValueError(f"{secret} holds a secret, which a spec must not: {HOW_TO_PASS_SECRETS}")
+        return value
 
     @model_validator(mode="after")
     def _h5ad_needs_table(self) -> "SegmentSpec":

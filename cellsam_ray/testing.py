@@ -48,6 +48,17 @@ def safe_aws_environment(endpoint_url: str = NOWHERE) -> dict[str, str]:
     }
 
 
+def spec_storage(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Spec fields that reach the storage ``storage_options`` reach, as a user must write them: the plain
+    options inline, the credentials named as environment variables (``safe_aws_environment`` sets them,
+    and every process of the run reads them from its own environment)."""
+    if not storage_options:
+        return {}
+    plain = {k: v for k, v in storage_options.items() if k not in TEST_CREDENTIALS}
+    return {"storage_options": plain or None,
+            "storage_options_env": {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}}
+
+
 def safe_ray_environment() -> dict[str, str]:
     """Environment for a local Ray node that listens on loopback only and phones nowhere (stack.md 5.3)."""
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -169,9 +180,15 @@ class RayNodes:
     def running_workers(self) -> list[str]:
         return [name for name, p in self.processes.items() if name != "head" and p.poll() is None]
 
+    def node_of(self, pid: int) -> str:
+        """The name of the node whose processes include ``pid`` (every node is its own process session)."""
+        session = _session_of(Path(f"/proc/{pid}"))
+        return next(name for name, p in self.processes.items() if p.pid == session)
+
     def kill(self, name: str) -> None:
-        """SIGKILL every process of one node at once, as when its machine is lost."""
-        os.killpg(self.processes[name].pid, signal.SIGKILL)
+        """SIGKILL every process of one node at once, as when its machine is lost: the whole session, since
+        Ray starts each worker process (a model actor) in a process group of its own."""
+        _kill_session(self.processes[name].pid)
         self.processes[name].wait()
 
     def listening_addresses(self) -> set[str]:
@@ -180,8 +197,7 @@ class RayNodes:
         inodes: set[str] = set()
         for proc in Path("/proc").glob("[0-9]*"):
             try:
-                session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
-                if session in sessions:
+                if _session_of(proc) in sessions:
                     inodes.update(link.readlink().name[8:-1] for link in (proc / "fd").iterdir()
                                   if link.readlink().name.startswith("socket:["))
             except (OSError, IndexError, ValueError):  # a process that ended while being read
@@ -215,10 +231,7 @@ class RayNodes:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-            try:  # anything of that node still alive in its session
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_session(p.pid)  # anything of that node still alive
         self.processes.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -278,6 +291,29 @@ def reference_dir() -> Path:
         raise FileNotFoundError(f"no reference data at {folder} (expected golden/cases.json there); "
                                 "set CELLSAM_REFERENCE_DIR to the folder holding golden/")
     return folder
+
+
+def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images hold the same cells, each possibly under another id."""
+    if a.shape != b.shape or not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def _session_of(proc: Path) -> int:
+    """The session id of the process whose /proc folder is ``proc`` (field 6 of its stat line)."""
+    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+
+
+def _kill_session(session: int) -> None:
+    """SIGKILL every process of a session, whatever its process group."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if _session_of(proc) == session:
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
 
 
 def _proc_net_ip(hex_address: str) -> str:

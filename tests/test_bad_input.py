@@ -149,3 +149,18 @@ def test_bad_job_spec_files_are_one_line(slide, tmp_path, capsys):
         path.write_text(text)
         assert message.format(path) in refused(["run", str(path)], capsys)
     assert "not found" in refused(["run", str(tmp_path / "missing.yaml")], capsys)
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(monkeypatch, capsys):
+    from cellsam_ray.commands import synth
+
+    def broken(args):
+        raise ZeroDivisionError("something this package did not foresee")
+
+    monkeypatch.setattr(synth, "run", broken)
+    assert main(["synth", "out.zarr", "--size", "64", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("cellsam-ray: unexpected error: ZeroDivisionError: something this package did not foresee")
+    assert main(["--debug", "synth", "out.zarr", "--size", "64", "64"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err

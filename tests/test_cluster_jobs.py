@@ -88,6 +88,10 @@ def test_failed_job_gives_its_status_and_one_line_reason(cluster, tmp_path):
     assert "nuclear channel 'DAPl' is not in the image; available: DAPI, E-cadherin" in done.stdout
     assert done.stderr.strip().splitlines()[-1].startswith("cellsam-ray: job raysubmit_")
     assert "FAILED" in done.stderr
+    job_id = done.stdout.splitlines()[0] if done.stdout.startswith("raysubmit_") else \
+        done.stderr.strip().splitlines()[-1].split()[2]
+    status = cellsam_ray("status", job_id, "--address", cluster.dashboard_url)
+    assert status.returncode == 1 and f"{job_id} FAILED" in status.stdout  # scripts can tell
 
 
 def test_client_errors_are_one_line(cluster):

@@ -50,7 +50,8 @@ def slide(tmp_path_factory):
     true = np.asarray(image.label("ground_truth").array(0))
     pred = true.copy()
     pred[pred == np.unique(true)[1]] = 0
-    ngff.create_labels(image, "cells", chunks=(64, 64)).array(0)[:] = pred
+    ngff.create_labels(image, "cells", chunks=(64, 64), run_id="test").array(0)[:] = pred
+    ngff.publish_label(image, "cells")
     return url, score_arrays(pred, true)
 
 

@@ -27,9 +27,12 @@ def test_image_and_labels_roundtrip_locally(tmp_path, version):
     url = str(tmp_path / "img.zarr")
     image = make_image(url, version)
     image.array(0)[:] = 7
-    labels = ngff.create_labels(image, "cells", chunks=(64, 64))
+    labels = ngff.create_labels(image, "cells", chunks=(64, 64), run_id="test")
     assert labels.axes == ("y", "x") and len(labels.levels) == 3
-    ngff.create_labels(image, "nuclei", chunks=(64, 64))
+    ngff.create_labels(image, "nuclei", chunks=(64, 64), run_id="test")
+    assert ngff.open_image(url).label_names == ()  # not listed until written
+    ngff.publish_label(image, "cells")
+    ngff.publish_label(image, "nuclei")
 
     back = ngff.open_image(url)
     assert back.version is ngff.ngff_version(version)
@@ -72,29 +75,59 @@ def test_image_and_labels_roundtrip_locally(tmp_path, version):
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_image_on_s3_validates(s3_prefix, storage_options, version):
     image = make_image(s3_prefix, version, storage_options)
-    ngff.create_labels(image, "cells", chunks=(128, 128))
+    ngff.create_labels(image, "cells", chunks=(128, 128), run_id="test")
+    ngff.publish_label(image, "cells")
     validate_ome_zarr(s3_prefix, storage_options)
     assert ngff.open_image(s3_prefix, storage_options).label_names == ("cells",)
 
 
 def test_label_name_rules(tmp_path):
     image = make_image(str(tmp_path / "img.zarr"), "0.5")
-    ngff.create_labels(image, "cells", chunks=(64, 64))
-    with pytest.raises(UserError, match="already exists"):
-        ngff.create_labels(image, "cells", chunks=(64, 64))
-    relabelled = ngff.create_labels(image, "cells", chunks=(32, 32), overwrite=True)
+    ngff.create_labels(image, "cells", chunks=(64, 64), run_id="test")
+    relabelled = ngff.create_labels(image, "cells", chunks=(32, 32), run_id="test")  # arrays replaced
     assert relabelled.levels[0].chunks == (32, 32)
-    assert ngff.open_image(str(tmp_path / "img.zarr")).label_names == ("cells",)
     with pytest.raises(UserError, match="invalid label name"):
-        ngff.create_labels(image, "a/b", chunks=(64, 64))
+        ngff.create_labels(image, "a/b", chunks=(64, 64), run_id="test")
     with pytest.raises(UserError, match="no label image"):
         ngff.open_image(str(tmp_path / "img.zarr")).label("nuclei")
+
+
+def test_a_label_image_is_found_only_once_it_is_published(tmp_path):
+    url = str(tmp_path / "img.zarr")
+    image = make_image(url, "0.4")
+    ngff.create_labels(image, "cells", chunks=(64, 64), run_id="r1")
+    with pytest.raises(UserError, match="incomplete"):
+        ngff.open_image(url).label("cells")
+    assert ngff.open_image(url).label("cells", complete=False).levels[0].shape == (300, 260)
+    ngff.publish_label(image, "cells")
+    assert ngff.open_image(url).label("cells").group.attrs["cellsam_ray"] == {"complete": True, "run_id": "r1"}
+    validate_ome_zarr(url)  # the marker is an extra attribute the validator accepts
+    # Listed but marked unfinished (a listing that predates the marker): still refused.
+    open_group(url, mode="r+")["labels/cells"].attrs["cellsam_ray"] = {"complete": False, "run_id": "r2"}
+    with pytest.raises(UserError, match="incomplete"):
+        ngff.open_image(url).label("cells")
+
+
+@pytest.mark.parametrize("listing", ["cells", ["cells", 3], {"cells": 1}])
+def test_a_malformed_labels_list_is_refused_and_left_unchanged(tmp_path, listing):
+    url = str(tmp_path / "img.zarr")
+    image = make_image(url, "0.4")
+    ngff.create_labels(image, "cells", chunks=(64, 64), run_id="test")
+    open_group(url, mode="r+")["labels"].attrs["labels"] = listing
+    before = (tmp_path / "img.zarr" / "labels" / ".zattrs").read_bytes()
+    with pytest.raises(UserError, match="malformed 'labels' list"):
+        ngff.open_image(url).label("cells")
+    assert ngff.open_image(url).label_names == ()  # the image itself still opens, for its pixels
+    with pytest.raises(UserError, match="malformed 'labels' list"):
+        ngff.list_label(image, "cells")
+    assert (tmp_path / "img.zarr" / "labels" / ".zattrs").read_bytes() == before
 
 
 def test_validator_catches_a_label_pyramid_shorter_than_its_image(tmp_path):
     url = str(tmp_path / "img.zarr")
     image = make_image(url, "0.5")
-    ngff.create_labels(image, "cells", chunks=(64, 64))
+    ngff.create_labels(image, "cells", chunks=(64, 64), run_id="test")
+    ngff.publish_label(image, "cells")
     group = open_group(url, mode="r+")
     ome = dict(group["labels/cells"].attrs["ome"])
     ome["multiscales"][0]["datasets"] = ome["multiscales"][0]["datasets"][:1]

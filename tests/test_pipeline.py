@@ -17,7 +17,7 @@ from cellsam_ray.pipeline.api import segment
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import validate_ome_zarr
+from cellsam_ray.testing import spec_storage, validate_ome_zarr
 
 ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
 # Small tiles so a 512² slide has a 4×4 grid with 9 interior seams; the halo holds the largest cells.
@@ -46,7 +46,7 @@ def slide_v05(tmp_path_factory):
 
 def run_oracle(url, monkeypatch, storage_options=None, **overrides):
     monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
-    spec = dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, storage_options=storage_options,
+    spec = dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, **spec_storage(storage_options),
                 **{**TILING, **overrides})
     return segment(spec, progress=False)
 

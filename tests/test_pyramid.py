@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -24,12 +26,12 @@ def test_mean_matches_numpy_on_even_shapes():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 65535, (3, 64, 48), dtype=np.uint16)
     expected = np.rint(image.reshape(3, 32, 2, 24, 2).astype(np.float64).mean(axis=(2, 4))).astype(np.uint16)
-    np.testing.assert_array_equal(pyramid.mean_downsample(image, 2), expected)
+    np.testing.assert_array_equal(pyramid.downsample(image, 2, "image"), expected)
 
 
 def test_mean_of_partial_blocks_counts_only_real_pixels():
     image = np.array([[1, 3, 10], [5, 7, 20], [100, 100, 7]], dtype=np.float32)
-    out = pyramid.mean_downsample(image, 2)
+    out = pyramid.downsample(image, 2, "image")
     np.testing.assert_allclose(out, [[4, 15], [100, 7]])
 
 
@@ -44,13 +46,13 @@ def test_mode_with_foreground_priority():
     image = np.zeros((2, 2 * len(blocks)), np.uint32)
     for k, (a, b, c, d) in enumerate(blocks):
         image[:, 2 * k : 2 * k + 2] = [[a, b], [c, d]]
-    assert pyramid.mode_downsample(image, 2).ravel().tolist() == list(blocks.values())
+    assert pyramid.downsample(image, 2, "labels").ravel().tolist() == list(blocks.values())
 
 
 def test_mode_matches_reference_and_never_invents_ids():
     rng = np.random.default_rng(1)
     labels = rng.choice(np.array([0, 0, 3, 17, 2**31 + 5], np.uint32), size=(37, 29))
-    out = pyramid.mode_downsample(labels, 2)
+    out = pyramid.downsample(labels, 2, "labels")
     assert out.shape == (19, 15) and out.dtype == np.uint32
     for i in range(19):
         for j in range(15):
@@ -85,8 +87,8 @@ def test_build_pyramid_chunk_by_chunk(tmp_path, zarr_format):
 
     want_image, want_labels = pixels, cells
     for k in (1, 2):
-        want_image = pyramid.mean_downsample(want_image, 2)
-        want_labels = pyramid.mode_downsample(want_labels, 2)
+        want_image = pyramid.downsample(want_image, 2, "image")
+        want_labels = pyramid.downsample(want_labels, 2, "labels")
         np.testing.assert_array_equal(image[k][:], want_image)
         np.testing.assert_array_equal(labels[k][:], want_labels)
     # The labels were 2x2 constant blocks, so level 1 recovers them exactly.
@@ -99,9 +101,9 @@ def test_output_chunks_and_shape_check(tmp_path):
     source = group.create_array("a", shape=(10, 10), dtype="u1", chunks=(4, 4))
     target = group.create_array("b", shape=(5, 5), dtype="u1", chunks=(4, 4))
     assert list(pyramid.output_chunks(target)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    wrong = group.create_array("c", shape=(4, 5), dtype="u1", chunks=(4, 4))
-    with pytest.raises(ValueError, match="not source"):
-        pyramid.build_chunk(source, wrong, (0, 0))
+    other = group.create_array("c", shape=(4, 5), dtype="u1", chunks=(4, 4))
+    with pytest.raises(ValueError, match="axis maps are for"):
+        pyramid.build_chunk(source, other, (0, 0), "labels", pyramid.level_maps((10, 10), (5, 5)))
     pyramid.build_chunk(source, target, (1, 1))  # one chunk alone is a valid unit of work
 
 
@@ -118,7 +120,91 @@ def test_chunks_as_ray_tasks_on_s3(ray_cluster, s3_prefix, storage_options):
     @ray_cluster.remote
     def build(chunk):
         g = open_group(s3_prefix, storage_options, mode="r+")
-        pyramid.build_chunk(g["s0"], g["s1"], chunk, 2, "labels")
+        pyramid.build_chunk(g["s0"], g["s1"], chunk, "labels")
 
     ray_cluster.get([build.remote(c) for c in pyramid.output_chunks(group["s1"])])
-    np.testing.assert_array_equal(open_group(s3_prefix, storage_options)["s1"][:], pyramid.mode_downsample(cells, 2))
+    built = open_group(s3_prefix, storage_options)["s1"][:]
+    np.testing.assert_array_equal(built, pyramid.downsample(cells, 2, "labels"))
+
+
+# ------------------------------------------------------------------------------------ any pyramid
+def reference_sources(m: pyramid.AxisMap, i: int) -> list[int]:
+    """The mapping rule, spelled out: the sources whose centres lie in a coarser pixel, or the one under a
+    finer pixel's centre (the last one past a floor-halved edge)."""
+    r = m.ratio
+    if r >= 1:
+        return [j for j in range(m.source_size) if i * r <= j + Fraction(1, 2) < (i + 1) * r]
+    return [min(int((i + Fraction(1, 2)) * r), m.source_size - 1)]
+
+
+@pytest.mark.parametrize("source, target, ratios", [
+    ((101, 131), (50, 65), (2, 2)),  # floor halving (ome-zarr-py, bioformats2raw)
+    ((101, 131), (51, 66), (2, 2)),  # ceil halving
+    ((100, 90), (33, 30), (3, 3)),  # factor 3, floor
+    ((100, 90), (25, 23), (4, 4)),  # factor 4, ceil in x
+    ((100, 90), (50, 22), (2, 4)),  # anisotropic
+    ((30, 40), (20, 40), (Fraction(3, 2), 1)),  # not a whole factor; x kept
+    ((50, 65), (101, 131), (Fraction(1, 2), Fraction(1, 2))),  # a finer level from a floor-halved one
+    ((34, 30), (100, 90), (Fraction(1, 3), Fraction(1, 3))),  # a finer level, factor 3
+])
+def test_every_target_pixel_comes_from_its_source_block(tmp_path, source, target, ratios):
+    """Built chunk by chunk (chunks that do not line up with the blocks), each label pixel is the mode of the
+    source pixels the rule names, whatever the rounding, factor or direction."""
+    maps = pyramid.level_maps(source, target)
+    assert tuple(m.ratio for m in maps) == tuple(Fraction(r) for r in ratios)
+    rng = np.random.default_rng(5)
+    cells = rng.choice(np.array([0, 0, 3, 17, 5, 2**31 + 9], np.uint32), size=source)
+    group = zarr.open_group(str(tmp_path / "p.zarr"), mode="w", zarr_format=3)
+    group.create_array("s", shape=source, dtype="u4", chunks=(16, 16))[:] = cells
+    out = group.create_array("t", shape=target, dtype="u4", chunks=(13, 11))
+    pyramid.build_level(group["s"], out, "labels", maps)
+    built = out[:]
+    rows = [reference_sources(maps[0], i) for i in range(target[0])]
+    cols = [reference_sources(maps[1], j) for j in range(target[1])]
+    for i, j in itertools.product(range(target[0]), range(target[1])):
+        assert built[i, j] == reference_mode(cells[np.ix_(rows[i], cols[j])]), (i, j)
+
+
+def test_scales_decide_the_factor_where_the_shapes_allow_several():
+    # ome-zarr-py records the shape ratio as the scale (1001 / 500 = 2.002) where it halved by 2.
+    assert pyramid.AxisMap.between(1001, 500, 1.0, 2.002).ratio == 2
+    assert pyramid.AxisMap.between(125, 62, 8.008, 16.145).ratio == 2
+    # 9 → 3 is a factor 3 (floor of 9/3) but also 4 → ceil(9/4) = 3: the scales say which.
+    assert pyramid.AxisMap.between(9, 3, 1.0, 3.0).ratio == 3
+    assert pyramid.AxisMap.between(9, 3, 1.0, 4.0).ratio == 4
+    assert pyramid.AxisMap.between(9, 3).ratio == 3  # equal scales (a careless writer): the sizes decide
+    assert pyramid.AxisMap.between(1, 1, 1.0, 2.0).identity  # a one-pixel axis stays one pixel
+    with pytest.raises(ValueError, match="cannot be resampled"):
+        pyramid.AxisMap.between(10, 0)
+
+
+def test_target_span_is_what_a_source_region_changes():
+    for source, target in ((1001, 500), (1001, 501), (100, 33), (100, 25), (30, 20), (500, 1001), (34, 100)):
+        m = pyramid.AxisMap.between(source, target)
+        made_from = [set(reference_sources(m, i)) for i in range(target)]
+        for first, end in ((0, 1), (0, source), (3, 7), (source - 1, source), (source // 2, source // 2 + 5)):
+            touched = [i for i in range(target) if made_from[i] & set(range(first, end))]
+            want = (touched[0], touched[-1] + 1) if touched else (0, 0)
+            assert m.target_span(first, end) == want, (source, target, first, end)
+    floor = pyramid.AxisMap.between(1001, 500)
+    assert floor.target_span(0, 4) == (0, 2)
+    assert floor.target_span(1000, 1001) == (0, 0)  # the pixel a floor-halving writer dropped
+    finer = pyramid.AxisMap.between(500, 1001)
+    assert finer.target_span(499, 500) == (998, 1001)
+    assert floor.source_span(10, 20) == (20, 40)
+
+
+def test_a_z_axis_halved_too_and_other_axes_kept(tmp_path):
+    """3-D labels whose z is halved as well: each pixel is the mode of its 2×2×2 block."""
+    rng = np.random.default_rng(6)
+    cells = rng.integers(0, 4, (2, 9, 20, 22), dtype=np.uint16)  # t, z, y, x
+    group = zarr.open_group(str(tmp_path / "z.zarr"), mode="w", zarr_format=2)
+    group.create_array("s", shape=cells.shape, dtype="u2", chunks=(1, 1, 8, 8))[:] = cells
+    target = group.create_array("t", shape=(2, 4, 10, 11), dtype="u2", chunks=(1, 1, 4, 4))
+    maps = pyramid.level_maps(cells.shape, target.shape, (1, 2, 1, 1), (1, 4, 2, 2))
+    assert [m.ratio for m in maps] == [1, 2, 2, 2]
+    pyramid.build_level(group["s"], target, "labels", maps)
+    built = target[:]
+    for t, z, y, x in itertools.product(range(2), range(4), range(10), range(11)):
+        block = cells[t, 2 * z : 2 * z + 2, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2]
+        assert built[t, z, y, x] == reference_mode(block)

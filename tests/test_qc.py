@@ -18,6 +18,7 @@ from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.qc import render, views
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
+from cellsam_ray.testing import spec_storage
 
 ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
 TILING = dict(tile=128, halo=40, band=8, chunk=64)
@@ -105,7 +106,7 @@ def test_a_run_writes_the_pictures_beside_its_report(s3_prefix, storage_options,
     write_synthetic_slide(url, size=(256, 384), channels=3, ngff="0.5", seed=5, chunk=64,
                           storage_options=storage_options)
     monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
-    report = segment(dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, storage_options=storage_options,
+    report = segment(dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, **spec_storage(storage_options),
                           **TILING), progress=False)
     assert report["summary"]["qc_overview"] == f"{url}/labels/cells/qc/overview.png"
     for entry in report["qc"]["images"]:

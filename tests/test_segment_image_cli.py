@@ -152,9 +152,12 @@ def test_input_output_and_weights_in_object_storage(tmp_path, capsys, monkeypatc
     argv = [
         "segment-image", f"{s3_prefix}/in.npy", f"{s3_prefix}/labels.npy",
         "--weights", f"{s3_prefix}/tiny.pt", "--config", str(GOLDEN / "tiny_config.json"), "--no-normalize",
-        "--storage-options", json.dumps(storage_options),
+        "--storage-options", json.dumps({"endpoint_url": storage_options["endpoint_url"]}),  # keys: environment
     ]
     assert main(argv) == 0
     with fs.open(f"{s3_prefix}/labels.npy", "rb") as f:
         labels = np.load(f)
     np.testing.assert_array_equal(labels, np.load(GOLDEN / f"{case}.expected.npz")["labels"])
+    assert main(argv) == 2  # the output exists now: replaced only when asked
+    assert capsys.readouterr().err.strip().endswith("labels.npy already exists: pass --overwrite to replace it")
+    assert main([*argv, "--overwrite"]) == 0

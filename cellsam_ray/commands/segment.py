@@ -62,7 +62,7 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
         if name in ("nuclear", "whole_cell"):
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif name in ("storage_options", "storage_options_env"):
-            value = parse_storage_options(value, _option(name))
+            value = parse_storage_options(value, _option(name), names_only=name == "storage_options_env")
         values[info.alias or name] = value
     return validate_spec(values, lambda where: f"--{where.replace('_', '-')}")
 

@@ -18,7 +18,7 @@ import tifffile
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cellsam_ray.errors import UserError
+from cellsam_ray.errors import UserError, storage_errors
 from cellsam_ray.io.storage import parse_storage_options
 
 HELP = "Segment one .npy/.tif/.png image (H×W or H×W×C, C ≤ 3) with CellSAM and write int32 labels."
@@ -51,11 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sha256", help="Expected SHA-256 hex digest of the checkpoint file.")
     parser.add_argument("--storage-options", metavar="JSON",
                         help="fsspec storage options (JSON object) for remote input, output and weights.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT if it exists (default: refuse).")
 
 
 def run(args: argparse.Namespace) -> int:
     storage_options = parse_storage_options(args.storage_options) or {}
-    _check_output(args.output)
+    _check_output(args.output, storage_options, overwrite=args.overwrite)
     image = read_image(args.input, storage_options)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
@@ -140,12 +141,18 @@ def write_labels(path: str, labels: np.ndarray, storage_options: dict) -> None:
         raise UserError(f"cannot write output {path}: {err}") from None
 
 
-def _check_output(path: str) -> None:
-    """Catch an unusable output path before any model time is spent (local folders only)."""
+def _check_output(path: str, storage_options: dict, *, overwrite: bool) -> None:
+    """Catch an unusable output path, or one that would replace a file unasked, before any model time."""
     _check_suffix(path, OUTPUT_SUFFIXES, "output")
     protocol, bare = fsspec.core.split_protocol(path)
     if protocol in (None, "file", "local") and not Path(bare).parent.is_dir():
         raise UserError(f"output {path}: folder {Path(bare).parent} does not exist")
+    if not overwrite:
+        with storage_errors(refused=f"output {path} cannot be checked", unreachable=f"output {path} cannot be checked"):
+            fs, where = fsspec.core.url_to_fs(path, **storage_options)
+            exists = fs.exists(where)
+        if exists:
+            raise UserError(f"output {path} already exists: pass --overwrite to replace it")
 
 
 def _check_suffix(path: str, allowed: tuple[str, ...], role: str) -> str:

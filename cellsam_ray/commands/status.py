@@ -1,4 +1,8 @@
-"""``cellsam-ray status JOB``: where a submitted job stands (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+"""``cellsam-ray status JOB``: where a submitted job stands (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED).
+
+The exit status says it too, for scripts: 0 while it is pending or running and once it succeeded, 1 for a
+failed or stopped job.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cellsam_ray.jobclient import JobApi
 
+    from ray.job_submission import JobStatus
+
     info = JobApi(args.address).info(args.job_id)
     print(f"{args.job_id} {info.status.value}")
     if info.message:
         print(" ".join(info.message.split()))
-    return 0
+    return 1 if info.status in (JobStatus.FAILED, JobStatus.STOPPED) else 0

@@ -17,6 +17,7 @@ final shapes and chunks, so that many writers can later fill whole chunks in par
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -25,8 +26,11 @@ import numpy as np
 import zarr
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.io.layouts import image_group
 from cellsam_ray.io.storage import Mode, open_group
 
+# Attribute of a label image this package writes: {"complete": bool, "run_id": str} (see NgffImage.label).
+RUN_MARKER = "cellsam_ray"
 # Axes halved at each pyramid level. z is kept: slides are 2-D and z stacks are usually anisotropic.
 DOWNSAMPLED_AXES = ("y", "x")
 
@@ -209,20 +213,58 @@ class NgffImage:
     def arrays(self) -> list[zarr.Array]:
         return [self.array(i) for i in range(len(self.levels))]
 
-    def label(self, name: str) -> NgffImage:
-        """The label image ``labels/<name>``, opened like its image."""
-        if name not in self.label_names:
+    def label(self, name: str, *, complete: bool = True) -> NgffImage:
+        """The label image ``labels/<name>``, opened like its image.
+
+        A label image is complete once it is listed in ``labels`` and, if this package wrote it, marked
+        complete (``cellsam_ray.complete`` in its attributes, set after its last level is written). With
+        ``complete=False`` an unlisted, unfinished one is opened too: the run that writes it reads it back.
+        """
+        has = name in self.group["labels"] if "labels" in self.group else False
+        listed = listed_labels(self.group, self.version)
+        if complete and name not in listed:
+            if has:
+                raise UserError(f"labels/{name} in {_where(self.group)} is incomplete: the run writing it has not "
+                                f"finished (see labels/{name}/report.json)")
             raise UserError(f"{_where(self.group)} has no label image {name!r} (has: {list(self.label_names)})")
-        return read_image(self.group["labels"][name])
+        if not has:
+            raise UserError(f"{_where(self.group)} has no label image {name!r} (has: {list(self.label_names)})")
+        label = read_image(self.group["labels"][name])
+        if complete:
+            require_complete(label)
+        return label
+
+
+def require_complete(label: NgffImage) -> None:
+    """UserError for a label image this package started and has not finished writing."""
+    marker = label.group.attrs.get(RUN_MARKER)
+    if isinstance(marker, dict) and not marker.get("complete", False):
+        raise UserError(f"{_where(label.group)} is incomplete: the run writing it (run {marker.get('run_id')}) has "
+                        "not finished (see its report.json)")
+
+
+def listed_labels(group: zarr.Group, version: NgffVersion) -> tuple[str, ...]:
+    """The names the ``labels`` group lists; a UserError, leaving it as it is, for a listing we do not
+    understand (rewriting it could drop labels others listed)."""
+    if "labels" not in group:
+        return ()
+    labels_group = group["labels"]
+    listed = version.read_ome(labels_group).get("labels", [])
+    if not isinstance(listed, list) or not all(isinstance(n, str) and n and "/" not in n for n in listed):
+        raise UserError(f"{_where(labels_group)} has a malformed 'labels' list ({json.dumps(listed)[:80]}): "
+                        "expected a list of label names; it was left unchanged: fix it before writing labels here")
+    return tuple(listed)
 
 
 # --------------------------------------------------------------------------------------------- reading
 def open_image(
     url: str | zarr.Group, storage_options: dict[str, Any] | None = None, *, mode: Mode = "r"
 ) -> NgffImage:
-    """Open an OME-Zarr image (or label image) at a path or URL; ``mode="r+"`` to add labels to it."""
+    """Open an OME-Zarr image (or label image) at a path or URL; ``mode="r+"`` to add labels to it.
+
+    A bioformats2raw root opens as its first series (``layouts``)."""
     group = url if isinstance(url, zarr.Group) else open_group(url, storage_options, mode=mode)
-    return read_image(group)
+    return read_image(image_group(group))
 
 
 def read_image(group: zarr.Group) -> NgffImage:
@@ -240,9 +282,10 @@ def read_image(group: zarr.Group) -> NgffImage:
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{_where(group)} has malformed multiscales metadata: {err}") from None
     channels = ome.get("omero", {}).get("channels", []) if isinstance(ome.get("omero"), dict) else []
-    label_names: tuple[str, ...] = ()
-    if "labels" in group:
-        label_names = tuple(version.read_ome(group["labels"]).get("labels", []))
+    try:
+        label_names = listed_labels(group, version)
+    except UserError:  # the pixels can still be read; writing or finding labels refuses (see listed_labels)
+        label_names = ()
     return NgffImage(
         group=group,
         version=version,
@@ -370,15 +413,16 @@ def create_labels(
     name: str,
     *,
     chunks: Sequence[int],
+    run_id: str,
     dtype: Any = np.uint32,
-    overwrite: bool = False,
 ) -> NgffImage:
-    """Create the empty label image ``labels/<name>`` of ``image`` (opened writable) and list it.
+    """Create the empty label image ``labels/<name>`` of ``image`` (opened writable), unlisted and marked
+    incomplete: ``list_label`` makes it visible once it is written.
 
     The label image has the image's axes without ``c``, as many levels as the image (ome-zarr-models
     insists), the same physical transforms, and ``chunks`` (one per label axis) at every level. Its
-    ``image-label`` metadata points back at the image; it is added to the ``labels`` group's list last, so a
-    reader never finds a listed label image without its metadata.
+    ``image-label`` metadata points back at the image. Arrays already at those paths are replaced; nothing
+    else under ``labels/<name>`` (a work prefix) is touched.
     """
     if not name or "/" in name:
         raise UserError(f"invalid label name {name!r}")
@@ -389,20 +433,16 @@ def create_labels(
         raise ValueError(f"give one chunk size per label axis {[image.axes[i] for i in keep]}")
     version = image.version
     labels_group = image.group.require_group("labels")
-    listed = list(version.read_ome(labels_group).get("labels", []))
-    if name in labels_group:
-        if not overwrite:
-            raise UserError(f"labels/{name} already exists: choose another name or overwrite it")
-        del labels_group[name]
-    group = labels_group.create_group(name)
+    listed_labels(image.group, version)  # refuse a listing we could not extend later, before writing
+    group = labels_group.require_group(name)
     axes = [Axis(image.axes[i], image.axis_types[i], image.axis_units[i]) for i in keep]
     names = [a.name for a in axes]
     datasets = []
-    for k, level in enumerate(image.levels):
+    for level in image.levels:
         shape = [level.shape[i] for i in keep]
         array_chunks = tuple(min(c, n) for c, n in zip(chunks, shape))
         group.create_array(
-            level.path, shape=shape, dtype=dtype, chunks=array_chunks, fill_value=0,
+            level.path, shape=shape, dtype=dtype, chunks=array_chunks, fill_value=0, overwrite=True,
             **version.array_options(names),
         )
         datasets.append({
@@ -412,13 +452,47 @@ def create_labels(
                 {"type": "translation", "translation": [level.translation[i] for i in keep]},
             ],
         })
+    group.attrs[RUN_MARKER] = {"complete": False, "run_id": run_id}
     version.write_ome(group, {
         "multiscales": [version.multiscale(name, axes, datasets, kind="mode")],
         "image-label": version.image_label("../../"),
     })
-    if name not in listed:
-        version.write_ome(labels_group, {"labels": listed + [name]})
     return read_image(group)
+
+
+def publish_label(image: NgffImage, name: str) -> None:
+    """Once every level of ``labels/<name>`` is written: mark it complete, then list it, so a reader
+    never finds a listed label image that is not whole."""
+    group = image.group["labels"][name]
+    group.attrs[RUN_MARKER] = {**dict(group.attrs.get(RUN_MARKER) or {}), "complete": True}
+    list_label(image, name)
+
+
+def list_label(image: NgffImage, name: str) -> None:
+    """Add ``name`` to the ``labels`` list, keeping every other entry (and refusing a malformed list)."""
+    listed = list(listed_labels(image.group, image.version))
+    if name not in listed:
+        image.version.write_ome(image.group["labels"], {"labels": listed + [name]})
+
+
+def unlist_label(image: NgffImage, name: str) -> None:
+    """Take ``name`` off the ``labels`` list, keeping every other entry: readers stop finding it."""
+    listed = list(listed_labels(image.group, image.version))
+    if name in listed:
+        image.version.write_ome(image.group["labels"], {"labels": [n for n in listed if n != name]})
+
+
+def remove_label_arrays(image: NgffImage, name: str) -> None:
+    """Delete the arrays of label image ``labels/<name>`` (each level its multiscales lists), unlisting it
+    first; anything else in its folder stays."""
+    unlist_label(image, name)
+    group = image.group["labels"][name]
+    ome = image.version.read_ome(group)
+    paths = [ds.get("path") for ms in ome.get("multiscales") or [] if isinstance(ms, dict)
+             for ds in ms.get("datasets") or [] if isinstance(ds, dict)]
+    for path in paths:
+        if isinstance(path, str) and path in group:
+            del group[path]
 
 
 def _create_levels(

@@ -1,22 +1,33 @@
-"""Coarser pyramid levels from the level below, one whole output chunk at a time.
+"""Pyramid levels from the level next to them, one whole output chunk at a time, for any pyramid.
 
 Concurrent partial writes to one zarr chunk (or shard) silently lose updates on object storage, so every
-output chunk here is computed from its own block of the finer level and written whole by exactly one call
-(the "two-phase" pattern of stack.md §4: workers write level 0, then levels 1.. are built chunk by chunk).
+output chunk here is computed from its own block of the source level and written whole by exactly one call
+(the "two-phase" pattern: workers write one level, then the others are built chunk by chunk).
 ``build_chunk`` is that unit of work, a plain function the pipeline can run as a Ray task; ``build_level``
-and ``build_pyramid`` are the sequential drivers. Memory is one output chunk and its ``factor``² source
-block, whatever the slide size.
+and ``build_pyramid`` are the sequential drivers. Memory is one output chunk and its source block,
+whatever the slide size.
+
+Which source pixels make a target pixel is worked out per axis (``AxisMap``) from the two levels' real
+shapes and scales, never assumed: writers halve with floor (ome-zarr-py, bioformats2raw: 1001 → 500) or
+ceil (1001 → 501), use factors 2, 3 or 4, different factors per axis, or keep an axis; a label pyramid
+must mirror whichever it is. The two levels share their top-left edge, as every block-downsampling writer
+makes them. A target pixel ``i`` of a coarser level, ``r`` source pixels wide, takes the source pixels
+whose centres lie in ``[i·r, (i+1)·r)`` (for a whole ``r``: exactly the block ``i·r .. i·r+r-1``; source
+pixels a floor-halving writer dropped at the far edge belong to none). A pixel of a finer level takes the
+one source pixel under its centre (the last one past a floor-halved edge).
 
 Images are averaged (``mean``). Labels use the mode with foreground priority (``mode``): the most frequent
-non-zero id among a pixel's children, ties to the smaller id, background only where every child is
+non-zero id among a pixel's sources, ties to the smaller id, background only where every source is
 background. It keeps small cells that nearest-neighbour sampling drops and never invents an id, as
-interpolation does (ome-zarr-py #482).
+interpolation does (ome-zarr-py #482). Upsampling repeats pixels, so neither kind ever mixes values.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
@@ -24,111 +35,241 @@ import zarr
 
 Kind = Literal["image", "labels"]
 
-
-def downsample(block: np.ndarray, factor: int, kind: Kind, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
-    """Downsample ``block`` by ``factor`` along ``axes`` (a partial block at the end counts what is there)."""
-    if kind == "image":
-        return mean_downsample(block, factor, axes)
-    if kind == "labels":
-        return mode_downsample(block, factor, axes)
-    raise ValueError(f"kind must be 'image' or 'labels', got {kind!r}")
+# A scale ratio this close to a whole number (or its inverse) is taken as that number when the shapes
+# agree: ome-zarr-py records the shape ratio (1001 / 500 = 2.002) where it halved by 2.
+_WHOLE_TOLERANCE = 0.05
 
 
-def mean_downsample(block: np.ndarray, factor: int, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
-    """Mean of each ``factor``-sized block along ``axes``; integers are rounded half to even."""
-    windows, valid = _windows(block, factor, axes, fill=0)
-    sums = windows.sum(axis=-1, dtype=np.float64)
-    means = sums / valid.sum(axis=-1)
-    if block.dtype.kind in "iu":
-        info = np.iinfo(block.dtype)
-        return np.clip(np.rint(means), info.min, info.max).astype(block.dtype)
-    return means.astype(block.dtype)
+# ------------------------------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class AxisMap:
+    """One axis from a source level to a target level; ``ratio`` is a target pixel's size in source pixels.
 
-
-def mode_downsample(block: np.ndarray, factor: int, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
-    """Most frequent non-zero label of each block along ``axes``, ties to the smaller id; 0 if all are 0."""
-    windows, _ = _windows(block, factor, axes, fill=0)  # padding is background: it never wins a vote
-    n = windows.shape[-1]
-    counts = np.zeros(windows.shape, dtype=np.int16)
-    for j in range(n):
-        counts += windows == windows[..., j : j + 1]
-    counts[windows == 0] = -1
-    best = counts.max(axis=-1, keepdims=True)
-    top = np.where(counts == best, windows, np.iinfo(windows.dtype).max)
-    out = top.min(axis=-1)
-    return np.where(best[..., 0] < 0, 0, out).astype(block.dtype)
-
-
-def _windows(block: np.ndarray, factor: int, axes: Sequence[int], fill: int) -> tuple[np.ndarray, np.ndarray]:
-    """The block rearranged so each output pixel's ``factor**len(axes)`` children lie on the last axis.
-
-    Returns the children (padded with ``fill`` past the block's end) and a mask of the real ones.
+    ``ratio`` > 1 downsamples, < 1 upsamples, 1 with equal sizes keeps the axis as it is.
     """
-    axes = sorted(a % block.ndim for a in axes)
-    pad = [(0, 0)] * block.ndim
-    for a in axes:
-        pad[a] = (0, -block.shape[a] % factor)
-    padded = np.pad(block, pad, constant_values=fill)
-    valid = np.pad(np.ones(block.shape, dtype=bool), pad, constant_values=False)
-    split: list[int] = []
-    for i, n in enumerate(padded.shape):
-        split += [n // factor, factor] if i in axes else [n]
-    # The factor-sized sub-axes sit right after their parents; move them to the end and merge them.
-    inner = [i + 1 + axes.index(i) for i in axes]
-    order = [d for d in range(len(split)) if d not in inner] + inner
-    out_shape = tuple(n // factor if i in axes else n for i, n in enumerate(padded.shape))
-    children = factor ** len(axes)
 
-    def rearrange(a: np.ndarray) -> np.ndarray:
-        return a.reshape(split).transpose(order).reshape(out_shape + (children,))
+    source_size: int
+    target_size: int
+    ratio: Fraction
 
-    return rearrange(padded), rearrange(valid)
+    @classmethod
+    def between(cls, source_size: int, target_size: int, source_scale: float = 1.0,
+                target_scale: float = 1.0) -> AxisMap:
+        """The map from a source axis to a target axis, from their sizes and physical pixel sizes.
+
+        The scale ratio, taken as a whole number (or its inverse) when it is one within a few per cent and
+        the sizes agree with it (floor or ceil); else the sizes' own whole ratio where they have one (a
+        writer that left the scales equal); else the exact ratio of the sizes.
+        """
+        if source_size < 1 or target_size < 1:
+            raise ValueError(f"an axis of {source_size} → {target_size} pixels cannot be resampled")
+        if source_size == target_size:
+            return cls(source_size, target_size, Fraction(1))
+        coarser = target_size < source_size
+        big, small = (source_size, target_size) if coarser else (target_size, source_size)
+
+        def whole(factor: int) -> Fraction | None:
+            if factor >= 2 and small in (big // factor, -(-big // factor)):
+                return Fraction(factor) if coarser else Fraction(1, factor)
+            return None
+
+        if source_scale > 0 and target_scale > 0:
+            r = target_scale / source_scale if coarser else source_scale / target_scale
+            if abs(r - round(r)) <= _WHOLE_TOLERANCE * r and (found := whole(round(r))):
+                return cls(source_size, target_size, found)
+        found = whole(round(big / small))
+        return cls(source_size, target_size, found or Fraction(source_size, target_size))
+
+    @property
+    def identity(self) -> bool:
+        return self.ratio == 1 and self.source_size == self.target_size
+
+    def _bounds(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per target index, the half-open range of its source indices (exact integer arithmetic)."""
+        p, q = self.ratio.numerator, self.ratio.denominator
+        if self.ratio >= 1:  # sources whose centre j + 1/2 lies in [i·r, (i+1)·r)
+            lo = -((q - 2 * targets * p) // (2 * q))
+            hi = -((q - 2 * (targets + 1) * p) // (2 * q))
+            return np.clip(lo, 0, self.source_size), np.clip(hi, 0, self.source_size)
+        j = np.minimum((2 * targets + 1) * p // (2 * q), self.source_size - 1)  # the source under the centre
+        return j, j + 1
+
+    def windows(self, start: int, stop: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """Sources of the targets ``start..stop-1``: ``(first, end, index, valid)``.
+
+        ``source[first:end]`` is the block to read; ``index`` (targets × width) holds each target's
+        sources as offsets into that block, ``valid`` which of them are real (a target may have fewer
+        sources than the widest one).
+        """
+        lo, hi = self._bounds(np.arange(start, stop, dtype=np.int64))
+        first, end = int(lo.min()), int(hi.max())
+        width = max(int((hi - lo).max()), 1)
+        index = lo[:, None] + np.arange(width)[None, :]
+        valid = index < hi[:, None]
+        return first, end, np.where(valid, index, lo[:, None]).clip(max=max(end - 1, first)) - first, valid
+
+    def source_span(self, start: int, stop: int) -> tuple[int, int]:
+        """The source range that targets ``start..stop-1`` are made from."""
+        first, end, _, _ = self.windows(start, stop)
+        return first, end
+
+    def target_span(self, first: int, end: int) -> tuple[int, int]:
+        """The targets made (at least partly) from sources ``first..end-1``: what changes when they do.
+
+        In constant time (both directions map monotonically), so a caller may ask for every tile."""
+        first, end = max(first, 0), min(end, self.source_size)
+        if end <= first:
+            return 0, 0
+        p, q = self.ratio.numerator, self.ratio.denominator
+        if self.ratio >= 1:  # the target of source j is floor((j + 1/2) / r)
+            lo, hi = (2 * first + 1) * q // (2 * p), (2 * end - 1) * q // (2 * p) + 1
+        else:  # target i takes the source under its centre, floor((i + 1/2) r), the last one past the end
+            lo = max(-((p - 2 * q * first) // (2 * p)), 0)
+            hi = self.target_size if end == self.source_size else -((p - 2 * q * end) // (2 * p))
+        lo, hi = min(lo, self.target_size), min(hi, self.target_size)
+        return (lo, hi) if hi > lo else (0, 0)
 
 
+def level_maps(source_shape: Sequence[int], target_shape: Sequence[int],
+               source_scale: Sequence[float] | None = None,
+               target_scale: Sequence[float] | None = None) -> tuple[AxisMap, ...]:
+    """One ``AxisMap`` per axis from a source level to a target level (scales default to the shapes')."""
+    if len(source_shape) != len(target_shape):
+        raise ValueError(f"levels of {len(source_shape)} and {len(target_shape)} axes cannot be mapped")
+    source_scale = source_scale or (1.0,) * len(source_shape)
+    target_scale = target_scale or (1.0,) * len(target_shape)
+    return tuple(AxisMap.between(int(n), int(m), float(s), float(t))
+                 for n, m, s, t in zip(source_shape, target_shape, source_scale, target_scale))
+
+
+# ------------------------------------------------------------------------------------------ resampling
+def resample(block: np.ndarray, windows: Sequence[tuple[np.ndarray, np.ndarray] | None], kind: Kind) -> np.ndarray:
+    """Each target pixel from its sources in ``block``: per axis ``(index, valid)`` from ``AxisMap.windows``
+    (offsets into ``block``), or None for an axis taken as it is."""
+    if kind not in ("image", "labels"):
+        raise ValueError(f"kind must be 'image' or 'labels', got {kind!r}")
+    if len(windows) != block.ndim:
+        raise ValueError(f"give one window per axis of the {block.ndim}-d block")
+    children, valid = block, np.ones((1,) * block.ndim, dtype=bool)
+    widths: list[int] = []
+    for axis, window in enumerate(windows):
+        if window is None:
+            continue
+        index, real = window
+        n, w = index.shape
+        moved = axis + len(widths)  # each resampled axis before this one gained a width axis after it
+        children = np.take(children, index.ravel(), axis=moved)
+        children = children.reshape(children.shape[:moved] + (n, w) + children.shape[moved + 1 :])
+        shape = [1] * children.ndim
+        shape[moved], shape[moved + 1] = n, w
+        valid = np.expand_dims(valid, moved + 1) & real.reshape(shape)
+        widths.append(moved + 1)
+    if not widths:
+        return np.array(block, copy=True)
+    # Put the width axes last and merge them: each target pixel's sources lie along the last axis.
+    order = [d for d in range(children.ndim) if d not in widths] + widths
+    valid = np.broadcast_to(valid, children.shape).transpose(order)
+    children = children.transpose(order)
+    out_shape = children.shape[: children.ndim - len(widths)]
+    children, valid = children.reshape(out_shape + (-1,)), valid.reshape(out_shape + (-1,))
+    return _mode(children, valid) if kind == "labels" else _mean(children, valid, block.dtype)
+
+
+def _mode(children: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Most frequent non-zero value along the last axis, ties to the smaller; 0 where all are 0 or padding.
+
+    Sorted, equal values are runs; a run's length is the running count at its last element, and the first
+    maximum of the running counts is the smallest value among the longest runs.
+    """
+    values = np.sort(np.where(valid, children, 0), axis=-1)
+    n = values.shape[-1]
+    position = np.arange(n)
+    new_run = np.ones(values.shape, dtype=bool)
+    new_run[..., 1:] = values[..., 1:] != values[..., :-1]
+    run_start = np.maximum.accumulate(np.where(new_run, position, 0), axis=-1)
+    counts = np.where(values == 0, 0, position - run_start + 1)  # background never wins a vote
+    best = np.argmax(counts, axis=-1)[..., None]
+    return np.take_along_axis(values, best, axis=-1)[..., 0]
+
+
+def _mean(children: np.ndarray, valid: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Mean of the real sources along the last axis; integers are rounded half to even."""
+    sums = np.where(valid, children, 0).sum(axis=-1, dtype=np.float64)
+    means = sums / np.maximum(valid.sum(axis=-1), 1)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(means), info.min, info.max).astype(dtype)
+    return means.astype(dtype)
+
+
+def downsample(block: np.ndarray, factor: int | Sequence[int], kind: Kind,
+               axes: Sequence[int] = (-2, -1)) -> np.ndarray:
+    """A whole array downsampled by whole ``factor``s along ``axes`` (a partial block at the end counts
+    what is there: the output is ``ceil(n / factor)`` long)."""
+    factors = [factor] * len(axes) if isinstance(factor, int) else list(factor)
+    by_axis = {a % block.ndim: f for a, f in zip(axes, factors)}
+    windows = []
+    for d, n in enumerate(block.shape):
+        f = by_axis.get(d, 1)
+        if f == 1:
+            windows.append(None)
+            continue
+        _, _, index, valid = AxisMap(n, -(-n // f), Fraction(f)).windows(0, -(-n // f))
+        windows.append((index, valid))
+    return resample(block, windows, kind)
+
+
+# ------------------------------------------------------------------------------------------ chunks
 def output_chunks(target: zarr.Array) -> Iterator[tuple[int, ...]]:
     """Grid coordinates of every chunk (or shard) of ``target``: the units of ``build_chunk``."""
     unit = target.shards or target.chunks
     yield from itertools.product(*(range(math.ceil(n / c)) for n, c in zip(target.shape, unit)))
 
 
-def build_chunk(
-    source: zarr.Array,
-    target: zarr.Array,
-    chunk: Sequence[int],
-    factor: int = 2,
-    kind: Kind = "image",
-    axes: Sequence[int] = (-2, -1),
-) -> None:
-    """Compute and write the whole output chunk at grid position ``chunk`` of ``target`` from ``source``.
-
-    ``axes`` are downsampled by ``factor`` (``target`` must be ``ceil(source / factor)`` along them); the
-    other axes map one to one.
-    """
-    axes = [a % source.ndim for a in axes]
+def chunk_region(target: zarr.Array, chunk: Sequence[int]) -> tuple[slice, ...]:
+    """The pixels of ``target`` that its chunk (or shard) at grid position ``chunk`` holds."""
     unit = target.shards or target.chunks
-    out_sel, in_sel = [], []
-    for d, (index, size, n_out, n_in) in enumerate(zip(chunk, unit, target.shape, source.shape)):
-        start, stop = index * size, min((index + 1) * size, n_out)
-        out_sel.append(slice(start, stop))
-        f = factor if d in axes else 1
-        if math.ceil(n_in / f) != n_out:
-            raise ValueError(f"target shape {target.shape} is not source {source.shape} downsampled by {factor}")
-        in_sel.append(slice(start * f, min(stop * f, n_in)))
-    block = np.asarray(source[tuple(in_sel)])
-    target[tuple(out_sel)] = downsample(block, factor, kind, axes)
+    return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(chunk, unit, target.shape))
 
 
-def build_level(
-    source: zarr.Array, target: zarr.Array, factor: int = 2, kind: Kind = "image", axes: Sequence[int] = (-2, -1)
-) -> None:
+def build_chunk(source: zarr.Array, target: zarr.Array, chunk: Sequence[int], kind: Kind = "image",
+                maps: Sequence[AxisMap] | None = None) -> None:
+    """Compute and write the whole chunk at grid position ``chunk`` of ``target`` from ``source``.
+
+    ``maps`` (one ``AxisMap`` per axis, see ``level_maps``) say how the levels relate; without them they
+    come from the arrays' shapes alone.
+    """
+    maps = tuple(maps) if maps is not None else level_maps(source.shape, target.shape)
+    if tuple(m.source_size for m in maps) != tuple(source.shape) or \
+            tuple(m.target_size for m in maps) != tuple(target.shape):
+        raise ValueError(f"the axis maps are for {[m.source_size for m in maps]} → {[m.target_size for m in maps]}, "
+                         f"not {list(source.shape)} → {list(target.shape)}")
+    region = chunk_region(target, chunk)
+    reads, windows = [], []
+    for m, part in zip(maps, region):
+        if m.identity:
+            reads.append(part)
+            windows.append(None)
+            continue
+        first, end, index, valid = m.windows(part.start, part.stop)
+        reads.append(slice(first, end))
+        windows.append((index, valid))
+    block = np.asarray(source[tuple(reads)])
+    target[region] = resample(block, windows, kind)
+
+
+def build_level(source: zarr.Array, target: zarr.Array, kind: Kind = "image",
+                maps: Sequence[AxisMap] | None = None) -> None:
     """Fill ``target`` from ``source``, chunk by chunk."""
+    maps = tuple(maps) if maps is not None else level_maps(source.shape, target.shape)
     for chunk in output_chunks(target):
-        build_chunk(source, target, chunk, factor, kind, axes)
+        build_chunk(source, target, chunk, kind, maps)
 
 
-def build_pyramid(
-    levels: Sequence[zarr.Array], kind: Kind, factor: int = 2, axes: Sequence[int] = (-2, -1)
-) -> None:
-    """Fill ``levels[1:]`` in order, each from the one before (level 0 must be written already)."""
-    for source, target in zip(levels[:-1], levels[1:]):
-        build_level(source, target, factor, kind, axes)
+def build_pyramid(levels: Sequence[zarr.Array], kind: Kind,
+                  scales: Sequence[Sequence[float]] | None = None) -> None:
+    """Fill ``levels[1:]`` in order, each from the one before (level 0 must be written already);
+    ``scales`` are the levels' physical pixel sizes, when known."""
+    for k, (source, target) in enumerate(zip(levels[:-1], levels[1:])):
+        maps = level_maps(source.shape, target.shape, *((scales[k], scales[k + 1]) if scales else ()))
+        build_level(source, target, kind, maps)

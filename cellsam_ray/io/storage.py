@@ -10,7 +10,9 @@ them sends a bare ``s3://`` URL to real AWS (stack.md 3.4).
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -29,8 +31,38 @@ Mode = Literal["r", "r+", "a", "w", "w-"]
 _BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
-def parse_storage_options(text: str | None, flag: str = "--storage-options") -> dict[str, Any] | None:
-    """The JSON object given to ``flag`` (``--storage-options`` or the like), or None when not given."""
+# Storage option names that hold credentials (s3fs, gcsfs, adlfs, and botocore's client_kwargs).
+SECRET_OPTIONS = frozenset({
+    "key", "secret", "token", "password", "access_key", "secret_key", "session_token", "aws_access_key_id",
+    "aws_secret_access_key", "aws_session_token", "account_key", "sas_token", "client_secret",
+    "connection_string", "credentials",
+})
+
+
+def inline_secret(options: Any, where: str = "storage_options") -> str | None:
+    """The dotted name of the first credential written into ``options`` (however deeply nested), or None."""
+    if not isinstance(options, dict):
+        return None
+    for name, value in options.items():
+        if str(name).lower() in SECRET_OPTIONS and value not in (None, ""):
+            return f"{where}.{name}"
+        found = inline_secret(value, f"{where}.{name}")
+        if found:
+            return found
+    return None
+
+
+HOW_TO_PASS_SECRETS = ("name the environment variable that holds it instead (storage_options_env, e.g. "
+                       '{"secret": "AWS_SECRET_ACCESS_KEY"}), or use a profile (storage_profile) or the '
+                       "machine's own credentials (environment, instance role)")
+
+
+def parse_storage_options(text: str | None, flag: str = "--storage-options", *,
+                          names_only: bool = False) -> dict[str, Any] | None:
+    """The JSON object given to ``flag`` (``--storage-options`` or the like), or None when not given.
+
+    A credential in it is refused (a command line is kept in shell histories and shown by ``ps``), unless
+    it maps options to the *names* of environment variables (``names_only``: ``--storage-options-env``)."""
     if text is None or not text.strip():
         return None
     try:
@@ -39,7 +71,37 @@ def parse_storage_options(text: str | None, flag: str = "--storage-options") -> 
         raise UserError(f"{flag} is not valid JSON: {err}") from None
     if not isinstance(options, dict):
         raise UserError(f"{flag} must be a JSON object, got {type(options).__name__}")
+    secret = None if names_only else inline_secret(options, flag)
+    if secret:
+        raise UserError(f"{secret} holds a secret, which a command line must not: {HOW_TO_PASS_SECRETS}")
     return options
+
+
+@dataclass(frozen=True, eq=False)
+class StorageAccess:
+    """How a run reaches its storage, with no secret in it: plain fsspec options, the names of environment
+    variables that hold more options (credentials), and an AWS profile.
+
+    It travels to every Ray process (inside plans and task or actor arguments, hence into the object store,
+    spill files and the dashboard); each process resolves it with ``options()`` from its own environment,
+    as the driver does, so a credential is never pickled.
+    """
+
+    plain: dict[str, Any] | None = None
+    env: dict[str, str] | None = None
+    profile: str | None = None
+
+    def options(self) -> dict[str, Any] | None:
+        """The fsspec storage options here, in this process; UserError for a variable that is not set."""
+        options = dict(self.plain or {})
+        for option, variable in (self.env or {}).items():
+            if variable not in os.environ:
+                raise UserError(f"storage_options_env.{option} names the environment variable {variable}, "
+                                "which is not set here")
+            options[option] = os.environ[variable]
+        if self.profile:
+            options["profile"] = self.profile
+        return options or None
 
 
 def is_local(url: str) -> bool:

@@ -50,9 +50,10 @@ class CellSet:
         """(N, 4) int64 half-open mask extents y0, x0, y1, x1."""
         y0 = self.col("y0").astype(np.int64)
         x0 = self.col("x0").astype(np.int64)
-        h = np.array([m.shape[0] for m in self.masks], dtype=np.int64)
-        w = np.array([m.shape[1] for m in self.masks], dtype=np.int64)
-        return np.stack([y0, x0, y0 + h, x0 + w], axis=1) if len(self) else np.zeros((0, 4), np.int64)
+        if not len(self):
+            return np.zeros((0, 4), np.int64)
+        hw = np.array([m.shape for m in self.masks], dtype=np.int64)
+        return np.stack([y0, x0, y0 + hw[:, 0], x0 + hw[:, 1]], axis=1)
 
     def rank_order(self) -> np.ndarray:
         """Indices from the lowest to the highest ranked cell (the order to paint in).
@@ -93,9 +94,9 @@ class CellSet:
     def from_bytes(data: bytes) -> "CellSet":
         with np.load(io.BytesIO(data)) as f:
             meta, shapes, bits, nbits = f["meta"], f["shapes"], f["bits"], int(f["nbits"])
-        flat = np.unpackbits(bits, count=nbits).astype(bool)
+        flat = np.unpackbits(bits, count=nbits).view(bool)
         masks, start = [], 0
-        for h, w in shapes:
+        for h, w in shapes.tolist():  # Python ints: this loop runs once per cell
             masks.append(flat[start : start + h * w].reshape(h, w))
             start += h * w
         return CellSet(meta=meta, masks=masks)

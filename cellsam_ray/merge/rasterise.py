@@ -22,12 +22,14 @@ def rasterise_core(tile: Tile, kept_neighbourhood: list[CellSet]) -> np.ndarray:
         return labels
     bounds = cells.bounds()
     ids = cells.col("id").astype(np.uint32)
-    for i in cells.rank_order():
-        y0, x0, y1, x1 = bounds[i]
-        oy0, ox0 = max(y0, tile.core_y0), max(x0, tile.core_x0)
-        oy1, ox1 = min(y1, tile.core_y1), min(x1, tile.core_x1)
-        if oy1 <= oy0 or ox1 <= ox0:
-            continue
+    reach = ((bounds[:, 0] < tile.core_y1) & (bounds[:, 2] > tile.core_y0)
+             & (bounds[:, 1] < tile.core_x1) & (bounds[:, 3] > tile.core_x0))
+    order = cells.rank_order()
+    clipped = np.stack([np.maximum(bounds[:, 0], tile.core_y0), np.maximum(bounds[:, 1], tile.core_x0),
+                        np.minimum(bounds[:, 2], tile.core_y1), np.minimum(bounds[:, 3], tile.core_x1)], axis=1)
+    for i in order[reach[order]].tolist():  # only the cells that reach the core, in rank order
+        y0, x0 = int(bounds[i, 0]), int(bounds[i, 1])
+        oy0, ox0, oy1, ox1 = clipped[i].tolist()
         piece = cells.masks[i][oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
         target = labels[oy0 - tile.core_y0 : oy1 - tile.core_y0, ox0 - tile.core_x0 : ox1 - tile.core_x0]
         target[piece] = ids[i]

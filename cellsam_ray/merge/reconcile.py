@@ -51,40 +51,55 @@ def reconcile_home(
     rank = np.empty(len(pool), dtype=np.int64)
     rank[pool.rank_order()] = np.arange(len(pool))
     bounds = pool.bounds()
-    areas = np.array([np.count_nonzero(m) for m in pool.masks], dtype=np.int64)
     producer = pool.col("producer_row") * 1_000_003 + pool.col("producer_col")
-    is_home = (pool.col("home_row") == home[0]) & (pool.col("home_col") == home[1])
     cut = pool.col("touches_window_edge") > 0
+    mine = np.nonzero((pool.col("home_row") == home[0]) & (pool.col("home_col") == home[1]))[0]
 
-    keep = []
-    suppressed = 0
-    for i in np.nonzero(is_home)[0]:
-        # Higher-ranked candidates of other producers whose boxes intersect this one.
-        rivals = np.nonzero(
-            (rank > rank[i])
-            & (producer != producer[i])
-            & ~(cut & cut[i])
-            & (bounds[:, 0] < bounds[i, 2])
-            & (bounds[:, 2] > bounds[i, 0])
-            & (bounds[:, 1] < bounds[i, 3])
-            & (bounds[:, 3] > bounds[i, 1])
-        )[0]
-        beaten = False
-        for j in rivals:
-            inter = overlap_pixels(bounds[i], pool.masks[i], bounds[j], pool.masks[j])
-            if inter == 0:
-                continue
-            union = areas[i] + areas[j] - inter
-            if inter / union >= iou_conflict or inter / min(areas[i], areas[j]) >= iomin_conflict:
-                beaten = True
-                break
-        if beaten:
-            suppressed += 1
-        else:
-            keep.append(i)
-    kept = pool.subset(np.array(keep, dtype=np.int64))
+    beaten = np.zeros(len(pool), dtype=bool)
+    areas: dict[int, int] = {}
+
+    def area(i: int) -> int:
+        if i not in areas:
+            areas[i] = int(np.count_nonzero(pool.masks[i]))
+        return areas[i]
+
+    for i, j in _rival_pairs(mine, bounds, rank, producer, cut):
+        if beaten[i]:
+            continue
+        inter = overlap_pixels(bounds[i], pool.masks[i], bounds[j], pool.masks[j])
+        if inter == 0:
+            continue
+        union = area(i) + area(j) - inter
+        if inter / union >= iou_conflict or inter / min(area(i), area(j)) >= iomin_conflict:
+            beaten[i] = True
+    keep = mine[~beaten[mine]]
+    kept = pool.subset(keep)
     order = np.lexsort((kept.col("cx"), kept.col("cy"))) if len(kept) else np.zeros(0, np.int64)
-    return kept.subset(order), suppressed
+    return kept.subset(order), int(beaten[mine].sum())
+
+
+def _rival_pairs(mine: np.ndarray, bounds: np.ndarray, rank: np.ndarray, producer: np.ndarray,
+                 cut: np.ndarray, block: int = 512) -> list[tuple[int, int]]:
+    """Pairs (i, j): ``i`` homed here, ``j`` a higher-ranked candidate of another producer whose box
+    intersects i's (and not both cut by their windows): the candidates a conflict can come from. Found by comparing boxes in blocks, so only the few pairs near seams reach
+    the pixel test; candidates far from every home one are dropped first."""
+    if not mine.size:
+        return []
+    mb = bounds[mine]
+    near = np.nonzero((bounds[:, 0] < mb[:, 2].max()) & (bounds[:, 2] > mb[:, 0].min())
+                      & (bounds[:, 1] < mb[:, 3].max()) & (bounds[:, 3] > mb[:, 1].min()))[0]
+    nb, nr, np_, nc = bounds[near], rank[near], producer[near], cut[near]
+    pairs = []
+    for start in range(0, mine.size, block):
+        ii = mine[start : start + block]
+        b = bounds[ii]
+        hit = ((nb[None, :, 0] < b[:, None, 2]) & (nb[None, :, 2] > b[:, None, 0])
+               & (nb[None, :, 1] < b[:, None, 3]) & (nb[None, :, 3] > b[:, None, 1])
+               & (nr[None, :] > rank[ii][:, None]) & (np_[None, :] != producer[ii][:, None])
+               & ~(nc[None, :] & cut[ii][:, None]))
+        a, c = np.nonzero(hit)  # a candidate is beaten by any conflicting rival: their order does not matter
+        pairs += list(zip(ii[a].tolist(), near[c].tolist()))
+    return pairs
 
 
 def global_offsets(counts: list[int]) -> list[int]:

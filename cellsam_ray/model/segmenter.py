@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,7 +26,9 @@ from cellsam_ray.model import precision
 from cellsam_ray.model.fast import BOX_CHUNK, PAINT_BOXES, finish_tile, infer_tiles
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
 from cellsam_ray.model.weights import load_cellsam
-from cellsam_ray.spec import SegmentSpec
+
+if TYPE_CHECKING:  # the spec imports the storage layer (fsspec), which the GPU check does not have
+    from cellsam_ray.spec import SegmentSpec
 
 
 def resolve_device(device: str) -> str:
@@ -55,7 +57,7 @@ class CellSAMSegmenter:
         if device == "cuda" and spec.gpus_per_worker < 1:  # actors sharing a GPU share its memory too
             torch.cuda.set_per_process_memory_fraction(spec.gpus_per_worker)
         model = load_cellsam(spec.weights, spec.model_config_name, device=device,
-                             storage_options=spec.storage_options, sha256=spec.weights_sha256, inference=True)
+                             storage_options=spec.storage.options(), sha256=spec.weights_sha256, inference=True)
         return cls(model, mode=spec.mode, device=device, bbox_threshold=spec.bbox_threshold,
                    batch_size=spec.batch_size, precision_name=chosen)
 

@@ -92,12 +92,13 @@ def load_checkpoint_state(
 _CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha256: str | None = None) -> str | None:
+def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha256: str | None = None) -> str:
     """Check a checkpoint before any actor loads it, without unpickling it: it exists, is readable, starts
     like a file torch.save wrote and, if ``sha256`` is given, matches it.
 
-    Returns the file's SHA-256: always for a local file (a local read is cheap), for a remote one only
-    when ``sha256`` is given (verifying it means reading the whole file once, on the driver).
+    Returns the file's SHA-256, read once (on the driver, for a remote file too): a run names its weights
+    by content, so a checkpoint replaced under the same URL is never taken for the one a run started with,
+    and every node caches the download under that digest.
     """
     import fsspec
 
@@ -106,13 +107,10 @@ def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha2
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         if not fs.isfile(path):
             raise UserError(f"checkpoint {uri} not found")
-        local = "file" in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol)
         with fs.open(path, "rb") as f:
             if not f.read(4).startswith(_CHECKPOINT_MAGIC):
                 raise UserError(f"checkpoint {uri} is not a PyTorch weights file (it is neither a zip archive "
                                 "nor a pickle)")
-            if not (sha256 or local):
-                return None
             f.seek(0)
             digest = _sha256_of(f)
     if sha256:
@@ -157,7 +155,8 @@ def _cached_download(uri: str, storage_options: dict, sha256: str | None, cache_
     """Copy ``uri`` into ``cache_dir`` once; named by the expected digest, else by the URI's digest.
 
     A file in the cache was fully written (temp file + rename) and, when named by its digest, verified;
-    so a present file is used as is. Without ``sha256`` a changed remote file is not noticed.
+    so a present file is used as is. Without ``sha256`` a changed remote file is not noticed: the pipeline
+    always passes the digest the driver computed (``check_checkpoint_file``).
     """
     import fsspec
 

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
-import cellsam_ray
 from cellsam_ray import bundled
-from cellsam_ray.errors import RunFailed
+from cellsam_ray.errors import RunFailed, RunStopped, UserError
 from cellsam_ray.execution import Progress, RunStats, run_plan
 from cellsam_ray.model import geometry
-from cellsam_ray.model.config import load_config
 from cellsam_ray.pipeline import labels_out
-from cellsam_ray.pipeline.plan import SlidePlan, make_plan
-from cellsam_ray.report import ModelInfo, RunReport, Summary
+from cellsam_ray.pipeline.lifecycle import LabelRun, build_report
+from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.table.write import require_anndata
 
@@ -58,66 +59,66 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (``cellsam-ray stop``, a cluster shutting down) ends the run like Ctrl-C: as ``RunStopped``,
+    so its report says ``stopped`` and its lease is released. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise RunStopped("stopped (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
     spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
     spec = bundled.resolve_spec(spec)  # no weights and no segmenter: the bundled demo model
     spec = geometry.resolve_spec(spec)  # CellSAM weights: windows from the model's input and --scale
-    spec = spec.with_storage_resolved().with_local_paths_absolute()  # workers run in other folders
+    spec = spec.with_local_paths_absolute()  # workers run in other folders
+    spec.storage.options()  # every variable it names is set here, before anything is read
     if spec.cell_table_h5ad:
         require_anndata()
     started = time.perf_counter()
     plan = make_plan(spec)
-    labels_out.prepare(plan)
-    ensure_ray()
-    stats = run_plan(plan, ProgressPrinter() if progress else None)
+    run = LabelRun(plan)
+    run.start()
+    stats = RunStats()
+    try:
+        with stop_on_sigterm():
+            ensure_ray()
+            run_plan(plan, ProgressPrinter() if progress else None, before_write=run.swap, stats=stats)
+    except BaseException as err:
+        stopped = isinstance(err, (RunStopped, KeyboardInterrupt))
+        report = build_report(plan, stats, wall_seconds=time.perf_counter() - started,
+                              status="stopped" if stopped else "failed", error=one_line(err))
+        where = run.end(report)
+        if isinstance(err, (UserError, RunFailed)):
+            raise
+        if stopped:
+            raise RunStopped(f"stopped; the finished tiles are kept: run the same spec again to resume "
+                             f"(report: {where})") from None
+        raise RunFailed(f"{one_line(err)} (report: {where}; the finished tiles are kept: run the same spec again "
+                        "to resume)") from err
     report = build_report(plan, stats, wall_seconds=time.perf_counter() - started)
     if stats.failed:
-        labels_out.write_sidecar(plan, "report.json", report.model_dump_json(indent=2).encode())
+        where = run.end(report)
         shown = "; ".join(f.describe() for f in stats.failed[:3])
         more = f"; and {len(stats.failed) - 3} more" if len(stats.failed) > 3 else ""
         raise RunFailed(f"{len(stats.failed)} tile(s) failed on every attempt: {shown}{more}. The other tiles are "
-                        f"kept: rerun the same spec to retry only these (report: {plan.labels_path}/report.json)")
-    report = report.model_dump(mode="json")
-    labels_out.finish(plan, report)
-    return report
+                        f"kept: rerun the same spec to retry only these (report: {where})")
+    run.finish(report)
+    return report.model_dump(mode="json")
 
 
-def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float) -> RunReport:
-    spec = plan.spec
-    summary = Summary(
-        labels=f"{spec.input.rstrip('/')}/{plan.labels_path}",
-        cells=stats.cells,
-        tiles=len(plan.grid),
-        tiles_segmented=stats.tiles_segmented,
-        tiles_resumed=stats.tiles_resumed,
-        tiles_skipped_no_tissue=plan.skipped,
-        tiles_failed=len(stats.failed),
-        seam_reconciliations=stats.reconciled,
-        oversized_cells=stats.oversized,
-        cells_cut_at_window_edge=stats.cut_at_window,
-        level=plan.level,
-        cell_table=stats.cell_table["url"] if stats.cell_table else None,
-        qc_overview=labels_out.sidecar_url(plan, "qc", "overview.png") if stats.qc else None,
-        wall_seconds=round(wall_seconds, 3),
-    )
-    cellsam = None if spec.segmenter else dict(precision=spec.precision,
-                                               **geometry.describe(spec, load_config(spec.model_config_name).image_size))
-    model = ModelInfo(segmenter=spec.segmenter or "cellsam", weights=None if spec.segmenter else spec.weights,
-                      weights_sha256=plan.weights_sha256, config=spec.model_config_name, mode=spec.mode,
-                      **(cellsam or {}))
-    return RunReport(
-        status="failed" if stats.failed else "succeeded",
-        input=spec.input,
-        summary=summary,
-        spec=spec.model_dump(mode="json", by_alias=True, exclude={"storage_options"}),
-        model=model,
-        timings={k: round(v, 3) for k, v in stats.stage_seconds.items()},
-        model_seconds=round(stats.model_seconds, 3),
-        cell_table=stats.cell_table,
-        qc=stats.qc,
-        actor_peak_rss_mb=stats.actor_peak_rss_mb,
-        nodes=stats.nodes,
-        errors=stats.failed,
-        versions=dict(cellsam_ray=cellsam_ray.__version__, python=platform.python_version(), ray=ray.__version__),
-    )
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

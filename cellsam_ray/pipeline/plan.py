@@ -4,21 +4,30 @@ Everything a user can get wrong is caught here, each with a one-line ``UserError
 OME-Zarr, unsupported axes or dtype, z > 1 without a chosen plane, a misspelled channel (the error lists
 the available names), a level that does not exist, a tile or halo that does not fit, an existing label
 name without ``--overwrite``, weights that are missing, unreadable or fail their checksum, a segmenter
-that cannot be imported. The plan also holds the slide-wide intensity scales and
-the tissue mask's verdict per tile, both computed once from a coarse level.
+that cannot be imported, a channel name several channels share, an image the chosen stain cannot read.
+The plan also holds the slide-wide intensity scales and the tissue mask's verdict per tile, both computed
+once from a coarse level (or an overview read chunk by chunk), and how each label level is made from the
+one next to it.
 """
 
 from __future__ import annotations
 
 import posixpath
+import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.io.layouts import image_url
 from cellsam_ray.io.ngff import NgffImage, open_image
+from cellsam_ray.io.pyramid import AxisMap, level_maps
 from cellsam_ray.io.storage import join_url
-from cellsam_ray.pipeline.intensity import ChannelScale, channel_scales, combine_roles, tissue_mask
+from cellsam_ray.pipeline.intensity import ChannelScale, tissue_mask
+from cellsam_ray.pipeline.overview import overview
+from cellsam_ray.pipeline.pixels import level_selection, read_channels  # noqa: F401 - the stages import them from here
+from cellsam_ray.pipeline.stain import stain
 from cellsam_ray.pipeline.workstore import WorkStore
 from cellsam_ray.segmenter import segmenter_factory
 from cellsam_ray.spec import SegmentSpec
@@ -42,15 +51,18 @@ class SlidePlan:
     plane: dict  # axis name -> index, for t and z
     channels: tuple[int, ...]  # channel-axis indices read from the image
     roles: tuple[tuple[int, ...], ...]  # per role (nuclear, whole-cell): indices into ``channels``
-    scales: tuple[ChannelScale, ...]  # per entry of ``channels``
+    scales: tuple[ChannelScale, ...]  # the stain's normalisation: per entry of ``channels`` (fluorescence)
     grid: TileGrid
     tiles: tuple[Tile, ...]  # the tiles to segment (tissue), raster order
     skipped: int  # tiles without tissue
     work: WorkStore
     label_shapes: tuple[tuple[int, int], ...]  # every label level, finest first
     label_scales: tuple[tuple[float, float], ...]  # (y, x) pixel size of every label level
+    label_maps: tuple[tuple[AxisMap, ...] | None, ...]  # per label level, how it is built (``pyramid_maps``)
     extra: dict = field(default_factory=dict)
-    weights_sha256: str | None = None  # of the checkpoint, when known (see ``check_model``)
+    weights_sha256: str | None = None  # of the checkpoint (see ``check_model``); None for another segmenter
+    input_fingerprint: dict = field(default_factory=dict)  # the image's geometry, to tell a changed input
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this run (a resume is a new run)
 
     @property
     def band(self) -> int:
@@ -65,7 +77,7 @@ class SlidePlan:
         """How many channels the image has (the cell table measures all of them, not only ``channels``)."""
         return self.level_shape[self.axes.index("c")] if "c" in self.axes else 1
 
-    @property
+    @cached_property  # asked once per neighbour by every reconcile task: computed once per process
     def planned_keys(self) -> frozenset[str]:
         return frozenset(t.key for t in self.tiles)
 
@@ -75,11 +87,20 @@ class SlidePlan:
 
 
 def resolve_channels(requested: list[str], names: list[str] | None, n_channels: int, role: str) -> list[int]:
-    """Channel indices for names (as in the image's omero metadata) or plain indices."""
+    """Channel indices for names (as in the image's omero metadata) or plain indices.
+
+    A name that several channels carry (cyclic immunofluorescence repeats DAPI every cycle) is refused
+    with their indices, so the user picks one by index instead of getting the first by surprise.
+    """
     indices = []
     for item in requested:
-        if names and item in names:
-            indices.append(names.index(item))
+        matches = [i for i, name in enumerate(names or ()) if name == item]
+        if len(matches) > 1:
+            shown = ", ".join(map(str, matches[:12])) + (", ..." if len(matches) > 12 else "")
+            raise UserError(f"{role} channel {item!r} names {len(matches)} channels (indices {shown}): choose "
+                            f"one or more by index, e.g. --{role} {matches[0]}")
+        if matches:
+            indices.append(matches[0])
         elif item.isdigit() and int(item) < n_channels:
             indices.append(int(item))
         else:
@@ -130,33 +151,9 @@ def check_axes(image: NgffImage, spec: SegmentSpec) -> dict:
     return plane
 
 
-def level_selection(axes: tuple[str, ...], plane: dict, channels, ys: slice, xs: slice) -> tuple:
-    """An orthogonal selection of (channels, y, x) from an array with the given axes."""
-    sel = []
-    for a in axes:
-        if a in plane:
-            sel.append(plane[a])
-        elif a == "c":
-            sel.append(list(channels))
-        elif a == "y":
-            sel.append(ys)
-        elif a == "x":
-            sel.append(xs)
-    return tuple(sel)
-
-
-def read_channels(array, axes, plane, channels, ys: slice, xs: slice) -> np.ndarray:
-    """Pixels (len(channels), y, x) of a level array, whatever its axis order."""
-    data = np.asarray(array.get_orthogonal_selection(level_selection(axes, plane, channels, ys, xs)))
-    kept = [a for a in axes if a not in plane]
-    if "c" not in kept:
-        data, kept = data[None], ["c"] + kept
-    return np.moveaxis(data, [kept.index("c"), kept.index("y"), kept.index("x")], [0, 1, 2])
-
-
 def check_model(spec: SegmentSpec) -> str | None:
     """Fail now, not in every actor: the segmenter can be imported, or the checkpoint exists, is a PyTorch
-    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 when known."""
+    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 (None for another segmenter)."""
     if spec.segmenter:
         segmenter_factory(spec.segmenter)
         return None
@@ -164,38 +161,46 @@ def check_model(spec: SegmentSpec) -> str | None:
         raise UserError("no model: give --weights CHECKPOINT or --segmenter module:attr")
     from cellsam_ray.model.weights import check_checkpoint_file  # imports torch: only when a model runs
 
-    return check_checkpoint_file(spec.weights, storage_options=spec.storage_options, sha256=spec.weights_sha256)
+    return check_checkpoint_file(spec.weights, storage_options=spec.storage.options(), sha256=spec.weights_sha256)
 
 
 def make_plan(spec: SegmentSpec) -> SlidePlan:
-    image = open_image(spec.input, spec.storage_options)
+    # A layout that holds the image deeper (bioformats2raw's root) is planned at the image itself, so the
+    # labels, the work prefix and every reader find it there.
+    spec = spec.model_copy(update={"input": image_url(spec.input, spec.storage.options())})
+    image = open_image(spec.input, spec.storage.options())
     axes = tuple(image.axes)
     plane = check_axes(image, spec)
-    n_channels = image.levels[0].shape[axes.index("c")] if "c" in axes else 1
+    sizes = dict(zip(axes, image.levels[0].shape))
+    n_channels = sizes.get("c", 1)
+    kind = stain(spec.stain)
     nuclear = resolve_channels(spec.nuclear, image.channel_names, n_channels, "nuclear")
     whole = resolve_channels(spec.whole_cell, image.channel_names, n_channels, "whole-cell")
-    channels = tuple(dict.fromkeys(nuclear + whole))
-    roles = tuple(tuple(channels.index(c) for c in group) for group in (nuclear, whole) if group)
+    channels, roles = kind.channels(nuclear, whole, sizes, image.levels[0].dtype)
     level = choose_level(image, spec)
     lvl = image.levels[level]
     height, width = lvl.shape[axes.index("y")], lvl.shape[axes.index("x")]
     grid = plan_grid(height, width, tile=spec.tile, halo=spec.halo, chunk=spec.chunk, band=spec.band)
+    maps = pyramid_maps(image, level)
     weights_sha256 = check_model(spec)
+    if weights_sha256:  # every actor loads (and caches) exactly the file checked here, by its content
+        spec = spec.model_copy(update={"weights_sha256": weights_sha256})
 
-    # The coarsest level still at least as fine as COARSE_PIXELS gives the statistics and tissue mask.
+    # The statistics and tissue mask come from the finest level of at most COARSE_PIXELS, or from an
+    # overview of the coarsest one when even that is larger (a single-level image), read chunk by chunk.
     coarse_index = level
     for i in range(level, len(image.levels)):
         shape = image.levels[i].shape
         coarse_index = i
         if shape[axes.index("y")] * shape[axes.index("x")] <= COARSE_PIXELS:
             break
-    coarse_array = image.array(coarse_index)
-    coarse = read_channels(coarse_array, axes, plane, channels, slice(None), slice(None))
-    scales = tuple(channel_scales(coarse))
+    dtype = image.levels[coarse_index].dtype
+    coarse, _ = overview(image.array(coarse_index), axes, plane, channels, COARSE_PIXELS)
+    scales = kind.scales(coarse, dtype)
     tiles = grid.tiles()
     if spec.tissue_mask:
-        signal = combine_roles(coarse, [list(r) for r in roles], list(scales)).max(axis=0)
-        tiles = tiles_with_tissue(tiles, tissue_mask(signal), height, width)
+        mask = tissue_mask(kind.tissue_signal(coarse, roles, scales, dtype))
+        tiles = tiles_with_tissue(tiles, mask, height, width)
     work_url = spec.work_dir or join_url(spec.input, "labels", spec.label_name, "work")
 
     label_shapes, label_scales = [], []
@@ -217,11 +222,44 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
         grid=grid,
         tiles=tuple(tiles),
         skipped=len(grid) - len(tiles),
-        work=WorkStore(work_url, spec.storage_options),
+        work=WorkStore(work_url, spec.storage),
         label_shapes=tuple(label_shapes),
         label_scales=tuple(label_scales),
+        label_maps=maps,
         weights_sha256=weights_sha256,
+        input_fingerprint=input_fingerprint(image),
     )
+
+
+def pyramid_maps(image: NgffImage, level: int) -> tuple[tuple[AxisMap, ...] | None, ...]:
+    """Per label level, how it is made from the level next to it towards the segmented ``level`` (None for
+    that one): from the image levels' shapes and scales, which the label levels copy, without ``c``."""
+    keep = [i for i, a in enumerate(image.axes) if a != "c"]
+
+    def geometry(k: int) -> tuple[list[int], list[float]]:
+        lv = image.levels[k]
+        return [lv.shape[i] for i in keep], [lv.scale[i] for i in keep]
+
+    maps: list[tuple[AxisMap, ...] | None] = []
+    for k in range(len(image.levels)):
+        if k == level:
+            maps.append(None)
+            continue
+        source = k - 1 if k > level else k + 1
+        (source_shape, source_scale), (shape, scale) = geometry(source), geometry(k)
+        try:
+            maps.append(level_maps(source_shape, shape, source_scale, scale))
+        except ValueError as err:
+            raise UserError(f"pyramid level {image.levels[k].path} cannot be made from level "
+                            f"{image.levels[source].path}: {err}") from None
+    return tuple(maps)
+
+
+def input_fingerprint(image: NgffImage) -> dict:
+    """What a resume compares of the input, cheaply (metadata only): axes, channel names and every
+    level's array path, shape, chunks and dtype."""
+    return dict(axes=list(image.axes), channels=list(image.channel_names),
+                levels=[[lv.path, list(lv.shape), list(lv.chunks), str(lv.dtype)] for lv in image.levels])
 
 
 def tiles_with_tissue(tiles: list[Tile], mask: np.ndarray, height: int, width: int) -> list[Tile]:

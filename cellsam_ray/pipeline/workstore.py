@@ -5,38 +5,54 @@ from the tile alone, so a retried or resumed task overwrites with the same bytes
 result is never mistaken for a finished one. Two copies of one tile may be written at once (a batch and
 its backup) and one writer may be killed mid-write, so a result replaces its object whole: object stores
 do that by themselves, a file system by writing a temporary file and renaming it.
+
+The prefix is owned by one slide and label at a time: ``owner.json`` (run id, input, label, fingerprint)
+is written before any result, and a finished run removes exactly the files of this layout, by name, never
+the prefix recursively: a user's ``work_dir`` may hold other things, and those stay.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import re
 import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from cellsam_ray.io.storage import StorageAccess
+
+OWNER = "owner.json"
+# Files a run writes at the top of its prefix: the owner marker, the report of a run that is not yet
+# beside its label (see ``pipeline.lifecycle``), the marker that the label's arrays are this run's, and
+# the fingerprint file of earlier versions.
+TOP_FILES = (OWNER, "report.json", "label-created", "spec.json")
+# A stage's files: <key>.npz, <key>.done, and the temporary <key>.<hex>.partial of a local write.
+_STAGE_FILE = re.compile(r"^[A-Za-z0-9_]+(\.npz|\.done|\.[0-9a-f]{32}\.partial)$")
+
 
 class WorkStore:
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+    def __init__(self, url: str, storage: StorageAccess | None = None) -> None:
         self.url = url.rstrip("/")
-        self.storage_options = storage_options or {}
+        self.storage = storage or StorageAccess()
         self._fs = None
 
     def __getstate__(self) -> dict:
-        # Filesystem objects hold sockets; each process opens its own.
-        return {"url": self.url, "storage_options": self.storage_options, "_fs": None}
+        # Filesystem objects hold sockets (and resolved credentials); each process opens its own.
+        return {"url": self.url, "storage": self.storage, "_fs": None}
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self._fs is None:
-            self._fs, _ = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._fs, _ = fsspec.core.url_to_fs(self.url, **(self.storage.options() or {}))
         return self._fs
 
     @property
     def root(self) -> str:
         """The prefix as a path of ``fs``."""
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)[1]
+        return fsspec.core.url_to_fs(self.url, **(self.storage.options() or {}))[1]
 
     def _path(self, stage: str, key: str) -> str:
         return posixpath.join(self.root, stage, key)
@@ -48,6 +64,25 @@ class WorkStore:
     def read_file(self, name: str) -> bytes | None:
         path = posixpath.join(self.root, name)
         return self.fs.cat_file(path) if self.fs.exists(path) else None
+
+    def owner(self) -> dict | None:
+        """The owner marker's fields, or None where there is none."""
+        data = self.read_file(OWNER)
+        if data is None:
+            return None
+        try:
+            owner = json.loads(data)
+        except ValueError:
+            owner = None
+        return owner if isinstance(owner, dict) else {}
+
+    def has_results(self) -> bool:
+        """Whether any stage holds results (of whichever run)."""
+        try:
+            entries = self.fs.ls(self.root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return False
+        return any(e["type"] == "directory" and self.done(posixpath.basename(e["name"].rstrip("/"))) for e in entries)
 
     def put(self, stage: str, key: str, data: bytes) -> None:
         path = self._path(stage, key)
@@ -73,5 +108,26 @@ class WorkStore:
         return {posixpath.basename(n)[: -len(".done")] for n in names if n.endswith(".done")}
 
     def remove(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        """Delete the files of this layout, by name (nothing else the prefix holds), then the folders
+        that are left empty on a local disk."""
+        try:
+            entries = self.fs.ls(self.root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return
+        ours, stages = [], []
+        for entry in entries:
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if entry["type"] == "directory":
+                stages.append(entry["name"])
+                ours += [p for p in self.fs.ls(entry["name"], detail=False, refresh=True)
+                         if _STAGE_FILE.match(posixpath.basename(p))]
+            elif name in TOP_FILES:
+                ours.append(entry["name"])
+        if ours:
+            self.fs.rm(ours)
+        if isinstance(self.fs, LocalFileSystem):
+            for folder in stages + [self.root]:
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty: it holds something this run did not write
+                    pass

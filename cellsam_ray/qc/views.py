@@ -72,8 +72,8 @@ class _Slide:
 
     def __init__(self, plan: SlidePlan) -> None:
         self.plan = plan
-        self.image = open_image(plan.spec.input, plan.spec.storage_options)
-        self.labels = self.image.label(plan.spec.label_name)
+        self.image = open_image(plan.spec.input, plan.spec.storage.options())
+        self.labels = self.image.label(plan.spec.label_name, complete=False)  # published after QC
         self.channels = shown_channels(plan)
 
     def read(self, level: int, ys: slice, xs: slice) -> tuple[np.ndarray, np.ndarray]:

@@ -92,7 +92,7 @@ def write_synthetic_slide(
         name="synthetic tissue",
         storage_options=storage_options,
     )
-    labels = ngff_io.create_labels(image, LABEL_NAME, chunks=(chunk, chunk))
+    labels = ngff_io.create_labels(image, LABEL_NAME, chunks=(chunk, chunk), run_id="synth")
     pixels, cells = image.array(0), labels.array(0)
 
     def write_chunk(origin: tuple[int, int]) -> None:
@@ -110,6 +110,7 @@ def write_synthetic_slide(
             list(pool.map(write_chunk, origins))  # list() re-raises a worker's exception
     pyramid.build_pyramid(image.arrays(), "image")
     pyramid.build_pyramid(labels.arrays(), "labels")
+    ngff_io.publish_label(image, LABEL_NAME)
     return SlideInfo(
         url=str(url),
         ngff=version.name,

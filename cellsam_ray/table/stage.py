@@ -28,7 +28,7 @@ from cellsam_ray.tiling import Tile
 
 def table_layout(plan: SlidePlan) -> TableLayout:
     """The slide's table columns and the segmented level's geometry, from the image's metadata."""
-    image = open_image(plan.spec.input, plan.spec.storage_options)
+    image = open_image(plan.spec.input, plan.spec.storage.options())
     level = image.levels[plan.level]
     y, x = plan.axes.index("y"), plan.axes.index("x")
     names = tuple(image.channel_names)

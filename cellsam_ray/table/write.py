@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.io.storage import StorageAccess
 from cellsam_ray.table.schema import CHANNEL_COLUMNS, METADATA_KEY, TableLayout
 
 ROW_GROUP_ROWS = 65_536
@@ -27,9 +28,9 @@ ROW_GROUP_ROWS = 65_536
 class ParquetStream:
     """Appends tables of rows to one Parquet file at ``url``; ``close`` finishes it (and the AnnData copy)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None, layout: TableLayout,
-                 h5ad_url: str | None = None) -> None:
-        self.url, self.storage_options, self.layout, self.h5ad_url = url, storage_options or {}, layout, h5ad_url
+    def __init__(self, url: str, storage: StorageAccess, layout: TableLayout, h5ad_url: str | None = None) -> None:
+        # Resolved here, in the writer's process: actor arguments are kept by Ray and must hold no secret.
+        self.url, self.storage_options, self.layout, self.h5ad_url = url, storage.options() or {}, layout, h5ad_url
         fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.file = fs.open(path, "wb")

@@ -1,0 +1,142 @@
+"""What a run costs besides the model, with the ground-truth segmenter standing in for it.
+
+Two measurements (numbers and machines in ``notes/pipeline.md``):
+
+- ``--sparse N --tissue T``: an N² slide in bioformats2raw's layout with tissue in one T² box (the rest
+  never written): wall time and the driver's peak memory, which must follow the tissue, not N².
+- ``--dense N ...``: N² synthetic slides full of cells: CPU core-seconds spent outside the segmenter, per
+  1024² of slide, by every process of the run (driver, Ray's own, actors, tasks). A GPU node must stay
+  under this per tile to keep its GPU fed. Measured by sampling, twice a second, the CPU time of every
+  process descended from this one (a process that ends between samples loses at most half a second).
+
+    python -m cellsam_ray.bench_merge --sparse 100000 --tissue 3000
+    python -m cellsam_ray.bench_merge --dense 8192 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from cellsam_ray.pipeline.api import ensure_ray, segment
+
+ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class TreeCPU:
+    """Core-seconds used by this process and all its descendants while it runs (a sampling thread)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every, self.last, self._stop = every, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        parents, used = {}, {}
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                fields = proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(proc.name)] = int(fields[1])
+                used[int(proc.name)] = (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+            except (OSError, IndexError, ValueError):
+                continue
+        me = os.getpid()
+        for pid, seconds in used.items():
+            p, hops = pid, 0
+            while p not in (me, 0, 1) and p in parents and hops < 64:
+                p, hops = parents[p], hops + 1
+            if p == me:
+                self.last[pid] = seconds
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "TreeCPU":
+        self._sample()
+        self.start = dict(self.last)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(v - self.start.get(pid, 0.0) for pid, v in self.last.items())
+
+
+def _rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def sparse(size: int, tissue: int, folder: Path) -> dict:
+    from cellsam_ray.ecosystem_fixtures import write_sparse_bioformats2raw
+
+    box = (size // 2, size // 3, tissue, tissue)
+    root = folder / "sparse.ome.zarr"
+    started = time.perf_counter()
+    write_sparse_bioformats2raw(str(root), str(folder / "truth.ome.zarr"), size=(size, size), tissue=box, seed=7)
+    written = time.perf_counter() - started
+    os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(folder / "truth.ome.zarr")
+    ensure_ray()
+    rss_before = _rss_mb()
+    started = time.perf_counter()
+    report = segment(dict(input=str(root), nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE), progress=False)
+    return dict(slide=f"{size}x{size}", tissue=f"{tissue}x{tissue}", fixture_s=round(written, 1),
+                wall_s=round(time.perf_counter() - started, 1), driver_peak_rss_mb=_rss_mb(),
+                driver_rss_before_mb=rss_before, tiles=report["summary"]["tiles"],
+                tiles_segmented=report["summary"]["tiles_segmented"], cells=report["summary"]["cells"],
+                stage_seconds=report["timings"], tasks=report["tasks"])
+
+
+def dense(size: int, folder: Path, workers: int) -> dict:
+    from cellsam_ray.synth import write_synthetic_slide
+
+    url = str(folder / f"dense-{size}.ome.zarr")
+    info = write_synthetic_slide(url, size=(size, size), channels=2, ngff="0.5", seed=3, chunk=256)
+    os.environ["CELLSAM_RAY_ORACLE_LABELS"] = url
+    ensure_ray()
+    spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]], segmenter=ORACLE,
+                tile=768, halo=128, chunk=256, workers=workers, tissue_mask=False)
+    started = time.perf_counter()
+    with TreeCPU() as cpu:
+        report = segment(spec, progress=False)
+    wall = time.perf_counter() - started
+    outside = cpu.seconds - report["model_seconds"]
+    per_1024 = outside / (size * size / 1024**2)
+    tiles = report["summary"]["tiles"]
+    return dict(slide=f"{size}x{size}", tiles=tiles, cells=report["summary"]["cells"],
+                cells_per_tile=round(report["summary"]["cells"] / tiles), wall_s=round(wall, 1),
+                cpu_core_s=round(cpu.seconds, 1), segmenter_s=round(report["model_seconds"], 1),
+                outside_core_s_per_1024_tile=round(per_1024, 3), outside_core_s_per_pipeline_tile=round(outside / tiles, 3),
+                stage_seconds=report["timings"], tasks=report["tasks"], driver_peak_rss_mb=_rss_mb())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench_merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sparse", type=int, help="Side of a sparse slide (e.g. 100000).")
+    parser.add_argument("--tissue", type=int, default=3000, help="Side of its tissue box (default 3000).")
+    parser.add_argument("--dense", type=int, nargs="*", default=[], help="Sides of dense slides (e.g. 8192 16384).")
+    parser.add_argument("--workers", type=int, default=2, help="Segmenter actors for the dense slides (default 2).")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cellsam-ray-bench-merge-") as tmp:
+        if args.sparse:
+            rows.append(sparse(args.sparse, args.tissue, Path(tmp)))
+        for size in args.dense:
+            rows.append(dense(size, Path(tmp), args.workers))
+    print(json.dumps(dict(cpus=os.cpu_count(), results=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
