@@ -2,7 +2,7 @@
 
 A: ``infer_tiles`` (the model, under a worker's model lock) then ``finish_tiles`` (host work: the
    segmenter's own post-processing and the candidates) -> candidates per tile, persisted under the work
-   prefix (resume point); ``segment_tiles`` is both;
+   prefix (resume point);
 B: ``reconcile_tile`` -> the cells homed at a tile; C: ids by a prefix sum (driver);
 D: ``write_core`` -> a tile's core of label level 0; E: ``pyramid`` chunks, level by level.
 """
@@ -70,11 +70,6 @@ def finish_tiles(plan: SlidePlan, tiles: list[Tile], inferred: Inferred) -> list
         cells = tile_candidates(detections, tile, plan.grid, plan.band)
         out.append((cells, TileOutcome(tile.key, len(cells), 0.0, per_tile)))
     return out
-
-
-def segment_tiles(plan: SlidePlan, segmenter: Segmenter, tiles: list[Tile], windows: list[np.ndarray]) -> list[tuple[CellSet, TileOutcome]]:
-    """Stage A on a batch of already-read windows: run the model, keep each tile's candidates."""
-    return finish_tiles(plan, tiles, infer_tiles(segmenter, tiles, windows))
 
 
 def _given(result: dict) -> dict:
