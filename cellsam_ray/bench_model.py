@@ -10,6 +10,9 @@ encoders and detector only). The difference divided by the boxes gives the cost 
 time is the best of ``--repeats`` runs. Wall time is what a user waits for; CPU time (all threads of
 this process) is also printed because it barely moves when other processes share the cores, so the
 ratio of the two modes stays meaningful on a busy machine.
+
+``--host-profile`` instead measures the host work around the networks (``cellsam_ray.bench_host``), and
+``--json`` prints that as one JSON line.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cellsam_ray.model import precision
 from cellsam_ray.model.boxes import box_score_threshold
 from cellsam_ray.model.cellfinder import detector_topk
 from cellsam_ray.model.config import CellSAMConfig
@@ -48,11 +52,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--v12-tiles", type=int, default=1, help="golden tiles to run through v1.2 (0 skips v1.2)")
     parser.add_argument("--v12-boxes", type=int, default=32, help="boxes per tile passed to the v1.2 decoder")
     parser.add_argument("--v12-repeats", type=int, default=1, help="runs per v1.2 measurement (slow on a CPU)")
-    parser.add_argument("--bf16", action="store_true", help="also time fast mode under bf16 autocast (CUDA)")
+    parser.add_argument("--precision", action="append", choices=("tf32", "bf16"), default=[],
+                        help="also time fast mode in this precision (repeatable; tf32 on CUDA only)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="measure host work per 1024² tile with ~1,000 cells instead (bench_host)")
+    parser.add_argument("--cells", type=int, default=1000, help="cells per tile for --host-profile")
+    parser.add_argument("--window", type=int, default=1024, help="window side in pixels for --host-profile")
+    parser.add_argument("--json", action="store_true", help="with --host-profile: one JSON line only")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.host_profile:
+        from cellsam_ray.bench_host import host_profile
+
+        result = host_profile(cells=args.cells, window=args.window, repeats=args.repeats)
+        print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+        return
 
     if args.device == "auto":
         devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     tiles = [(np.load(golden / f"{case}.input.npy"), bool(meta["normalize"])) for case, meta in sorted(cases.items())]
     for device in devices:
         tiny = load_cellsam(str(golden / "tiny_cellsam.pt"), str(golden / "tiny_config.json"), device=device)
-        report(f"tiny (golden checkpoint), {device}", tiny, tiles, {}, device, args.repeats, args.bf16)
+        report(f"tiny (golden checkpoint), {device}", tiny, tiles, {}, device, args.repeats, args.precision)
         if args.v12_tiles:
             with torch.random.fork_rng():
                 torch.manual_seed(0)
@@ -74,13 +90,13 @@ def main(argv: list[str] | None = None) -> None:
             chosen = tiles[: args.v12_tiles]
             options = {"bbox_threshold": passing_threshold(v12, chosen, args.v12_boxes, device), "iou_threshold": 0.0}
             title = f"v1.2 sizes (random weights, {args.v12_boxes} boxes/tile), {device}"
-            report(title, v12, chosen, options, device, args.v12_repeats, args.bf16)
+            report(title, v12, chosen, options, device, args.v12_repeats, args.precision)
             del v12
 
 
 def report(
     title: str, model: CellSAM, tiles: list[tuple[np.ndarray, bool]], options: dict, device: str, repeats: int,
-    bf16: bool,
+    precisions: list[str],
 ) -> None:
     """Print per-tile and per-box times of both modes for ``tiles``."""
     print(f"\n== {title}: {len(tiles)} tile(s), shapes {[t.shape for t, _ in tiles]}")
@@ -90,8 +106,9 @@ def report(
         ],
         "fast": lambda opts: run_fast(model, tiles, device, opts),
     }
-    if bf16 and device == "cuda":
-        modes["fast bf16"] = lambda opts: run_fast(model, tiles, device, {**opts, "bf16": True})
+    for name in precisions:
+        if name == "bf16" or device == "cuda":
+            modes[f"fast {name}"] = lambda opts, name=name: run_fast(model, tiles, device, {**opts, "precision_name": name})
     for mode, run in modes.items():
         (wall, cpu), results = best_of(repeats, lambda: run(options))
         (enc_wall, enc_cpu), _ = best_of(repeats, lambda: run({**options, "bbox_threshold": NOTHING_PASSES}))
@@ -108,11 +125,13 @@ def report(
 def run_fast(model: CellSAM, tiles: list[tuple[np.ndarray, bool]], device: str, options: dict) -> list:
     """All tiles in fast mode, batched per normalisation flag, results in tile order."""
     results: dict[int, object] = {}
+    precision.configure(options.get("precision_name", "fp32"), device)
     for flag in (True, False):
         chosen = [i for i, (_, n) in enumerate(tiles) if n is flag]
         if chosen:
             out = segment_tiles_fast([tiles[i][0] for i in chosen], model, normalize=flag, device=device, **options)
             results.update(zip(chosen, out))
+    precision.configure("fp32", device)
     return [results[i] for i in range(len(tiles))]
 
 

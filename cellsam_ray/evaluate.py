@@ -86,3 +86,15 @@ def score_zarr(pred, true, *, block: int = 2048, threshold: float = 0.5) -> Scor
             counts.add(np.asarray(pred[..., y : y + block, x : x + block]),
                        np.asarray(true[..., y : y + block, x : x + block]))
     return counts.score(threshold)
+
+
+def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
+    """The golden label tolerance: (fraction of pixels equal once each actual id is mapped to its
+    best-overlapping expected id, worst IoU of an expected cell with its best-matching actual cell)."""
+    n_act, n_exp = int(actual.max()) + 1, int(expected.max()) + 1
+    overlap = np.bincount(actual.ravel() * n_exp + expected.ravel(), minlength=n_act * n_exp).reshape(n_act, n_exp)
+    mapping = overlap.argmax(axis=1)
+    mapping[0] = 0
+    agree = float(np.mean(mapping[actual] == expected))
+    iou = overlap / (overlap.sum(axis=1)[:, None] + overlap.sum(axis=0)[None, :] - overlap)
+    return agree, float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0

@@ -14,8 +14,9 @@
   actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
   actor once the queue is empty; the first copy to finish counts.
 - A batch that still fails is retried tile by tile; a tile that fails on every attempt is recorded
-  (``RunStats.failed``) and the later stages do not run, so no tile is ever left silently empty. CUDA out
-  of memory halves an actor's batch, down to one tile.
+  (``RunStats.failed``) and the later stages do not run, so no tile is ever left silently empty. Device out
+  of memory halves an actor's batch, down to one tile, and shrinks CellSAM's decoder chunk; a sticky CUDA
+  error ends the actor's process, so Ray restarts it with a fresh context.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import os
 import resource
 import statistics
-import sys
 import threading
 import time
 from collections import deque
@@ -33,13 +33,14 @@ from typing import Any, Callable
 
 import ray
 
+from cellsam_ray import device
 from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets
 from cellsam_ray.pipeline import extent, labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
-from cellsam_ray.pipeline.stages import reconcile_tile, segment_tiles, with_ids
+from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
 from cellsam_ray.qc.views import write_qc_images
 from cellsam_ray.report import TileFailure
 from cellsam_ray.table import stage as table_stage
@@ -115,27 +116,28 @@ class SegmentWorker:
     @ray.method(retry_exceptions=True)  # a transient error (a storage hiccup) costs a retry, not the tile
     def run(self, tiles: list) -> list[tuple[str, int, float]]:
         windows = list(self.readers.map(lambda t: source.read_window(self.plan, t), tiles))
-        with self.model_lock:
-            results = self._segment(tiles, windows)
+        try:
+            with self.model_lock:
+                inferred = self._infer(tiles, windows)
+            # Host work (the segmenter's cleanup, the candidates) outside the lock: the other batch in
+            # flight has the model meanwhile.
+            results = [r for part, done in inferred for r in finish_tiles(self.plan, part, done)]
+        except Exception as err:
+            device.exit_if_device_broken(err)
+            raise
         list(self.readers.map(lambda r: self.plan.work.put(CANDIDATES, r[1].key, r[0].to_bytes()), results))
         return [(o.key, o.candidates, o.model_seconds) for _, o in results]
 
-    def _segment(self, tiles: list, windows: list) -> list:
-        """Stage A in sub-batches of at most ``batch_limit`` tiles; CUDA out of memory halves the limit (down
-        to one tile) and redoes the unfinished part, and the lower limit stays for this actor's later batches."""
-        results: list = []
-        while len(results) < len(tiles):
-            i, n = len(results), min(self.batch_limit, len(tiles) - len(results))
-            try:
-                results += segment_tiles(self.plan, self.segmenter, tiles[i : i + n], windows[i : i + n])
-            except Exception as err:
-                if n == 1 or not _is_cuda_out_of_memory(err):
-                    raise
-                self.batch_limit = n // 2
-                print(f"CUDA out of memory on {n} tiles: batches of {self.batch_limit} from now on",
-                      file=sys.stderr, flush=True)
-                _release_cuda_cache()
-        return results
+    def _infer(self, tiles: list, windows: list) -> list[tuple[list, Inferred]]:
+        """The model's part of stage A in sub-batches of at most ``batch_limit`` tiles; out of device memory
+        halves the limit and shrinks the segmenter's own work (``device.run_shrinking``), and the lower
+        sizes stay for this actor's later batches."""
+        def run(part: list) -> Inferred:
+            return infer_tiles(self.segmenter, [t for t, _ in part], [w for _, w in part])
+
+        done, self.batch_limit = device.run_shrinking(list(zip(tiles, windows)), self.batch_limit, run,
+                                                      getattr(self.segmenter, "on_out_of_memory", None))
+        return [([t for t, _ in part], inferred) for part, inferred in done]
 
     @ray.method(concurrency_group="control")  # answers while both batch threads are busy
     def node_id(self) -> str:
@@ -144,19 +146,6 @@ class SegmentWorker:
     @ray.method(concurrency_group="control")
     def peak_rss_mb(self) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _is_cuda_out_of_memory(err: Exception) -> bool:
-    """Whether ``err`` is torch's CUDA OOM; only a segmenter that imported torch can raise it, so a
-    segmenter without torch never pays for importing it here."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
-
-
-def _release_cuda_cache() -> None:
-    torch = sys.modules["torch"]
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _one_line(err: BaseException) -> str:
@@ -231,24 +220,34 @@ def _segmenter_environment() -> dict | None:
 
 
 def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
-    """How many model actors, and what each asks for: a GPU share where GPUs exist, else CPUs.
+    """How many model actors, and what each asks for: a GPU share and CPUs where GPUs exist, else CPUs.
 
-    Without GPUs the actors share the cluster's CPUs less a quarter of one, which stays free for small
-    I/O work (fractional CPUs are fine for Ray's scheduler), and no actor asks for more than the largest
-    node has less that quarter: an actor is one process, and a request no node can meet waits forever.
+    A GPU actor does host work besides the model (reading windows, CellSAM's cleanup, the candidates), so
+    it asks for ``cpus_per_worker`` CPUs, by default its share of the GPU nodes' CPUs (the fewest CPUs per
+    GPU among them, times ``gpus_per_worker``) less what stays free for small I/O work. Without GPUs the
+    actors share the cluster's CPUs less that reserve (fractional CPUs are fine for Ray's scheduler), and
+    no actor asks for more than the largest node has less the reserve: an actor is one process, and a
+    request no node can meet waits forever.
     """
-    spec = plan.spec
-    gpus = ray.cluster_resources().get("GPU", 0)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return _model_actors(plan.spec, ray.cluster_resources(), nodes)
+
+
+def _model_actors(spec, cluster: dict, nodes: list[dict]) -> tuple[int, dict]:
+    """``_actor_resources`` for a cluster's total resources and its live nodes' resources."""
+    reserve = PERSIST_CPUS * 2.5
+    gpus = cluster.get("GPU", 0)
     if gpus and spec.device != "cpu":
-        most = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]), default=gpus)
+        most = max((node.get("GPU", 0) for node in nodes), default=gpus)
         if spec.gpus_per_worker > most:
             raise UserError(f"--gpus-per-worker {spec.gpus_per_worker:g} is more than any node of the cluster has "
                             f"({most:g} GPUs): an actor is one process on one node, and would wait forever")
         workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
-        return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": 1}
-    reserve = PERSIST_CPUS * 2.5
-    cpus = ray.cluster_resources().get("CPU", 1)
-    largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=cpus)
+        per_gpu = min((node.get("CPU", 1) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
+        cpus = spec.cpus_per_worker or max(round(per_gpu * spec.gpus_per_worker - reserve, 2), 1)
+        return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": cpus}
+    cpus = cluster.get("CPU", 1)
+    largest_node = max((node.get("CPU", 0) for node in nodes), default=cpus)
     workers = spec.workers or 1
     return workers, {"num_cpus": round(min((cpus - reserve) / workers, largest_node - reserve), 2)}
 

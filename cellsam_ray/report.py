@@ -67,6 +67,12 @@ class ModelInfo(_Strict):
     )
     config: str = Field(description="Model sizes ('v1.2' or a JSON config).")
     mode: str = Field(description="CellSAM inference mechanics.")
+    precision: str | None = Field(default=None, description="Network arithmetic asked for (auto: tf32 on CUDA, "
+                                  "fp32 on a CPU).")
+    window: int | None = Field(default=None, description="Side of the slide window each tile's model call sees, px.")
+    model_input: int | None = Field(default=None, description="Side of the model's input the window is stretched to.")
+    scale: str | None = Field(default=None, description="'published' (window = half the model input, as the "
+                              "published whole-slide pipeline), 'native' (window = input) or 'custom'.")
 
 
 class RunReport(_Strict):

@@ -11,8 +11,11 @@ A segmenter is an object with ``segment(window, *, origin) -> dict``:
   it is False). Optional ``ious`` (N floats, the model's predicted mask quality) refine the ranking
   used at seams.
 
-``--segmenter module:attr`` names a class or factory that builds one with no arguments. The merge
-treats every segmenter the same way, CellSAM included.
+A segmenter may also have ``infer_batch(windows, *, origins)`` returning one callable per window that
+gives its result: the model actors call ``infer_batch`` under their model lock and the callables after
+releasing it, so a segmenter's host-only post-processing overlaps the next batch's model time
+(``cellsam_ray.model.segmenter`` does). ``--segmenter module:attr`` names a class or factory that builds
+one with no arguments. The merge treats every segmenter the same way, CellSAM included.
 """
 
 from __future__ import annotations

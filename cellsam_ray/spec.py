@@ -43,6 +43,16 @@ class SegmentSpec(BaseModel):
         default=None, description="module:attr of another segmenter (then weights are not needed)."
     )
     mode: Literal["fast", "reference"] = Field(default="fast", description="CellSAM inference mechanics.")
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
+        default="auto", description="Network arithmetic: auto is tf32 on CUDA and fp32 on a CPU (which has no "
+        "TF32); bf16 keeps the prompt encoder, the detector's heads and the top-k in fp32."
+    )
+    scale: Literal["published", "native"] = Field(
+        default="published", description="Window size for CellSAM weights: 'published' takes windows of half the "
+        "model input (512 px for v1.2, as the published whole-slide pipeline) stretched to it, so cells look 2x "
+        "larger; 'native' takes windows of the full input (1024 px), 4x fewer tiles, for large cells. Sets "
+        "--tile/--halo/--chunk where not given."
+    )
     label_name: str = Field(default="cells", description="Written to labels/<label_name> in the image.")
     level: int | None = Field(default=None, ge=0, description="Pyramid level to segment (default 0).")
     pixel_size: float | None = Field(
@@ -50,14 +60,22 @@ class SegmentSpec(BaseModel):
     )
     t: int = Field(default=0, ge=0, description="Time point, for images with a t axis.")
     z: int | None = Field(default=None, ge=0, description="Plane, for images with a z axis of size > 1.")
-    tile: int = Field(default=768, gt=0, description="Tile core size in pixels (a multiple of --chunk).")
-    halo: int = Field(default=128, ge=0, description="Context added on each side of a core.")
+    tile: int = Field(default=768, gt=0, description="Tile core size in pixels (a multiple of --chunk); for CellSAM "
+                      "weights the default follows --scale (v1.2: 384 published, 768 native).")
+    halo: int = Field(default=128, ge=0, description="Context added on each side of a core (v1.2: 64 published, "
+                      "128 native).")
     band: int = Field(default=16, ge=0, description="Seam band: detections this far outside a core are reconciled.")
-    chunk: int = Field(default=256, gt=0, description="Label chunk size at level 0 of the labels.")
+    chunk: int = Field(default=256, gt=0, description="Label chunk size at level 0 of the labels (v1.2: 128 "
+                       "published, 256 native).")
     padding: Literal["zero", "reflect"] = Field(default="zero", description="How windows are padded past borders.")
     tissue_mask: bool = Field(default=True, description="Skip tiles with no tissue (from a coarse level).")
     workers: int | None = Field(default=None, ge=1, description="Model actors (default: one per GPU, else 1).")
-    gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per actor when GPUs exist.")
+    gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per actor when GPUs exist; below 1 several "
+                                   "actors share a GPU, each limited to that fraction of its memory.")
+    cpus_per_worker: float | None = Field(
+        default=None, gt=0, description="CPUs per GPU actor, for its host work (reading windows, cleanup, "
+        "candidates); default: the node's CPUs per GPU share, less a little for I/O."
+    )
     batch_size: int = Field(default=4, ge=1, description="Tiles per model call.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the model runs.")
     bbox_threshold: float = Field(default=0.4, ge=0, le=1, description="CellSAM box threshold.")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from cellsam_ray.evaluate import label_agreement  # noqa: F401 - the golden tolerance, re-exported for tests
 from cellsam_ray.io.storage import join_url, open_group
 
 TEST_CREDENTIALS = {"key": "testing", "secret": "testing"}
@@ -298,18 +299,6 @@ def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
     return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
-
-
-def label_agreement(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    """The golden label tolerance: (fraction of pixels equal once each actual id is mapped to its
-    best-overlapping expected id, worst IoU of an expected cell with its best-matching actual cell)."""
-    n_act, n_exp = int(actual.max()) + 1, int(expected.max()) + 1
-    overlap = np.bincount(actual.ravel() * n_exp + expected.ravel(), minlength=n_act * n_exp).reshape(n_act, n_exp)
-    mapping = overlap.argmax(axis=1)
-    mapping[0] = 0
-    agree = float(np.mean(mapping[actual] == expected))
-    iou = overlap / (overlap.sum(axis=1)[:, None] + overlap.sum(axis=0)[None, :] - overlap)
-    return agree, float(iou[1:, 1:].max(axis=0).min()) if n_exp > 1 else 1.0
 
 
 def _session_of(proc: Path) -> int:

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention
 
-from cellsam_ray.model import fast
+from cellsam_ray.model import fast, paint
+from cellsam_ray.model.decoder import decode
+from cellsam_ray.model.encoders import attention
 from cellsam_ray.model.config import CellSAMConfig
 from cellsam_ray.model.network import build_cellsam
 from cellsam_ray.model.postprocess import paint_masks
@@ -28,11 +30,13 @@ def golden_runs():
     model = load_cellsam(str(GOLDEN / "tiny_cellsam.pt"), str(GOLDEN / "tiny_config.json"))
     cases = sorted(CASES)
     images = [np.load(GOLDEN / f"{case}.input.npy") for case in cases]
-    references = [segment_tile_reference(img, model, normalize=CASES[c]["normalize"]) for img, c in zip(images, cases)]
+    references = [segment_tile_reference(img, model, normalize=CASES[c]["normalize"], keep_embedding=True)
+                  for img, c in zip(images, cases)]
     fasts = {}
     for flag in (True, False):
         chosen = [i for i, case in enumerate(cases) if CASES[case]["normalize"] is flag]
-        for i, result in zip(chosen, fast.segment_tiles_fast([images[i] for i in chosen], model, normalize=flag)):
+        for i, result in zip(chosen, fast.segment_tiles_fast([images[i] for i in chosen], model, normalize=flag,
+                                                                     keep_embedding=True)):
             fasts[i] = result
     return {case: (references[i], fasts[i], np.load(GOLDEN / f"{case}.expected.npz")) for i, case in enumerate(cases)}
 
@@ -54,9 +58,12 @@ def test_fast_mode_matches_reference_and_golden(golden_runs, case):
 def test_chunking_and_grouping_do_not_change_labels(golden_runs, monkeypatch):
     case = "gray_512_norm"
     model = load_cellsam(str(GOLDEN / "tiny_cellsam.pt"), str(GOLDEN / "tiny_config.json"))
-    monkeypatch.setattr(fast, "WINDOW_BUDGET", 5000)  # many small paste groups
-    result = fast.segment_tile_fast(np.load(GOLDEN / f"{case}.input.npy"), model, box_chunk=7)
-    np.testing.assert_array_equal(result.labels, golden_runs[case][1].labels)
+    monkeypatch.setattr(paint, "WINDOW_BUDGET", 5000)  # many small paste groups
+    image = np.load(GOLDEN / f"{case}.input.npy")
+    for options in (dict(box_chunk=7), dict(box_chunk=16, static_chunks=True, paint_boxes=40)):
+        result = fast.segment_tile_fast(image, model, **options)  # 100 boxes: a padded last chunk, 3 paint calls
+        np.testing.assert_array_equal(result.labels, golden_runs[case][1].labels)
+        np.testing.assert_array_equal(result.ious, golden_runs[case][1].ious)
 
 
 @pytest.mark.parametrize("shape", [(300, 200), (1500, 700), (1024, 1024), (37, 1100)])
@@ -65,9 +72,9 @@ def test_tile_taps_reproduce_the_reference_resize(shape):
     torch.manual_seed(0)
     frame = torch.randn(1, 1024, 1024) * 8
     expected = F.interpolate(frame[:, None], shape, mode="bilinear", align_corners=False)[:, 0]
-    rows, cols = fast._axis_taps(1024, shape[0]), fast._axis_taps(1024, shape[1])
+    rows, cols = paint.axis_taps(1024, shape[0]), paint.axis_taps(1024, shape[1])
     g = torch.zeros(1, 1, dtype=torch.long)
-    actual = fast._bilinear_at(
+    actual = paint.bilinear_at(
         frame, g, rows.i0[None], rows.i1[None], rows.w0[None], rows.w1[None],
         cols.i0[None], cols.i1[None], cols.w0[None], cols.w1[None],
     )
@@ -86,13 +93,13 @@ def test_windowed_painting_equals_full_resolution_painting(shape, monkeypatch):
     low[0] = 3.0  # covers the whole tile; later masks paint over it
     keep = torch.rand(n) > 0.25
     rank = torch.cumsum(keep, 0, dtype=torch.int32)
-    monkeypatch.setattr(fast, "WINDOW_BUDGET", 20_000)  # several groups
+    monkeypatch.setattr(paint, "WINDOW_BUDGET", 20_000)  # several groups
 
     labels = torch.zeros(shape[0] * shape[1], dtype=torch.int32)
-    reach = (low > np.log(0.4 / 0.6) - fast._THRESHOLD_MARGIN) & keep[:, None, None]
-    rows = fast._Axis.build(256, 1024, shape[0], torch.device("cpu"))
-    cols = fast._Axis.build(256, 1024, shape[1], torch.device("cpu"))
-    fast._paint_chunk(labels, low, reach, rank, rows, cols, 0.4)
+    reach = (low > np.log(0.4 / 0.6) - paint.THRESHOLD_MARGIN) & keep[:, None, None]
+    rows = paint.axis(256, 1024, shape[0], torch.device("cpu"))
+    cols = paint.axis(256, 1024, shape[1], torch.device("cpu"))
+    paint.paint(labels, low, reach, rank, rows, cols, 0.4)
 
     full = F.interpolate(low[:, None], (1024, 1024), mode="bilinear", align_corners=False)
     full = F.interpolate(full, shape, mode="bilinear", align_corners=False)[:, 0]
@@ -109,7 +116,7 @@ def test_fused_vit_attention_equals_sam_attention():
         torch.nn.init.normal_(attn.rel_pos_w, std=0.5)
         x = torch.randn(3 if window else 1, size, size, 32)
         with torch.inference_mode():
-            torch.testing.assert_close(fast._attention(attn, x), attn(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(attention(attn, x), attn(x), rtol=1e-5, atol=1e-5)
 
 
 def test_batched_decoder_equals_one_call_per_box():
@@ -121,7 +128,7 @@ def test_batched_decoder_equals_one_call_per_box():
     embedding = torch.randn(1, 32, 64, 64)
     boxes = torch.tensor([[10.0, 20.0, 200.0, 180.0], [500.0, 600.0, 540.0, 700.0], [0.0, 0.0, 1023.0, 1023.0]])
     with torch.inference_mode():
-        masks, ious = fast._decode(sam, embedding, sam.prompt_encoder.get_dense_pe(), boxes)
+        masks, ious = decode(sam, embedding, sam.prompt_encoder.get_dense_pe(), boxes)
         for i, box in enumerate(boxes):
             sparse, dense = sam.prompt_encoder(points=None, boxes=box.view(1, 4), masks=None)
             one_mask, one_iou = sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, False)

@@ -29,6 +29,7 @@ def test_cellsam_segments_a_slide_end_to_end(tmp_path, ray_cluster, tiny):
     labels = np.asarray(open_image(url).label("cells").array(0)[:])
     n = report["summary"]["cells"]
     assert n > 0
+    assert (report["model"]["window"], report["model"]["model_input"], report["model"]["scale"]) == (192, 1024, "custom")
     assert sorted(np.unique(labels[labels > 0]).tolist()) == list(range(1, n + 1))
     validate_ome_zarr(url)
 
@@ -49,3 +50,7 @@ def test_segmenter_answers_with_the_per_tile_cellsam_labels(tiny):
     assert len(result["masks"]) == tile.labels.max()
     assert np.array_equal(painted > 0, tile.labels > 0)
     assert len(np.unique(np.stack([painted.ravel(), tile.labels.ravel()]), axis=1).T) == tile.labels.max() + 1
+    # Each cell carries the score and predicted IoU of the box whose mask painted it.
+    np.testing.assert_array_equal(result["scores"], tile.scores[tile.cell_rows])
+    np.testing.assert_array_equal(result["ious"], tile.ious[tile.cell_rows])
+    assert len(set(tile.cell_rows.tolist())) == len(tile.cell_rows)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2 as T
+from skimage.exposure import rescale_intensity
 
+from cellsam_ray.model import preprocess
 from cellsam_ray.model.preprocess import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
@@ -146,3 +148,39 @@ def test_sam_pixel_normalize_is_sam_statistics_on_the_unit_scale():
     out = sam_pixel_normalize(unit)
     expected = [(127.5 - m) / s for m, s in zip(SAM_PIXEL_MEAN, SAM_PIXEL_STD)]
     np.testing.assert_allclose(out[0, :, 0, 0].numpy(), expected, rtol=1e-5)
+
+
+def _published_percentile_step(resized: torch.Tensor) -> torch.Tensor:
+    """The published NumPy/scikit-image percentile step, image by image (the golden code's arithmetic)."""
+    out = []
+    for image in resized.numpy():
+        nonzero = image[image != 0]
+        if nonzero.size:
+            low, high = np.percentile(nonzero, [0.0, 99.5])
+            image = rescale_intensity(image, in_range=(low, high), out_range="float32")
+        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32)))
+    return torch.stack(out)
+
+
+def test_tensor_percentile_step_is_the_published_arithmetic_bit_for_bit():
+    """Odd cases included: negative pixels ([-1, 1] output), a constant image, one lit pixel, ties, blank."""
+    rng = np.random.default_rng(4)
+    one = np.zeros((30, 30, 3))
+    one[3, 4, 2] = 5
+    images = [rng.uniform(0, 1, (300, 200, 3)), rng.normal(0, 1, (64, 48, 3)), np.full((40, 40, 3), 3.0), one,
+              np.round(rng.uniform(0, 4, (128, 128, 3))), np.zeros((20, 20, 3))]
+    for image in images:
+        resized = resize_to_model(image)
+        assert torch.equal(embedding_input(resized, adv_mode=False), _published_percentile_step(resized))
+
+
+def test_accelerator_order_statistics_equal_the_cpu_partition():
+    """The sort-based selection a GPU runs (no host sync) picks the same values as NumPy's partition."""
+    rng = np.random.default_rng(5)
+    flat = torch.from_numpy(np.round(rng.normal(0, 2, (3, 5000)), 1).astype(np.float32))
+    flat[2] = 0
+    count = (flat != 0).sum(dim=1)
+    ranks = torch.stack((torch.zeros_like(count), count // 3, (count - 1).clamp(min=0)), dim=1)
+    on_cpu = preprocess._partitioned_order_statistics(flat, ranks, count)
+    assert torch.equal(on_cpu, preprocess._sorted_order_statistics(flat, ranks, count))
+    assert torch.equal(on_cpu[0], torch.sort(flat[0][flat[0] != 0]).values[ranks[0]])

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import binary_fill_holes, find_objects
 
-from cellsam_ray.model.boxes import box_score_threshold, boxes_to_input_pixels, confident_boxes
+from cellsam_ray.model.boxes import box_score_threshold, boxes_to_input_pixels, confident_boxes, sklearn_centres
 from cellsam_ray.model.postprocess import fill_holes_and_remove_small_masks, paint_masks
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
+from cellsam_ray.model.two_means import two_means_centres
 from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.testing import label_agreement, reference_dir
 
@@ -35,7 +37,7 @@ def tiny_model():
 def golden_run(request, tiny_model):
     case = request.param
     image = np.load(GOLDEN / f"{case}.input.npy")
-    result = segment_tile_reference(image, tiny_model, normalize=CASES[case]["normalize"])
+    result = segment_tile_reference(image, tiny_model, normalize=CASES[case]["normalize"], keep_embedding=True)
     return image, result, np.load(GOLDEN / f"{case}.expected.npz")
 
 
@@ -55,6 +57,26 @@ def test_threshold_moves_with_the_two_score_groups():
     scores = np.array([0.1] * 50 + [0.9] * 50, dtype=np.float32)
     assert box_score_threshold(scores, 0.4) == pytest.approx(0.66 * 0.4 + 0.33 * 0.5, abs=1e-6)
     assert box_score_threshold(np.full(10, 0.8, dtype=np.float32), 0.4) == pytest.approx(0.264 + 0.33 * 0.8)
+
+
+def test_closed_form_two_means_is_sklearns_kmeans():
+    """The replay gives sklearn's centres (to float32 rounding) wherever it answers, and answers on
+    detector-like scores (a mass near 0, a group of confident cells); the golden tiles are covered too."""
+    rng = np.random.default_rng(0)
+    answered = 0
+    cases = [np.load(GOLDEN / f"{case}.expected.npz")["detector_scores"] for case in sorted(CASES)]
+    for i in range(40):
+        n = (100, 1000, 3500)[i % 3]
+        confident = rng.integers(1, n // 2)
+        scores = np.concatenate([rng.beta(0.5, 20, n - confident), rng.beta(20, 2, confident)])
+        cases.append((-np.sort(-scores) if i % 2 else scores).astype(np.float32))
+    cases += [rng.uniform(size=300).astype(np.float32), np.round(rng.uniform(size=500), 2).astype(np.float32)]
+    for scores in cases:
+        centres = two_means_centres(scores)
+        if centres is not None:
+            answered += 1
+            np.testing.assert_allclose(np.sort(centres), np.sort(sklearn_centres(scores).ravel()), atol=5e-6)
+    assert answered >= 40
 
 
 @pytest.mark.parametrize("scores", [[], [0.7]])
@@ -90,11 +112,12 @@ def test_fill_holes_remove_small_and_renumber():
     labels[4, 4] = 0
     labels[10, 10] = 5  # 1 pixel: removed
     labels[12:18, 12:18] = 7
-    out = fill_holes_and_remove_small_masks(labels.copy(), min_size=25)
+    out, sources, regions = fill_holes_and_remove_small_masks(labels.copy(), min_size=25)
+    assert sources.tolist() == [2, 7] and regions == [(slice(1, 8), slice(1, 8)), (slice(12, 18), slice(12, 18))]  # label 1 was label 2, label 2 was label 7
     assert out[4, 4] == 1 and np.sum(out == 1) == 49
     assert out[10, 10] == 0
     assert np.sum(out == 2) == 36 and out.max() == 2
-    assert fill_holes_and_remove_small_masks(labels.copy(), min_size=0)[10, 10] == 2
+    assert fill_holes_and_remove_small_masks(labels.copy(), min_size=0)[0][10, 10] == 2
 
 
 def test_filled_holes_swallow_enclosed_cells_as_published():
@@ -102,8 +125,52 @@ def test_filled_holes_swallow_enclosed_cells_as_published():
     labels[0:30, 0:30] = 1
     labels[5:25, 5:25] = 0
     labels[10:20, 10:20] = 2  # a cell inside the ring's hole
-    out = fill_holes_and_remove_small_masks(labels, min_size=25)
-    assert np.all(out == 1)
+    out, sources, regions = fill_holes_and_remove_small_masks(labels, min_size=25)
+    assert np.all(out == 1) and sources.tolist() == [1] and regions == [(slice(0, 30), slice(0, 30))]
+
+
+def _published_cleanup(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """The published Cellpose port, line for line: the yardstick of the faster cleanup."""
+    kept = 0
+    for index, region in enumerate(find_objects(labels)):
+        if region is None:
+            continue
+        view = labels[region]
+        mask = view == index + 1
+        size = int(mask.sum())
+        if min_size > 0 and size < min_size:
+            view[mask] = 0
+        elif size > 0:
+            kept += 1
+            view[binary_fill_holes(mask)] = kept
+    return labels
+
+
+def test_cleanup_equals_the_published_loop_and_names_each_cells_mask():
+    """Random painted tiles: rings, slit cells, overlaps, nested and tiny cells, several size limits."""
+    rng = np.random.default_rng(1)
+    for _ in range(120):
+        height, width = rng.integers(20, 120, 2)
+        yy, xx = np.mgrid[0:height, 0:width]
+        masks = []
+        for _ in range(rng.integers(1, 40)):
+            cy, cx, radius = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(1, 25)
+            distance = np.hypot(yy - cy, xx - cx)
+            mask = distance < radius
+            kind = rng.integers(4)
+            if kind == 0:
+                mask &= distance >= radius * rng.uniform(0.2, 0.8)  # a ring
+            elif kind == 1:
+                mask &= ~((np.abs(yy - cy) < 2) & (np.abs(xx - cx) < radius / 2))  # a slit
+            masks.append(mask)
+        painted = paint_masks(masks, (height, width))
+        min_size = int(rng.choice([0, 5, 25]))
+        labels, sources, regions = fill_holes_and_remove_small_masks(painted.copy(), min_size)
+        np.testing.assert_array_equal(labels, _published_cleanup(painted.copy(), min_size))
+        extents = find_objects(labels, max_label=len(sources))
+        assert regions == extents
+        for k, source in enumerate(sources, start=1):
+            assert not np.any(labels == k) or np.any((labels == k) & (painted == source))
 
 
 # --- the whole tile -------------------------------------------------------------------------------------
@@ -134,7 +201,7 @@ def test_boxes_and_embedding_match_golden(golden_run):
 @pytest.mark.parametrize("kwargs", [{"bbox_threshold": 2.0}, {"iou_threshold": 1.1}])
 def test_nothing_surviving_gives_an_empty_tile(tiny_model, kwargs):
     image = np.load(GOLDEN / f"{SMALLEST}.input.npy")
-    result = segment_tile_reference(image, tiny_model, normalize=False, **kwargs)
+    result = segment_tile_reference(image, tiny_model, normalize=False, keep_embedding=True, **kwargs)
     assert isinstance(result, TileSegmentation)
     assert result.labels.shape == image.shape[:2] and result.labels.dtype == np.int32 and not result.labels.any()
     assert result.boxes.shape == (0, 4) and result.scores.shape == result.ious.shape == (0,)

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     module_name, function_name = MODES[args.mode]
     segment_tile = getattr(importlib.import_module(module_name), function_name)
     model = load_cellsam(weights, config, device=args.device, storage_options=storage_options,
-                         sha256=args.sha256)
+                         sha256=args.sha256, inference=True)
     result = segment_tile(image, model, normalize=args.normalize, device=args.device)
     write_labels(args.output, result.labels, storage_options)
     print(f"{int(result.labels.max())} cells -> {args.output}")

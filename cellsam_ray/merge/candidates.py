@@ -42,10 +42,11 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
         if cy1 <= cy0 or cx1 <= cx0:
             continue
         mask = detections.masks[i][cy0 - gy0 : cy1 - gy0, cx0 - gx0 : cx1 - gx0]
-        if not mask.any():
+        rows_hit = mask.any(axis=1)
+        if not rows_hit.any():
             continue
         # Trim to the mask's own extent so the stored record is small and its bounds are exact.
-        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        ys, xs = np.flatnonzero(rows_hit), np.flatnonzero(mask.any(axis=0))
         mask = np.ascontiguousarray(mask[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1])
         my0, mx0 = cy0 + ys[0], cx0 + xs[0]
         my1, mx1 = my0 + mask.shape[0], mx0 + mask.shape[1]

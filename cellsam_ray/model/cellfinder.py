@@ -17,6 +17,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 
 from cellsam_ray.model.config import CellSAMConfig
+from cellsam_ray.model.precision import float32_island
 from cellsam_ray.model.rcda import MultiheadRCDA
 from cellsam_ray.model.sam import build_image_encoder
 
@@ -179,11 +180,17 @@ class AnchorDETRTransformer(nn.Module):
         return [self._heads(state, anchors) for state in (states if every_layer else states[-1:])]
 
     def _heads(self, tgt: Tensor, anchors: Tensor) -> tuple[Tensor, Tensor]:
-        """Class logits and sigmoid (cx, cy, w, h) boxes, centres predicted relative to the anchors."""
-        logits = self.class_embed[-1](tgt)
-        deltas = self.bbox_embed[-1](tgt)
-        centres = deltas[..., :2] + inverse_sigmoid(anchors)
-        boxes = torch.cat((centres, deltas[..., 2:]), dim=-1).sigmoid()
+        """Class logits and sigmoid (cx, cy, w, h) boxes, centres predicted relative to the anchors.
+
+        Always in float32, also under bf16 autocast: scores decide ties in the top-k and the threshold,
+        and box corners become SAM's prompts.
+        """
+        with float32_island(tgt):
+            tgt = tgt.float()
+            logits = self.class_embed[-1](tgt)
+            deltas = self.bbox_embed[-1](tgt)
+            centres = deltas[..., :2] + inverse_sigmoid(anchors.float())
+            boxes = torch.cat((centres, deltas[..., 2:]), dim=-1).sigmoid()
         return logits, boxes
 
 

@@ -12,7 +12,6 @@ import json
 import os
 from typing import Literal
 
-import fsspec
 import pydantic
 from pydantic import Field, model_validator
 
@@ -84,8 +83,14 @@ class CellSAMConfig(pydantic.BaseModel):
     def from_json(cls, path_or_url: str) -> CellSAMConfig:
         """Read a config from a local path or any fsspec URL; every problem is a one-line UserError."""
         try:
-            with fsspec.open(path_or_url, "r") as f:
-                data = json.load(f)
+            if "://" in path_or_url:
+                import fsspec  # only for remote configs: the GPU check reads local files without fsspec
+
+                with fsspec.open(path_or_url, "r") as f:
+                    data = json.load(f)
+            else:
+                with open(path_or_url) as f:
+                    data = json.load(f)
         except FileNotFoundError:
             raise UserError(f"model config {path_or_url} not found") from None
         except json.JSONDecodeError as err:

@@ -26,6 +26,16 @@ class CellSAM(torch.nn.Module):
         self.model_cp = build_sam(config)
         self.adv_mode = True
 
+    def drop_unused_sam(self) -> CellSAM:
+        """Remove the SAM branch inference does not run (``model`` of a v1.2 checkpoint, ~370 MB of weights
+        at v1.2 sizes; ``model_cp`` of a legacy one, which shares its tensors). For inference only: the
+        state dict then no longer has the checkpoint's layout."""
+        if self.adv_mode:
+            self.model = None
+        else:
+            self.model_cp = None
+        return self
+
     @property
     def sam(self) -> Sam:
         """The SAM branch to run: ``model_cp`` for v1.2 checkpoints, ``model`` for legacy ones."""
@@ -37,8 +47,8 @@ class CellSAM(torch.nn.Module):
         Loading with ``assign=True`` into a model built on the meta device replaces every checkpoint
         tensor but not these constants, which no checkpoint stores.
         """
-        device = self.model.image_encoder.pos_embed.device
-        for sam in (self.model, self.model_cp):
+        device = self.sam.image_encoder.pos_embed.device
+        for sam in (branch for branch in (self.model, self.model_cp) if branch is not None):
             sam.pixel_mean = torch.tensor(PIXEL_MEAN, device=device).view(-1, 1, 1)
             sam.pixel_std = torch.tensor(PIXEL_STD, device=device).view(-1, 1, 1)
 

@@ -42,14 +42,16 @@ class TileSegmentation:
     ``boxes``, ``scores`` and ``ious`` describe the masks that were painted (those that passed the
     predicted-IoU filter), in paint order: descending detector score, so a later mask won overlaps.
     Their row k is mask k, not label k + 1: small objects are removed and the labels renumbered after
-    painting.
+    painting; ``cell_rows[k - 1]`` is the row of label k's mask (its box, score and predicted IoU).
     """
 
-    labels: np.ndarray  # (H, W) int32, 0 = background, cells 1..K
+    labels: np.ndarray  # (H, W) int32, 0 = background, cells 1..K (a cell swallowed by a later one's hole: absent)
     boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2 in tile pixels
     scores: np.ndarray  # (N,) float32, CellFinder's score of each box
     ious: np.ndarray  # (N,) float32, SAM's predicted IoU of each mask
-    embedding: np.ndarray  # (1, C, g, g) float32, the SAM image embedding of the tile
+    embedding: np.ndarray | None  # (1, C, g, g) float32, the SAM image embedding of the tile, when asked for
+    cell_rows: np.ndarray  # (K,) int64, the row of boxes/scores/ious that label k + 1 was painted from
+    cell_regions: list  # (K,) label k + 1's extent, (rows, cols) slices, or None where it is absent
 
 
 @torch.inference_mode()
@@ -63,12 +65,14 @@ def segment_tile_reference(
     mask_threshold: float = MASK_THRESHOLD,
     min_size: int = MIN_SIZE,
     device: str | torch.device = "cpu",
+    keep_embedding: bool = False,
 ) -> TileSegmentation:
     """Segment an (H, W) or (H, W, C ≤ 3) tile, channels (blank, nuclear, whole-cell) right-aligned.
 
     ``normalize`` applies the library normalisation (99.9th-percentile clip and CLAHE); turn it off for
-    a tile that is already normalised. ``model`` must already be on ``device``. Preprocessing and mask
-    upsampling run on the CPU, as published; the networks run on ``device``.
+    a tile that is already normalised. ``model`` must already be on ``device``. ``keep_embedding`` returns
+    SAM's image embedding too. Preprocessing and mask upsampling run on the CPU, as published; the
+    networks run on ``device``.
     """
     formatted = format_image_shape(image)
     if normalize:
@@ -96,14 +100,16 @@ def segment_tile_reference(
             ious.append(iou)
             yield mask
 
-    labels = fill_holes_and_remove_small_masks(paint_masks(masks(), (height, width)), min_size)
+    cleaned = fill_holes_and_remove_small_masks(paint_masks(masks(), (height, width)), min_size)
     kept = torch.tensor(painted, dtype=torch.long)
     return TileSegmentation(
-        labels=labels,
+        labels=cleaned.labels,
         boxes=boxes_to_input_pixels(boxes[kept], height, width, size).numpy().reshape(-1, 4),
         scores=scores[kept].numpy(),
         ious=np.asarray(ious, dtype=np.float32),
-        embedding=embedding.float().cpu().numpy(),
+        embedding=embedding.float().cpu().numpy() if keep_embedding else None,
+        cell_rows=cleaned.sources - 1,
+        cell_regions=cleaned.regions,
     )
 
 

@@ -4,21 +4,31 @@ A window arrives as the slide-normalised (nuclear, whole-cell) channels; CellSAM
 (blank, nuclear, whole-cell), so the window is laid out that way with the library normalisation off
 (the slide-wide one already ran: per-tile statistics would make the two sides of a seam disagree).
 Each tile's answer is CellSAM's own per-tile label image, after its hole filling and small-object
-removal, handed to the merge as one mask per cell.
+removal, handed to the merge as one mask per cell with the score and predicted IoU of the box that
+painted it (tracked through the cleanup, not guessed).
+
+Besides ``segment_batch`` the segmenter offers the two-phase form the model actors use:
+``infer_batch`` is the part that needs the model (run under the actor's model lock) and returns one
+callable per window for the host work (cleanup and cutting out the cells), run after the lock is
+released, while the next batch is on the device.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from cellsam_ray.model.fast import segment_tiles_fast
+from cellsam_ray.model import precision
+from cellsam_ray.model.fast import BOX_CHUNK, PAINT_BOXES, finish_tile, infer_tiles
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
 from cellsam_ray.model.weights import load_cellsam
-from cellsam_ray.spec import SegmentSpec
+
+if TYPE_CHECKING:  # the spec imports the storage layer (fsspec), which the GPU check does not have
+    from cellsam_ray.spec import SegmentSpec
 
 
 def resolve_device(device: str) -> str:
@@ -29,32 +39,51 @@ def resolve_device(device: str) -> str:
 
 class CellSAMSegmenter:
     def __init__(self, model, *, mode: str = "fast", device: str = "cpu", bbox_threshold: float = 0.4,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, precision_name: str = "fp32") -> None:
         self.model = model
         self.mode = mode
         self.device = device
         self.bbox_threshold = bbox_threshold
         self.batch_size = batch_size
+        self.precision = precision.resolve(precision_name, device)
+        kind = torch.device(device).type
+        self.box_chunk = BOX_CHUNK.get(kind, BOX_CHUNK["cuda"])
+        self.paint_boxes = PAINT_BOXES.get(kind, PAINT_BOXES["cuda"])
 
     @classmethod
     def from_spec(cls, spec: SegmentSpec) -> "CellSAMSegmenter":
         device = resolve_device(spec.device)
+        chosen = precision.configure(spec.precision, device)
+        if device == "cuda" and spec.gpus_per_worker < 1:  # actors sharing a GPU share its memory too
+            torch.cuda.set_per_process_memory_fraction(spec.gpus_per_worker)
         model = load_cellsam(spec.weights, spec.model_config_name, device=device,
-                             storage_options=spec.storage.options(), sha256=spec.weights_sha256)
+                             storage_options=spec.storage.options(), sha256=spec.weights_sha256, inference=True)
         return cls(model, mode=spec.mode, device=device, bbox_threshold=spec.bbox_threshold,
-                   batch_size=spec.batch_size)
+                   batch_size=spec.batch_size, precision_name=chosen)
 
     def segment(self, window: np.ndarray, *, origin: tuple[int, int]) -> dict[str, Any]:
         return self.segment_batch([window], origins=[origin])[0]
 
     def segment_batch(self, windows: list[np.ndarray], *, origins: list[tuple[int, int]]) -> list[dict[str, Any]]:
-        images = [cellsam_layout(w) for w in windows]
+        return [finish() for finish in self.infer_batch(windows, origins=origins)]
+
+    def infer_batch(self, windows: list[np.ndarray], *, origins: list[tuple[int, int]]) -> list[Callable[[], dict]]:
+        """The model's part of ``segment_batch``; calling each result does the rest (host work only)."""
         options = dict(normalize=False, bbox_threshold=self.bbox_threshold, device=self.device)
         if self.mode == "fast":
-            tiles = segment_tiles_fast(images, self.model, tile_batch=self.batch_size, **options)
-        else:
-            tiles = [segment_tile_reference(image, self.model, **options) for image in images]
-        return [cells_of(tile) for tile in tiles]
+            painted = infer_tiles(windows, self.model, roles=True, tile_batch=self.batch_size, box_chunk=self.box_chunk,
+                                  paint_boxes=self.paint_boxes, precision_name=self.precision, **options)
+            return [partial(_cells_of_painted, tile) for tile in painted]
+        tiles = [segment_tile_reference(cellsam_layout(w), self.model, **options) for w in windows]
+        return [partial(cells_of, tile) for tile in tiles]
+
+    def on_out_of_memory(self) -> bool:
+        """Halve the decoder chunk and the boxes painted at once (the actor halves its batches too);
+        whether anything was left to shrink."""
+        shrunk = self.box_chunk > 1 or self.paint_boxes > 0
+        self.box_chunk = max(self.box_chunk // 2, 1)
+        self.paint_boxes = self.paint_boxes // 2
+        return shrunk
 
 
 def cellsam_layout(window: np.ndarray) -> np.ndarray:
@@ -66,33 +95,25 @@ def cellsam_layout(window: np.ndarray) -> np.ndarray:
     return image
 
 
-def cells_of(tile: TileSegmentation) -> dict[str, Any]:
-    """The contract's boxes, scores, ious and masks for each cell of a tile's label image.
+def _cells_of_painted(tile) -> dict[str, Any]:
+    return cells_of(finish_tile(tile))
 
-    A cell's box is its mask's extent. Its score and predicted IoU are those of the painted box that
-    matches it best (cleanup renumbers the labels, so the rows of ``tile.boxes`` are not label ids).
+
+def cells_of(tile: TileSegmentation) -> dict[str, Any]:
+    """The contract's boxes, scores, ious and masks: one per cell of the tile's label image.
+
+    A cell's box is its mask's extent (``tile.cell_regions``, kept by the cleanup); its score and
+    predicted IoU are those of the box whose mask painted it (``tile.cell_rows``).
     """
-    boxes, scores, ious, masks = [], [], [], []
-    for index, found in enumerate(ndimage.find_objects(tile.labels)):
+    boxes, rows, masks = [], [], []
+    for index, found in enumerate(tile.cell_regions):
         if found is None:
             continue
-        rows, cols = found
-        box = np.array([cols.start, rows.start, cols.stop, rows.stop], dtype=np.float64)
-        best = _best_match(box, tile.boxes)
-        boxes.append(box)
-        scores.append(float(tile.scores[best]) if best is not None else 0.0)
-        ious.append(float(tile.ious[best]) if best is not None else 0.0)
-        masks.append(tile.labels[rows, cols] == index + 1)
-    return {"boxes": np.array(boxes).reshape(-1, 4), "scores": np.array(scores), "ious": np.array(ious),
+        y, x = found
+        boxes.append((x.start, y.start, x.stop, y.stop))
+        rows.append(tile.cell_rows[index])
+        masks.append(tile.labels[y, x] == index + 1)
+    rows = np.asarray(rows, dtype=np.int64)
+    return {"boxes": np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+            "scores": tile.scores[rows].astype(np.float64), "ious": tile.ious[rows].astype(np.float64),
             "masks": masks}
-
-
-def _best_match(box: np.ndarray, candidates: np.ndarray) -> int | None:
-    if len(candidates) == 0:
-        return None
-    c = np.asarray(candidates, dtype=np.float64)
-    ix = np.clip(np.minimum(box[2], c[:, 2]) - np.maximum(box[0], c[:, 0]), 0, None)
-    iy = np.clip(np.minimum(box[3], c[:, 3]) - np.maximum(box[1], c[:, 1]), 0, None)
-    inter = ix * iy
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]) - inter
-    return int(np.argmax(inter / np.maximum(union, 1e-9)))

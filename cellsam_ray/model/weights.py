@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-import fsspec
 import torch
 from torch import Tensor
 
@@ -39,8 +38,12 @@ def load_cellsam(
     storage_options: dict | None = None,
     sha256: str | None = None,
     cache_dir: str | None = None,
+    inference: bool = False,
 ) -> CellSAM:
     """A CellSAM in eval mode with the checkpoint at ``uri`` loaded strictly.
+
+    With ``inference`` the SAM branch inference does not run is dropped before the model moves to
+    ``device`` (``CellSAM.drop_unused_sam``); training and checkpoint writing need the full layout.
 
     A legacy checkpoint (no ``model_cp.*`` keys) gets ``model_cp`` = ``model``, sharing tensors, and
     ``adv_mode = False``, as the published loader does. The network is built on the meta device and the
@@ -57,8 +60,10 @@ def load_cellsam(
     check_state(net.state_dict(), state, uri)
     state = {key: v.float() if v.is_floating_point() else v for key, v in state.items()}
     net.load_state_dict(state, strict=True, assign=True)
-    net.reset_pixel_statistics()
     net.adv_mode = adv_mode
+    if inference:
+        net.drop_unused_sam()
+    net.reset_pixel_statistics()
     return net.to(device).eval()
 
 
@@ -95,6 +100,8 @@ def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha2
     by content, so a checkpoint replaced under the same URL is never taken for the one a run started with,
     and every node caches the download under that digest.
     """
+    import fsspec
+
     readable = f"checkpoint {uri} cannot be read"
     with storage_errors(refused=readable, unreachable=readable):
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
@@ -130,8 +137,10 @@ def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], uri: str)
 
 
 def _local_file(uri: str, storage_options: dict, sha256: str | None, cache_dir: Path) -> Path:
-    protocol, bare = fsspec.core.split_protocol(uri)
-    if protocol in (None, "file", "local"):
+    protocol, separator, bare = uri.partition("://")  # a local path needs no fsspec (the GPU check has none)
+    if not separator:
+        protocol, bare = "", uri
+    if protocol in ("", "file", "local"):
         path = Path(bare)
         if not path.is_file():
             raise UserError(f"checkpoint {uri} not found")
@@ -149,6 +158,8 @@ def _cached_download(uri: str, storage_options: dict, sha256: str | None, cache_
     so a present file is used as is. Without ``sha256`` a changed remote file is not noticed: the pipeline
     always passes the digest the driver computed (``check_checkpoint_file``).
     """
+    import fsspec
+
     name = sha256.lower() if sha256 else hashlib.sha256(uri.encode()).hexdigest()
     target = cache_dir / name
     if target.is_file():

@@ -16,6 +16,7 @@ import ray
 from cellsam_ray import bundled
 from cellsam_ray.errors import RunFailed, RunStopped, UserError
 from cellsam_ray.execution import Progress, RunStats, run_plan
+from cellsam_ray.model import geometry
 from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.lifecycle import LabelRun, build_report
 from cellsam_ray.pipeline.plan import make_plan
@@ -80,6 +81,7 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
     spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
     spec = bundled.resolve_spec(spec)  # no weights and no segmenter: the bundled demo model
+    spec = geometry.resolve_spec(spec)  # CellSAM weights: windows from the model's input and --scale
     spec = spec.with_local_paths_absolute()  # workers run in other folders
     spec.storage.options()  # every variable it names is set here, before anything is read
     if spec.cell_table_h5ad:

@@ -42,6 +42,8 @@ from cellsam_ray.io.ngff import (
     remove_label_arrays,
 )
 from cellsam_ray.io.storage import is_local, join_url, local_path
+from cellsam_ray.model import geometry
+from cellsam_ray.model.config import load_config
 from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.lease import Lease
 from cellsam_ray.pipeline.plan import SlidePlan
@@ -221,8 +223,11 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float, statu
         qc_overview=labels_out.sidecar_url(plan, "qc", "overview.png") if stats.qc else None,
         wall_seconds=round(wall_seconds, 3),
     )
+    cellsam = None if spec.segmenter else dict(precision=spec.precision,
+                                               **geometry.describe(spec, load_config(spec.model_config_name).image_size))
     model = ModelInfo(segmenter=spec.segmenter or "cellsam", weights=None if spec.segmenter else spec.weights,
-                      weights_sha256=plan.weights_sha256, config=spec.model_config_name, mode=spec.mode)
+                      weights_sha256=plan.weights_sha256, config=spec.model_config_name, mode=spec.mode,
+                      **(cellsam or {}))
     return RunReport(
         status=status or ("failed" if stats.failed else "succeeded"),
         run_id=plan.run_id,

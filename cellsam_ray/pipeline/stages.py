@@ -1,6 +1,8 @@
 """The pipeline's stages as plain functions on plain records; ``execution`` only schedules them.
 
-A: ``segment_tiles`` (model) -> candidates per tile, persisted under the work prefix (resume point);
+A: ``infer_tiles`` (the model, under a worker's model lock) then ``finish_tiles`` (host work: the
+   segmenter's own post-processing and the candidates) -> candidates per tile, persisted under the work
+   prefix (resume point);
 B: ``reconcile_tile`` -> the cells homed at a tile; C: ids by a prefix sum (driver);
 D: ``write_core`` -> a tile's core of label level 0; E: ``pyramid`` chunks, level by level.
 """
@@ -8,7 +10,9 @@ D: ``write_core`` -> a tile's core of label level 0; E: ``pyramid`` chunks, leve
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -31,21 +35,45 @@ class TileOutcome:
     model_seconds: float
 
 
-def segment_tiles(plan: SlidePlan, segmenter: Segmenter, tiles: list[Tile], windows: list[np.ndarray]) -> list[tuple[CellSet, TileOutcome]]:
-    """Stage A on a batch of already-read windows: run the model, keep each tile's candidates."""
+@dataclass
+class Inferred:
+    """A batch after the model: one callable per tile that finishes it on the host, and the model's time."""
+
+    finishers: list[Callable[[], dict]]
+    seconds: float
+
+
+def infer_tiles(segmenter: Segmenter, tiles: list[Tile], windows: list[np.ndarray]) -> Inferred:
+    """The part of stage A that needs the model. A segmenter with ``infer_batch`` leaves its host work
+    to the finishers (CellSAM: hole filling and cutting out the cells); any other answers here."""
     start = time.perf_counter()
-    batch = getattr(segmenter, "segment_batch", None)
-    if batch is not None:
-        results = batch(windows, origins=[t.origin for t in tiles])
+    origins = [t.origin for t in tiles]
+    infer = getattr(segmenter, "infer_batch", None)
+    if infer is not None:
+        finishers = infer(windows, origins=origins)
     else:
-        results = [segmenter.segment(w, origin=t.origin) for w, t in zip(windows, tiles)]
-    per_tile = (time.perf_counter() - start) / max(len(tiles), 1)
+        batch = getattr(segmenter, "segment_batch", None)
+        results = batch(windows, origins=origins) if batch is not None else [
+            segmenter.segment(w, origin=o) for w, o in zip(windows, origins)]
+        finishers = [partial(_given, result) for result in results]
+    return Inferred(finishers, time.perf_counter() - start)
+
+
+def finish_tiles(plan: SlidePlan, tiles: list[Tile], inferred: Inferred) -> list[tuple[CellSet, TileOutcome]]:
+    """The host part of stage A, outside any model lock: finish each tile and keep its candidates."""
+    start = time.perf_counter()
+    found = [check_detections(finish(), f"segmenter on tile {tile.key}")
+             for tile, finish in zip(tiles, inferred.finishers)]
+    per_tile = (inferred.seconds + time.perf_counter() - start) / max(len(tiles), 1)
     out = []
-    for tile, result in zip(tiles, results):
-        found = check_detections(result, f"segmenter on tile {tile.key}")
-        cells = tile_candidates(found, tile, plan.grid, plan.band)
+    for tile, detections in zip(tiles, found):
+        cells = tile_candidates(detections, tile, plan.grid, plan.band)
         out.append((cells, TileOutcome(tile.key, len(cells), 0.0, per_tile)))
     return out
+
+
+def _given(result: dict) -> dict:
+    return result
 
 
 @dataclass

@@ -5,6 +5,15 @@ each channel stains), ``tissue`` (forming the image of any region), ``writer`` (
 """
 
 from cellsam_ray.synth.tissue import Region, TissueModel
-from cellsam_ray.synth.writer import LABEL_NAME, SlideInfo, write_synthetic_slide
 
 __all__ = ["LABEL_NAME", "Region", "SlideInfo", "TissueModel", "write_synthetic_slide"]
+_WRITER = ("LABEL_NAME", "SlideInfo", "write_synthetic_slide")
+
+
+def __getattr__(name: str):
+    """The writer's names, imported on first use: rendering tissue needs no zarr (the GPU check has none)."""
+    if name in _WRITER:
+        from cellsam_ray.synth import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

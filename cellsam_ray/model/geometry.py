@@ -1,0 +1,58 @@
+"""Window geometry from the model: how large a slide window CellSAM sees, and how it splits into core and halo.
+
+CellSAM stretches every window to its square input (1024² for v1.2). The published whole-slide pipeline
+(``cellsam_pipeline(use_wsi=True)``: 400-px blocks with a 56-px overlap) feeds it 512-px windows, so
+cells appear 2× larger to the model than at native scale; users with the published weights expect
+those answers, so that is the default (``scale="published"``). ``scale="native"`` gives windows of the
+full input (1024 px for v1.2), 4× fewer tiles, for cells large enough to be seen at half the size.
+
+A window of side W splits into a halo of W/8 on each side and a core of 3W/4: 512 → 64 + 384 + 64 and
+1024 → 128 + 768 + 128. That keeps the merge's seam guarantees (``tiling.plan_grid``: band ≤ halo and
+core ≥ 2·halo + band for the default 16-px band), and the label chunk is the largest power of two up
+to 256 dividing the core (128 for a 384-px core), since every chunk must lie in one core.
+
+A spec that names its ``tile``, ``halo`` or ``chunk`` keeps them; the bundled demo model brings its own
+tiling (``bundled.py``); another segmenter keeps the spec's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cellsam_ray.spec import SegmentSpec
+
+SCALES = {"published": 2, "native": 1}
+"""Scale name -> model input side / window side."""
+MAX_CHUNK = 256
+
+
+def window_geometry(image_size: int, scale: str) -> tuple[int, int, int]:
+    """(core, halo, chunk) for windows of ``image_size / SCALES[scale]`` pixels."""
+    window = image_size // SCALES[scale]
+    halo = window // 8
+    core = window - 2 * halo
+    chunk = MAX_CHUNK
+    while core % chunk:
+        chunk //= 2
+    return core, halo, chunk
+
+
+def resolve_spec(spec: SegmentSpec) -> SegmentSpec:
+    """``spec`` with ``tile``, ``halo`` and ``chunk`` from the CellSAM config and ``scale`` where not given."""
+    if spec.segmenter or not spec.weights:
+        return spec
+    unset = [name for name in ("tile", "halo", "chunk") if name not in spec.model_fields_set]
+    if not unset:
+        return spec
+    from cellsam_ray.model.config import load_config  # reads a JSON config: only for CellSAM weights
+
+    core, halo, chunk = window_geometry(load_config(spec.model_config_name).image_size, spec.scale)
+    chosen = dict(tile=core, halo=halo, chunk=chunk)
+    return spec.model_copy(update={name: chosen[name] for name in unset})
+
+
+def describe(spec: SegmentSpec, image_size: int | None) -> dict[str, Any]:
+    """What the report says about the geometry that ran: window, model input, and the scale by name."""
+    window = spec.tile + 2 * spec.halo
+    named = [name for name, factor in SCALES.items() if image_size and window * factor == image_size]
+    return dict(window=window, model_input=image_size, scale=named[0] if named else "custom")
