@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import sys
 import threading
 import time
 from collections import deque
@@ -93,13 +94,12 @@ class RunStats:
 
 def _use_assigned_cpus() -> None:
     """Give torch the CPUs Ray assigned to this actor: Ray sets OMP_NUM_THREADS to 1 for fractional
-    shares (1.75 CPUs gives 1 thread), which would leave a core idle on a CPU-only node."""
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(max(1, round(cpus)))
+    shares (1.75 CPUs gives 1 thread), which would leave a core idle on a CPU-only node. Only a segmenter
+    that imported torch pays for it (called after building the segmenter, before it runs)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, round(cpus)))
 
 
 class SegmentWorker:
@@ -107,8 +107,8 @@ class SegmentWorker:
 
     def __init__(self, plan: SlidePlan) -> None:
         self.plan = plan
-        _use_assigned_cpus()
         self.segmenter = source.build_segmenter(plan)
+        _use_assigned_cpus()
         self.readers = ThreadPoolExecutor(max_workers=4)
         self.model_lock = threading.Lock()
         self.batch_limit = plan.spec.batch_size  # lowered for good after a CUDA out-of-memory error

@@ -36,14 +36,14 @@ def _plan(slide_and_weights, **options):
 def test_v12_windows_are_the_published_512_px_by_default(slide_and_weights):
     plan = _plan(slide_and_weights)
     grid = plan.grid
-    assert (grid.tile, grid.halo, plan.spec.chunk, grid.window_size) == (384, 64, 128, 512)
+    assert (grid.tile, grid.halo, plan.spec.chunk, grid.window_size) == (384, 64, 384, 512)
     assert all(t.window_size == 512 for t in plan.tiles) and len(plan.tiles) == 4 * 3  # 1200/384, 1000/384
     assert geometry.describe(plan.spec, 1024) == dict(window=512, model_input=1024, scale="published")
 
 
 def test_native_scale_and_explicit_tiling(slide_and_weights):
     native = _plan(slide_and_weights, scale="native")
-    assert (native.grid.tile, native.grid.halo, native.spec.chunk, native.grid.window_size) == (768, 128, 256, 1024)
+    assert (native.grid.tile, native.grid.halo, native.spec.chunk, native.grid.window_size) == (768, 128, 384, 1024)
     assert geometry.describe(native.spec, 1024)["scale"] == "native"
     mine = _plan(slide_and_weights, halo=32)  # a given halo stays; the rest follows the scale
     assert (mine.grid.tile, mine.grid.halo, mine.grid.window_size) == (384, 32, 448)

@@ -8,8 +8,10 @@ full input (1024 px for v1.2), 4× fewer tiles, for cells large enough to be see
 
 A window of side W splits into a halo of W/8 on each side and a core of 3W/4: 512 → 64 + 384 + 64 and
 1024 → 128 + 768 + 128. That keeps the merge's seam guarantees (``tiling.plan_grid``: band ≤ halo and
-core ≥ 2·halo + band for the default 16-px band), and the label chunk is the largest power of two up
-to 256 dividing the core (128 for a 384-px core), since every chunk must lie in one core.
+core ≥ 2·halo + band for the default 16-px band), and the label chunk is the largest divisor of the core
+up to 512 px (384 for both: a 384-px core is one chunk, a 768-px core four), since every chunk must lie
+in one core; on object storage each chunk is an object, and 128² chunks would make a 100k² slide's
+labels hundreds of thousands of them.
 
 A spec that names its ``tile``, ``halo`` or ``chunk`` keeps them; the bundled demo model brings its own
 tiling (``bundled.py``); another segmenter keeps the spec's defaults.
@@ -23,7 +25,7 @@ from cellsam_ray.spec import SegmentSpec
 
 SCALES = {"published": 2, "native": 1}
 """Scale name -> model input side / window side."""
-MAX_CHUNK = 256
+MAX_CHUNK = 512
 
 
 def window_geometry(image_size: int, scale: str) -> tuple[int, int, int]:
@@ -31,9 +33,7 @@ def window_geometry(image_size: int, scale: str) -> tuple[int, int, int]:
     window = image_size // SCALES[scale]
     halo = window // 8
     core = window - 2 * halo
-    chunk = MAX_CHUNK
-    while core % chunk:
-        chunk //= 2
+    chunk = next(c for c in range(min(MAX_CHUNK, core), 0, -1) if core % c == 0)
     return core, halo, chunk
 
 
