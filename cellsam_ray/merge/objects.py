@@ -83,6 +83,11 @@ class CellSet:
             return CellSet()
         return CellSet(meta=np.concatenate([s.meta for s in sets]), masks=[m for s in sets for m in s.masks])
 
+    def __reduce__(self):
+        # Ray (and any pickler) moves a CellSet as one bit-packed buffer: pickled as a list of thousands of
+        # small arrays it cost 25 ms to put and 13 ms to get for 1,700 cells, against 1 ms and 3 ms.
+        return (CellSet.from_bytes, (self.to_bytes(),))
+
     def to_bytes(self) -> bytes:
         shapes = np.array([m.shape for m in self.masks], dtype=np.int64).reshape(-1, 2)
         flat = np.concatenate([m.ravel() for m in self.masks]) if self.masks else np.zeros(0, bool)
