@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellsam_ray.errors import UserError
 from cellsam_ray.model.network import CellSAM
 from cellsam_ray.train.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from cellsam_ray.train.data import DataSpec, compact, load_images, prepare_tile, synthetic_slides
@@ -63,6 +62,8 @@ def fit(settings: TrainSettings, data: DataSpec, out: str | Path, *, log: Callab
     held: list = []
     if settings.validation_tiles:
         images, held = split_validation(images, settings.validation_tiles, data.tile_seed)
+        if not held:
+            log("too few labelled tiles to hold any back: no validation")
     tiles = [compact(prepare_tile(image, size)) for image in images]
     log(f"{len(tiles)} labelled tiles of {size}² px; training on {device}"
         + (f"; {len(held)} held back for validation" if held else "")
@@ -108,11 +109,11 @@ def _resume_state(settings: TrainSettings, out: Path) -> dict | None:
 
 def split_validation(images: list, count: int, seed: int) -> tuple[list, list]:
     """(training, validation): ``count`` images with cells held back, chosen by ``seed``; at least one
-    image is left to train on."""
+    image is left to train on (so a single image is not validated)."""
     with_cells = [i for i, image in enumerate(images) if image.labels.any()]
     count = min(count, len(with_cells), len(images) - 1)
     if count <= 0:
-        raise UserError("too few labelled tiles to hold some back for validation")
+        return images, []
     held = set(np.random.default_rng([seed, 1]).permutation(with_cells)[:count].tolist())
     return [im for i, im in enumerate(images) if i not in held], [im for i, im in enumerate(images) if i in held]
 
