@@ -22,9 +22,12 @@ from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.pipeline.intensity import channel_scales, combine_roles
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import TissueModel
+from cellsam_ray.synth.styles import render_style
+from cellsam_ray.train.synthetic import scaled_roles
 
 UNSEEN_SEED = 123  # the model card lists the seeds training used; this is none of them
 F1_FLOOR = 0.8
+LAYOUT_FLOORS = {"nuclei": 0.0, "brightfield": 0.0}  # to be measured
 
 
 def test_bundled_model_loads_strictly_and_fits_its_tiling():
@@ -62,3 +65,18 @@ def test_segment_image_defaults_to_the_bundled_model(tmp_path, capsys):
     assert "no --weights given: segmenting with the bundled demo model" in captured.err
     score = score_arrays(np.load(tmp_path / "out.npy"), region.labels)
     assert score.f1 >= F1_FLOOR, score
+
+
+@pytest.mark.parametrize(("style", "layout"), [("nuclei", "nuclear"), ("brightfield", "whole-cell")])
+def test_segment_image_takes_nuclear_only_and_whole_cell_only_inputs(style, layout, tmp_path, capsys):
+    """The other two of CellSAM's channel layouts: a nuclear-only fluorescence image (nuclear slot, blank
+    whole-cell) and a brightfield image as grayscale in the whole-cell slot, as the published CellSAM
+    feeds stained images; both from seeds no training run used."""
+    drawn = render_style(style, (256, 256), UNSEEN_SEED)
+    nuclear, whole = scaled_roles(drawn)
+    image = np.stack([nuclear, np.zeros_like(nuclear)], -1) if layout == "nuclear" else whole
+    np.save(tmp_path / "in.npy", image)
+    assert main(["segment-image", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--no-normalize"]) == 0
+    capsys.readouterr()
+    score = score_arrays(np.load(tmp_path / "out.npy"), drawn.labels)
+    assert score.f1 >= LAYOUT_FLOORS[style], score
