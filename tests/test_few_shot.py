@@ -9,7 +9,10 @@ own annotated tiles would: one 1024² image (a seed no training used) is cut int
 8 held back for the validation it reports); the 8 of the bottom half, never shown to it, measure the gain.
 Tiles are scaled as the pipeline scales a slide (``--no-normalize``), the input the bundled model knows.
 
-Measured (``MEASURED``) with the shipped model; the test takes about TEST_SECONDS.
+Measured with the shipped model on the project's 2-vCPU VM (no GPU, shared with other work): F1 0.555
+before and 0.893 after on the unseen half; the validation pair 0.576 -> 0.868. The whole test took 255
+and 273 s in two runs while an evaluation ran beside it on the same two cores (the 60 steps are most of
+it: 1-3 s a step there, under 1 s on quiet cores), so it stays in CI, unmarked.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ from cellsam_ray.train.validate import score_tiles
 
 STYLE, SEED, SIDE, TILE = "envelope", 41, 1024, 256
 GAIN = 0.2
-"""F1 the fine-tuned model must gain on the unseen half (see MEASURED)."""
-MEASURED = "to be measured"
+"""F1 the fine-tuned model must gain on the unseen half (measured: +0.338)."""
 
 
 def tiles_of(seed: int) -> list[LabelledImage]:
@@ -66,4 +68,6 @@ def test_eight_tiles_of_a_new_style_improve_f1_on_the_rest_of_the_image(tmp_path
     assert report["after"]["f1"] > report["before"]["f1"]
 
     after = score_tiles(load_cellsam(str(out / "cellsam.pt"), str(out / "config.json")), unseen)
+    print(f"\nunseen half: F1 {before.f1:.3f} before, {after.f1:.3f} after; validation {report['before']['f1']:.3f} "
+          f"-> {report['after']['f1']:.3f}")
     assert after.f1 >= before.f1 + GAIN, (before, after)

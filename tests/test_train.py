@@ -286,7 +286,8 @@ def test_a_stopped_run_resumes_at_its_last_checkpoint_step(slide, tiny_config, t
     longer = first.model_copy(update={"steps": 6})
     resumed = fit(longer, data, tmp_path, log=lines.append)
     assert "resuming after step 4" in lines[0]
-    assert [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
     key = "model_cp.mask_decoder.iou_prediction_head.layers.0.weight"
     assert not torch.equal(resumed.state_dict()[key], saved[key])  # it went on training from there
     # A run that had already reached its steps starts afresh rather than doing nothing.

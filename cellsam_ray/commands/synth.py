@@ -44,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
         style=args.style,
     )
     c, h, w = info.shape
-    print(f"wrote {info.url} ({args.style}): NGFF {info.ngff}, {c} channels ({', '.join(info.channel_names)}), {h}x{w} px "
-          f"at {info.pixel_size} um, {info.levels} levels, labels/{info.label_name}, in {info.seconds:.1f} s")
+    print(f"wrote {info.url} ({args.style}): NGFF {info.ngff}, {c} channels ({', '.join(info.channel_names)}), "
+          f"{h}x{w} px at {info.pixel_size} um, {info.levels} levels, labels/{info.label_name}, in {info.seconds:.1f} s")
     return 0
