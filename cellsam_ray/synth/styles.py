@@ -14,7 +14,7 @@ epithelium     dense polygonal epithelium in tissue islands, no gaps, membrane  
                rims, nuclei offset inside cells, a cytoplasm marker
 stroma         sparse elongated stromal cells with gaps, cytoplasm marker            DAPI / Vimentin
 lymphocytes    small round cells (7–12 px) packed in aggregates, membrane marker     DAPI / CD45
-large          large cells (35–80 px) with gaps, cytoplasm marker                    DAPI / Phalloidin
+large          large cells (30–62 px drawn, up to ~90 px where they meet) with gaps  DAPI / Phalloidin
 brightfield    H&E-like RGB: dark hematoxylin nuclei on pink eosin tissue on light   R, G, B (stain)
                glass; the labels are the nuclei
 envelope       nuclear-envelope stain: bright nuclear rims, dim insides; labels are  Lamin-B1 / none
@@ -25,7 +25,7 @@ Every fluorescence style also draws: uneven illumination, a point spread of its 
 out-of-focus regions, Poisson photon noise and Gaussian read noise, cells spanning a wide range of
 brightness (dim next to bright), bright debris and saturated spots that are not cells. The image is
 rendered from the final label image, so each cell in the ground truth is exactly the cell in the
-pixels; debris is drawn only outside cells' labels' meaning (it is not a cell, and not labelled).
+pixels; debris and saturated spots are added to the pixels only (they are not cells, and not labelled).
 
 Unlike ``tissue``, these styles are not chunk-invariant: a slide is drawn whole (``MAX_PIXELS``).
 """
