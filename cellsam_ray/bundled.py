@@ -1,7 +1,8 @@
 """The demo CellSAM shipped inside the package, used when no ``--weights`` are given.
 
 The published weights are licence-gated, so a new user would otherwise have no model at all. This one is
-small (input 256² px, patch 8) and was trained by ``cellsam-ray train`` on synthetic tissue only; its
+small (input 256² px, patch 8) and was trained by ``cellsam-ray train`` on synthetic images only (seven
+styles of ``synth.styles``, any of CellSAM's three channel layouts); its
 model card (``assets/MODEL_CARD.md``) gives the training command, data, measured F1 and what it is not
 good for. It sees slides at their own resolution: a window is exactly its 256-pixel input, so the
 pipeline's tiles for it are a 192-pixel core with a 32-pixel halo (labels chunked by 64).
@@ -20,7 +21,7 @@ CONFIG = ASSETS / "demo_config.json"
 MODEL_CARD = ASSETS / "MODEL_CARD.md"
 TILE, HALO, CHUNK = 192, 32, 64
 """The whole-slide tiling the bundled model is made for: windows of 192 + 2·32 = 256 pixels."""
-DESCRIPTION = f"the bundled demo model ({WEIGHTS.name}, trained on synthetic tissue only; see {MODEL_CARD})"
+DESCRIPTION = f"the bundled demo model ({WEIGHTS.name}, trained on synthetic images only; see {MODEL_CARD})"
 
 
 def resolve_spec(spec: SegmentSpec) -> SegmentSpec:

@@ -1,10 +1,12 @@
 """The bundled demo model: strict loading, the default of segment/segment-image/demo, and its F1 on
-synthetic tissue with a seed no training run used.
+synthetic images with seeds no training run used, in each of CellSAM's three channel layouts.
 
-The issue asks for F1 >= 0.85 with tests checking >= 0.8. The bundled model measured F1 0.933 on three
-unseen 1024² slides (see MODEL_CARD.md), and here 0.952 (demo, 512² slide) and 0.835 (segment-image, one
-256² window of 43 cells). A broken checkpoint, preprocessing or default, or a return to an earlier model
-(0.798 and 0.125 on those slides), would fail here.
+Floors are what the shipped model measured here (MODEL_CARD.md, 2-vCPU shared VM, CPU inference, which
+is deterministic) less a small margin: the demo's 512² tissue slide (seed 123) 0.873 (floor 0.85); one
+256² tissue window of 43 cells through `segment-image` 0.815 (floor 0.80); a 256² nuclear-only window
+of 172 nuclei 0.339 (floor 0.30); a 256² brightfield window as grayscale whole-cell 0.892 (floor 0.85).
+The model before this one (trained on the tissue style alone) scored 0.952 and 0.835 on the first two
+and fails the last two (it scores 0.04 and 0.00 on those styles' slides, see the model card).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.pipeline.intensity import channel_scales, combine_roles
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import TissueModel
+from cellsam_ray.synth.styles import render_style
+from cellsam_ray.train.synthetic import scaled_roles
 
 UNSEEN_SEED = 123  # the model card lists the seeds training used; this is none of them
-F1_FLOOR = 0.8
+DEMO_FLOOR, WINDOW_FLOOR = 0.85, 0.8
+LAYOUT_FLOORS = {"nuclei": 0.30, "brightfield": 0.85}
 
 
 def test_bundled_model_loads_strictly_and_fits_its_tiling():
@@ -49,7 +54,7 @@ def test_demo_segments_an_unseen_slide_with_the_bundled_model(ray_cluster, tmp_p
     out = capsys.readouterr().out
     assert "the bundled demo model" in out and "oracle" not in out
     f1 = float(re.search(r"F1@0.5 ([0-9.]+)", out).group(1))
-    assert f1 >= F1_FLOOR, out
+    assert f1 >= DEMO_FLOOR, out
 
 
 def test_segment_image_defaults_to_the_bundled_model(tmp_path, capsys):
@@ -61,4 +66,19 @@ def test_segment_image_defaults_to_the_bundled_model(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "no --weights given: segmenting with the bundled demo model" in captured.err
     score = score_arrays(np.load(tmp_path / "out.npy"), region.labels)
-    assert score.f1 >= F1_FLOOR, score
+    assert score.f1 >= WINDOW_FLOOR, score
+
+
+@pytest.mark.parametrize(("style", "layout"), [("nuclei", "nuclear"), ("brightfield", "whole-cell")])
+def test_segment_image_takes_nuclear_only_and_whole_cell_only_inputs(style, layout, tmp_path, capsys):
+    """The other two of CellSAM's channel layouts: a nuclear-only fluorescence image (nuclear slot, blank
+    whole-cell) and a brightfield image as grayscale in the whole-cell slot, as the published CellSAM
+    feeds stained images; both from seeds no training run used."""
+    drawn = render_style(style, (256, 256), UNSEEN_SEED)
+    nuclear, whole = scaled_roles(drawn)
+    image = np.stack([nuclear, np.zeros_like(nuclear)], -1) if layout == "nuclear" else whole
+    np.save(tmp_path / "in.npy", image)
+    assert main(["segment-image", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--no-normalize"]) == 0
+    capsys.readouterr()
+    score = score_arrays(np.load(tmp_path / "out.npy"), drawn.labels)
+    assert score.f1 >= LAYOUT_FLOORS[style], score

@@ -1,51 +1,73 @@
-"""Few-shot fine-tuning: 5 labelled tiles of a differently styled input improve the bundled model on it.
+"""Few-shot fine-tuning: `cellsam-ray finetune` on 8 labelled tiles of a style the bundled model was never
+trained on improves it on the rest of that image, and reports its held-back validation split.
 
-The bundled model was trained with DAPI as the nuclear channel and E-cadherin (a membrane outline on
-every cell) as the whole-cell channel. The new style hands it the same kind of tissue with the roles the
-other way round: the membrane marker in the nuclear channel and DAPI in the whole-cell channel, as a
-panel whose channels were assigned differently would. The bundled model scores F1 0.000 on it (0.932 on
-the usual roles of the same slide); fine-tuning on 5 tiles of another slide raised that to 0.261 when
-measured (seed 0, 60 steps). Tiles for tuning and for scoring come from two slides with different seeds,
-neither a training seed of the bundled model. (Earlier bundled models: 0.005 → 0.272 and 0.045 → 0.070.)
+The new style is ``envelope`` (``synth.styles``): a nuclear-envelope stain (Lamin-B1), so nuclei show as
+bright rims around dim insides, where every nuclear stain the bundled model saw fills the nucleus. It is
+kept out of the bundled model's training on purpose (``styles.TRAINING_STYLES``). As a user with their
+own annotated tiles would: one 1024² image (a seed no training used) is cut into 16 tiles of 256 px; the
+8 of its top half go to ``finetune`` as a folder of image + label pairs (its defaults: 60 steps, 2 of the
+8 held back for the validation it reports); the 8 of the bottom half, never shown to it, measure the gain.
+Tiles are scaled as the pipeline scales a slide (``--no-normalize``), the input the bundled model knows.
 
-A whole-cell role taken from cytoplasmic and immune markers (Pan-Cytokeratin, Vimentin, CD45) was tried
-first, with the first bundled model, and is not used: that model scored the same on it as on its own
-style (0.123), and 60 fine-tuning steps did not improve it (0.120, or 0.106 at a higher learning rate).
-It has not been re-tried with the current model.
-
-Marked slow: 60 optimiser steps plus reference inference on 18 tiles take about 70 s on the
-project's 2 CPU cores when nothing else runs, and two or three times that when they are shared.
+Measured with the shipped model on the project's 2-vCPU VM (no GPU, shared with other work): F1 0.555
+before and 0.893 after on the unseen half; the validation pair 0.576 -> 0.868. The whole test took 255
+and 273 s in two runs while an evaluation ran beside it on the same two cores (the 60 steps are most of
+it: 1-3 s a step there, under 1 s on quiet cores), so it stays in CI, unmarked.
 """
 
 from __future__ import annotations
 
-import pytest
+import json
+
+import numpy as np
 
 from cellsam_ray import bundled
+from cellsam_ray.cli import main
+from cellsam_ray.commands.finetune import DEFAULTS
 from cellsam_ray.model.weights import load_cellsam
-from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.train.data import DataSpec, load_images
-from cellsam_ray.train.fit import fit
-from cellsam_ray.train.loop import TrainSettings
+from cellsam_ray.synth.styles import TRAINING_STYLES, render_style
+from cellsam_ray.train.data import LabelledImage
+from cellsam_ray.train.synthetic import scaled_roles
 from cellsam_ray.train.validate import score_tiles
 
-NEW_STYLE = dict(nuclear=["E-cadherin"], whole_cell=["DAPI"])
-MARGIN = 0.1
-"""F1 the fine-tuned model must gain on the new style (measured: +0.261, from 0.000 to 0.261)."""
+STYLE, SEED, SIDE, TILE = "envelope", 41, 1024, 256
+GAIN = 0.2
+"""F1 the fine-tuned model must gain on the unseen half (measured: +0.338)."""
 
 
-@pytest.mark.slow
-def test_five_tiles_of_a_new_style_improve_f1_on_that_style(tmp_path):
-    slides = {}
-    for role, seed in (("tune", 41), ("score", 42)):
-        slides[role] = str(tmp_path / f"{role}.ome.zarr")
-        write_synthetic_slide(slides[role], size=(768, 768), channels=6, seed=seed, chunk=128)
-    scored = load_images(DataSpec(slides=[slides["score"]], **NEW_STYLE), 256)
-    before = score_tiles(load_cellsam(str(bundled.WEIGHTS), str(bundled.CONFIG)), scored)
+def tiles_of(seed: int) -> list[LabelledImage]:
+    """The image's 16 tiles in row order, nuclear slot filled (CellSAM layout), with their true nuclei."""
+    drawn = render_style(STYLE, (SIDE, SIDE), seed)
+    nuclear, _ = scaled_roles(drawn)
+    tiles = []
+    for y in range(0, SIDE, TILE):
+        for x in range(0, SIDE, TILE):
+            image = np.zeros((TILE, TILE, 3), np.float32)
+            image[..., 1] = nuclear[y : y + TILE, x : x + TILE]
+            tiles.append(LabelledImage(image, drawn.labels[y : y + TILE, x : x + TILE].astype(np.int32)))
+    return tiles
 
-    five = DataSpec(slides=[slides["tune"]], **NEW_STYLE, max_tiles=5)
-    settings = TrainSettings(init=str(bundled.WEIGHTS), config=str(bundled.CONFIG), steps=60, batch_size=2,
-                             lr=3e-4, lr_trunk=3e-4, warmup=5, masks_per_image=8)
-    tuned = fit(settings, five, tmp_path / "tuned", log=lambda line: None)
-    after = score_tiles(tuned, scored)
-    assert after.f1 >= before.f1 + MARGIN, (before, after)
+
+def test_eight_tiles_of_a_new_style_improve_f1_on_the_rest_of_the_image(tmp_path, capsys):
+    assert STYLE not in TRAINING_STYLES
+    tiles = tiles_of(SEED)
+    tune, unseen = tiles[:8], tiles[8:]
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i, tile in enumerate(tune):  # (nuclear, whole-cell) channels last, as segment-image takes two
+        np.save(folder / f"t{i}.npy", tile.image[..., 1:])
+        np.save(folder / f"t{i}_labels.npy", tile.labels)
+    before = score_tiles(load_cellsam(str(bundled.WEIGHTS), str(bundled.CONFIG)), unseen)
+
+    out = tmp_path / "tuned"
+    assert main(["finetune", str(out), "--folder", str(folder), "--no-normalize"]) == 0
+    printed = capsys.readouterr().out
+    assert "starting from the bundled demo model" in printed and "2 held back for validation" in printed
+    report = json.loads((out / "validation.json").read_text())
+    assert report["tiles"] == DEFAULTS["validation_tiles"] == 2
+    assert report["after"]["f1"] > report["before"]["f1"]
+
+    after = score_tiles(load_cellsam(str(out / "cellsam.pt"), str(out / "config.json")), unseen)
+    print(f"\nunseen half: F1 {before.f1:.3f} before, {after.f1:.3f} after; validation {report['before']['f1']:.3f} "
+          f"-> {report['after']['f1']:.3f}")
+    assert after.f1 >= before.f1 + GAIN, (before, after)

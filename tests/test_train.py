@@ -273,3 +273,43 @@ def test_local_attention_starts_every_query_on_its_own_column_and_keeps_the_layo
     assert torch.equal(loaded.state_dict()["cellfinder.decode_head.transformer.adapt_pos1d.0.weight"],
                        transformer.adapt_pos1d[0].weight)
 
+
+
+def test_a_stopped_run_resumes_at_its_last_checkpoint_step(slide, tiny_config, tmp_path):
+    data = DataSpec(slides=[slide], nuclear=["DAPI"], whole_cell=["E-cadherin"])
+    first = TrainSettings(config=tiny_config, steps=4, batch_size=1, log_every=1, checkpoint_every=2, resume=True)
+    fit(first, data, tmp_path, log=lambda line: None)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["optimizer"]["state"]  # the optimiser's moments are kept
+    saved = load_checkpoint_state(str(tmp_path / "cellsam.pt"))
+    lines: list[str] = []
+    longer = first.model_copy(update={"steps": 6})
+    resumed = fit(longer, data, tmp_path, log=lines.append)
+    assert "resuming after step 4" in lines[0]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    key = "model_cp.mask_decoder.iou_prediction_head.layers.0.weight"
+    assert not torch.equal(resumed.state_dict()[key], saved[key])  # it went on training from there
+    # A run that had already reached its steps starts afresh rather than doing nothing.
+    fit(first, data, tmp_path, log=lines.append)
+    assert [json.loads(line)["step"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_validation_tiles_are_held_back_and_scored_before_and_after(slide, tiny_config, tmp_path):
+    lines: list[str] = []
+    settings = TrainSettings(config=tiny_config, steps=2, batch_size=1, log_every=1, validation_tiles=3)
+    fit(settings, DataSpec(slides=[slide], nuclear=["DAPI"], whole_cell=["E-cadherin"]), tmp_path, log=lines.append)
+    assert lines[0].startswith("13 labelled tiles of 64² px") and "3 held back for validation" in lines[0]
+    assert any(line.startswith("validation before: F1@0.5") for line in lines)
+    assert any(line.startswith("validation after:  F1@0.5") for line in lines)
+    report = json.loads((tmp_path / "validation.json").read_text())
+    assert report["tiles"] == 3 and report["before"]["true"] == report["after"]["true"] > 0
+
+
+def test_styled_synthetic_data_is_drawn_in_memory_in_every_style_asked():
+    spec = DataSpec(synthetic_seeds=[1], synthetic_styles=["nuclei", "brightfield"], synthetic_size=192)
+    images = load_images(spec, 64)
+    assert len(images) > 8 and all(im.image.shape[-1] == 3 and not im.image[..., 0].any() for im in images)
+    assert any(im.image[..., 1].any() for im in images) and any(im.image[..., 2].any() for im in images)
+    with pytest.raises(ValueError, match="synthetic styles need synthetic seeds"):
+        DataSpec(synthetic_styles=["nuclei"], folder="x")

@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
     run.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: the cluster's, shared).")
     run.add_argument("--storage-path", help="Where Ray Train keeps checkpoints; shared storage on a multi-node "
                      "cluster (default: OUT/ray).")
-    run.add_argument("--in-process", action="store_true", help="Train in this process, without Ray.")
+    in_process = (defaults or {}).get("in_process", False)
+    run.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=in_process,
+                     help=f"Train in this process, without Ray (default: {'on' if in_process else 'off'}).")
 
 
 def add_model_options(group, model: type[BaseModel], *, skip: set[str], defaults: dict[str, Any] | None,
@@ -116,6 +118,8 @@ def train(settings, args: argparse.Namespace) -> int:
 
         if args.workers < 1:
             raise UserError("--workers must be at least 1")
+        if settings.resume or settings.validation_tiles:
+            raise UserError("--resume and --validation-tiles train in this process: add --in-process")
         fit_distributed(settings, data, args.out, workers=args.workers, use_gpu=args.gpu,
                         cpus_per_worker=args.cpus_per_worker, storage_path=args.storage_path)
     return 0

@@ -60,20 +60,29 @@ class SlideInfo:
 def write_synthetic_slide(
     url: str,
     size: Sequence[int] = (2048, 2048),
-    channels: int = 3,
+    channels: int | None = None,
     ngff: str = "0.5",
     seed: int = 0,
     chunk: int = 512,
     pixel_size: float = 0.5,
     storage_options: dict[str, Any] | None = None,
     workers: int = 1,
+    style: str = "tissue",
 ) -> SlideInfo:
     """Write a synthetic multiplexed tissue slide (c, y, x; uint16) with ground-truth cell labels to ``url``.
 
     Replaces anything at ``url``. ``size`` is (height, width) at level 0 and ``pixel_size`` its
     micrometres per pixel; levels are added until the coarsest fits in one chunk or 256 pixels. The same
     arguments always give the same bytes, and the level-0 pixels do not depend on ``chunk``.
+
+    ``style`` names one of ``styles.STYLES``: ``tissue`` (the default) is this module's chunk-by-chunk
+    multiplexed tissue with ``channels`` markers (default 3); the others are drawn whole in memory with
+    their own channels (``channels`` must then be left out), and also get ``labels/nuclei`` when their
+    objects are whole cells.
     """
+    if style != "tissue":
+        return _write_style_slide(url, size, channels, ngff, seed, chunk, pixel_size, storage_options, style)
+    channels = 3 if channels is None else channels
     height, width = _check_arguments(size, channels, ngff, seed, chunk, pixel_size, workers)
     start = time.perf_counter()
     model = TissueModel((height, width), seed=seed, channels=channels)
@@ -147,3 +156,46 @@ def _check_arguments(
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")
     return height, width
+
+
+NUCLEI_LABEL = "nuclei"
+COLOURS = {"DAPI": "0000FF", "Lamin-B1": "0000FF", "R": "FF0000", "G": "00FF00", "B": "0000FF"}
+
+
+def _write_style_slide(url, size, channels, ngff, seed, chunk, pixel_size, storage_options, style) -> SlideInfo:
+    from cellsam_ray.synth.styles import MAX_PIXELS, STYLES, render_style
+
+    if style not in STYLES:
+        raise UserError(f"unknown style {style!r}; styles: {', '.join(STYLES)}")
+    if channels is not None:
+        raise UserError(f"style {style} has its own channels: leave out channels")
+    height, width = _check_arguments(size, 1, ngff, seed, chunk, pixel_size, 1)
+    if height * width > MAX_PIXELS:
+        raise UserError(f"style {style} is drawn in memory: at most {MAX_PIXELS} pixels, got {height}x{width}")
+    start = time.perf_counter()
+    drawn = render_style(style, (height, width), seed)
+    version = ngff_io.ngff_version(ngff)
+    levels = ngff_io.count_levels((height, width), chunk)
+    n = len(drawn.channel_names)
+    top = 255 if drawn.image.dtype == np.uint8 else int(np.percentile(drawn.image, 99.8))
+    image = ngff_io.create_image(
+        url, shape=(n, height, width), dtype=drawn.image.dtype, chunks=(1, chunk, chunk),
+        axes=ngff_io.image_axes("cyx", unit="micrometer"), scale=(1.0, pixel_size, pixel_size), levels=levels,
+        version=version,
+        channels=[ngff_io.Channel(name, COLOURS.get(name, "00FF00" if i == 1 else "FF0000"),
+                                  (0, 255) if drawn.stain == "brightfield" else (int(drawn.image.min()), top))
+                  for i, name in enumerate(drawn.channel_names)],
+        name=f"synthetic {style}", storage_options=storage_options,
+    )
+    image.array(0)[:] = drawn.image
+    pyramid.build_pyramid(image.arrays(), "image")
+    written = [(LABEL_NAME, drawn.labels)]
+    if drawn.whole_cell:
+        written.append((NUCLEI_LABEL, drawn.nuclei))
+    for name, values in written:
+        labels = ngff_io.create_labels(image, name, chunks=(chunk, chunk))
+        labels.array(0)[:] = values
+        pyramid.build_pyramid(labels.arrays(), "labels")
+    return SlideInfo(url=str(url), ngff=version.name, shape=(n, height, width), chunk=chunk, levels=levels,
+                     channel_names=drawn.channel_names, pixel_size=float(pixel_size), label_name=LABEL_NAME,
+                     seconds=time.perf_counter() - start)

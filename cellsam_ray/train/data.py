@@ -87,6 +87,10 @@ class DataSpec(BaseModel):
     synthetic_seeds: list[int] = Field(default_factory=list, description="Seeds of synthetic slides to generate.")
     synthetic_size: int = Field(default=2048, gt=0, description="Side of each synthetic slide in pixels.")
     synthetic_dir: str | None = Field(default=None, description="Where synthetic slides are written.")
+    synthetic_styles: list[str] = Field(default_factory=list, description="Draw the synthetic seeds in these "
+                                        "styles (cellsam_ray.synth.styles), in memory, augmented (scale, "
+                                        "intensity, channel presence); without it the seeds are 'tissue' "
+                                        "slides written as OME-Zarr and read like any slide.")
     stride: int | None = Field(default=None, gt=0, description="Window step on slides (default: the window side).")
     max_tiles: int | None = Field(default=None, gt=0, description="Keep this many tiles (few-shot), chosen by seed.")
     tile_seed: int = Field(default=0, description="Chooses the tiles kept by max_tiles.")
@@ -96,9 +100,11 @@ class DataSpec(BaseModel):
     def _some_source(self) -> DataSpec:
         if not (self.slides or self.folder or self.synthetic_seeds):
             raise ValueError("give labelled data: slides, a folder or synthetic seeds")
-        if (self.slides or self.synthetic_seeds) and not self.nuclear:
+        if (self.slides or (self.synthetic_seeds and not self.synthetic_styles)) and not self.nuclear:
             raise ValueError("slides need their nuclear channel(s)")
-        if self.synthetic_seeds and not self.synthetic_dir:
+        if self.synthetic_styles and not self.synthetic_seeds:
+            raise ValueError("synthetic styles need synthetic seeds")
+        if self.synthetic_seeds and not self.synthetic_dir and not self.synthetic_styles:
             raise ValueError("synthetic slides need a folder to be written to (synthetic_dir)")
         return self
 
@@ -108,6 +114,11 @@ def load_images(spec: DataSpec, window: int) -> list[LabelledImage]:
     images: list[LabelledImage] = []
     for url in list(spec.slides) + synthetic_slides(spec):
         images += slide_windows(url, spec, window)
+    if spec.synthetic_styles:
+        from cellsam_ray.train.synthetic import style_windows
+
+        images += style_windows(spec.synthetic_styles, spec.synthetic_seeds, spec.synthetic_size, window,
+                                seed=spec.tile_seed)
     if spec.folder:
         images += folder_images(spec.folder, normalize=spec.normalize)
     if not images:
@@ -127,7 +138,7 @@ def synthetic_slides(spec: DataSpec) -> list[str]:
     from cellsam_ray.synth import write_synthetic_slide
 
     urls = []
-    for seed in spec.synthetic_seeds:
+    for seed in [] if spec.synthetic_styles else spec.synthetic_seeds:
         url = str(Path(spec.synthetic_dir, f"synthetic-{seed}-{spec.synthetic_size}.ome.zarr"))
         write_synthetic_slide(url, size=(spec.synthetic_size,) * 2, channels=3, seed=seed, chunk=256)
         urls.append(url)
@@ -214,6 +225,12 @@ def prepare_tile(item: LabelledImage, size: int) -> TrainingTile:
     )
 
 
+def compact(tile: TrainingTile) -> TrainingTile:
+    """The tile with its network inputs in half precision: half the memory for a large training set
+    (``make_batch`` turns them back to float32; both inputs lie in [0, 1] or near it)."""
+    return TrainingTile(tile.embed.half(), tile.detect.half(), tile.labels)
+
+
 def make_batch(
     tiles: list[TrainingTile],
     rng: np.random.Generator,
@@ -232,8 +249,8 @@ def make_batch(
     for tile in tiles:
         turns, flip = (int(rng.integers(4)), bool(rng.integers(2))) if augment else (0, False)
         views = [_dihedral(t, turns, flip) for t in (tile.embed, tile.detect, tile.labels)]
-        embeds.append(views[0])
-        detects.append(views[1])
+        embeds.append(views[0].float())  # tiles may be kept in half precision (``compact``)
+        detects.append(views[1].float())
         boxes, cells = _cell_boxes(views[2].numpy())
         size = views[2].shape[-1]
         all_boxes.append(xyxy_to_cxcywh(torch.as_tensor(boxes / size)))

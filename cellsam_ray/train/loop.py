@@ -77,6 +77,10 @@ class TrainSettings(BaseModel):
     seed: int = Field(default=0, description="Seeds the initial weights, batch order and augmentation.")
     log_every: int = Field(default=25, gt=0, description="Steps between reported loss averages.")
     checkpoint_every: int | None = Field(default=None, gt=0, description="Steps between checkpoints (default: end).")
+    resume: bool = Field(default=False, description="Continue from OUT's last checkpoint and its optimiser state "
+                         "(train_state.pt) when OUT has them, at the step it had reached (in-process only).")
+    validation_tiles: int = Field(default=0, ge=0, description="Tiles held back from training and scored "
+                                  "(F1 at IoU 0.5, through the inference code) before and after (in-process only).")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where training runs in-process.")
 
     def trainable(self, part: str) -> bool:
@@ -333,20 +337,33 @@ Report = Callable[[int, dict[str, float], bool], None]
 """Called every ``log_every`` steps and at the end with (step, mean losses, whether it is the last)."""
 
 
+State = Callable[[dict], None]
+"""Called after each checkpoint report with the optimiser state to resume from (``run_steps``' ``resume``)."""
+
+
 def run_steps(
     objective: nn.Module, net: CellSAM, tiles: list[TrainingTile], settings: TrainSettings, report: Report,
-    *, rank: int = 0,
+    *, rank: int = 0, resume: dict | None = None, keep_state: State | None = None,
 ) -> None:
-    """The optimiser steps; ``objective`` is ``Objective(net)`` or a data-parallel wrapper of it."""
+    """The optimiser steps; ``objective`` is ``Objective(net)`` or a data-parallel wrapper of it.
+
+    ``resume`` (a state ``keep_state`` was given) continues at the step after the one it was saved at,
+    with the optimiser's moments and the schedule where they were; the batch order after a resume is
+    drawn afresh (seeded by the step), so a resumed run is as good as an unbroken one but not identical.
+    """
     if not tiles:
         raise UserError("no training tiles")
-    rng = np.random.default_rng([settings.seed, rank])
+    first = 1 + (resume["step"] if resume else 0)
+    rng = np.random.default_rng([settings.seed, rank] + ([first] if resume else []))
     parameters = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameter_groups(net, settings), weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
     sums: dict[str, float] = {}
     since, started = 0, time.perf_counter()
-    for step in range(1, settings.steps + 1):
+    for step in range(first, settings.steps + 1):
         chosen = rng.integers(len(tiles), size=settings.batch_size)
         batch = make_batch([tiles[i] for i in chosen], rng, masks_per_image=settings.masks_per_image,
                            box_jitter=settings.box_jitter)
@@ -366,6 +383,8 @@ def run_steps(
             means["lr"] = scheduler.get_last_lr()[-1]
             report(step, means, step == settings.steps)
             sums, since, started = {}, 0, time.perf_counter()
+        if keep_state and settings.checkpoint_every and step % settings.checkpoint_every == 0:
+            keep_state({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
 
 
 def resolve_device(device: str) -> torch.device:
