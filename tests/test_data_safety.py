@@ -34,7 +34,7 @@ from cellsam_ray.pipeline.api import segment
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import array_checksums, spec_storage, validate_ome_zarr
+from cellsam_ray.testing import array_checksums, same_up_to_relabelling, spec_storage, validate_ome_zarr
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +84,6 @@ def tree(folder: Path, skip: str | None = None) -> dict[str, str]:
     """SHA-256 of every file below ``folder`` (except below the relative path ``skip``)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
             if p.is_file() and not (skip and str(p.relative_to(folder)).startswith(skip))}
-
-
-def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
-    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
-    return (pairs[0] > 0).sum() == len(np.unique(pairs[0][pairs[0] > 0])) == len(np.unique(pairs[1][pairs[1] > 0])) \
-        and np.array_equal(a > 0, b > 0)
 
 
 @pytest.fixture

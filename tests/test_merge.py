@@ -12,6 +12,7 @@ from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets, reconcile_home
 from cellsam_ray.oracle import GroundTruthSegmenter
 from cellsam_ray.segmenter import check_detections
+from cellsam_ray.testing import same_up_to_relabelling
 from cellsam_ray.tiling import plan_grid
 
 
@@ -54,14 +55,6 @@ def run_merge(labels, *, tile, halo, band, order=None, segmenter=None):
         )
     all_kept = CellSet.concat(list(kept.values()))
     return out, all_kept, suppressed
-
-
-def same_up_to_relabelling(a, b):
-    """True iff a and b partition the pixels identically (a bijection maps one's ids to the other's)."""
-    if not np.array_equal(a > 0, b > 0):
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

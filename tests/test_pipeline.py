@@ -17,18 +17,11 @@ from cellsam_ray.pipeline.api import segment
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import spec_storage, validate_ome_zarr
+from cellsam_ray.testing import same_up_to_relabelling, spec_storage, validate_ome_zarr
 
 ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
 # Small tiles so a 512² slide has a 4×4 grid with 9 interior seams; the halo holds the largest cells.
 TILING = dict(tile=128, halo=40, band=8, chunk=64)
-
-
-def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
-    if not np.array_equal(a > 0, b > 0):
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
 def image_checksums(url: str, storage_options=None) -> dict[str, str]:
