@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.io import pyramid
 from cellsam_ray.io.layouts import image_group
 from cellsam_ray.io.storage import Mode, open_group
 
@@ -458,6 +459,17 @@ def create_labels(
         "image-label": version.image_label("../../"),
     })
     return read_image(group)
+
+
+def write_label_image(image: NgffImage, name: str, values: np.ndarray, *, chunks: Sequence[int],
+                      run_id: str) -> NgffImage:
+    """A whole label image written at once (level 0 from ``values``, the others built from it) and
+    published: for data that fits in memory (synthetic and test slides, ground truth)."""
+    labels = create_labels(image, name, chunks=chunks, run_id=run_id)
+    labels.array(0)[:] = values
+    pyramid.build_pyramid(labels.arrays(), "labels")
+    publish_label(image, name)
+    return labels
 
 
 def publish_label(image: NgffImage, name: str) -> None:

@@ -193,9 +193,7 @@ def _write_style_slide(url, size, channels, ngff, seed, chunk, pixel_size, stora
     if drawn.whole_cell:
         written.append((NUCLEI_LABEL, drawn.nuclei))
     for name, values in written:
-        labels = ngff_io.create_labels(image, name, chunks=(chunk, chunk))
-        labels.array(0)[:] = values
-        pyramid.build_pyramid(labels.arrays(), "labels")
+        ngff_io.write_label_image(image, name, values, chunks=(chunk, chunk), run_id="synth")
     return SlideInfo(url=str(url), ngff=version.name, shape=(n, height, width), chunk=chunk, levels=levels,
                      channel_names=drawn.channel_names, pixel_size=float(pixel_size), label_name=LABEL_NAME,
                      seconds=time.perf_counter() - start)

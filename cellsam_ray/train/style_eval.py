@@ -93,9 +93,7 @@ def score_real(image_path: str, mask_path: str, folder: Path, weights: str | Non
     from cellsam_ray.io import pyramid
 
     pyramid.build_pyramid(image.arrays(), "image")
-    labels = ngff_io.create_labels(image, "ground_truth", chunks=(256, 256))
-    labels.array(0)[:] = truth.astype(np.uint32)
-    pyramid.build_pyramid(labels.arrays(), "labels")
+    ngff_io.write_label_image(image, "ground_truth", truth.astype(np.uint32), chunks=(256, 256), run_id="style-eval")
     spec = dict(input=url, nuclear=["nuclei"], mode=mode, label_name="model", overwrite=True, cell_table=False,
                 qc_images=False)
     if weights:
