@@ -166,7 +166,8 @@ def dense(size: int, folder: Path, workers: int) -> dict:
                 cells_per_tile=round(report["summary"]["cells"] / tiles), wall_s=round(wall, 1),
                 cpu_core_s=round(cpu.seconds, 1), segmenter_cpu_s=round(segmenter_cpu, 1),
                 segmenter_wall_s=round(report["model_seconds"], 1),
-                outside_core_s_per_1024_tile=round(per_1024, 3), outside_core_s_per_pipeline_tile=round(outside / tiles, 3),
+                outside_core_s_per_1024_tile=round(per_1024, 3),
+                outside_core_s_per_pipeline_tile=round(outside / tiles, 3),
                 stage_seconds=report["timings"], tasks=report["tasks"], driver_peak_rss_mb=_rss_mb(),
                 core_s_by_process=cpu.by_process())
 

@@ -81,7 +81,8 @@ def reconcile_home(
 def _rival_pairs(mine: np.ndarray, bounds: np.ndarray, rank: np.ndarray, producer: np.ndarray,
                  cut: np.ndarray, block: int = 512) -> list[tuple[int, int]]:
     """Pairs (i, j): ``i`` homed here, ``j`` a higher-ranked candidate of another producer whose box
-    intersects i's (and not both cut by their windows): the candidates a conflict can come from. Found by comparing boxes in blocks, so only the few pairs near seams reach
+    intersects i's (and not both cut by their windows): the candidates a conflict can come from.
+    Found by comparing boxes in blocks, so only the few pairs near seams reach
     the pixel test; candidates far from every home one are dropped first."""
     if not mine.size:
         return []

@@ -69,7 +69,8 @@ class Holder:
         return self.host == socket.gethostname() and _process_start(self.pid) != self.started
 
     def describe(self) -> str:
-        return f"run {self.run_id} on {self.host} (pid {self.pid}), last heartbeat {time.time() - self.heartbeat:.0f} s ago"
+        age = time.time() - self.heartbeat
+        return f"run {self.run_id} on {self.host} (pid {self.pid}), last heartbeat {age:.0f} s ago"
 
 
 class Lease:
@@ -178,7 +179,12 @@ class Lease:
         if self.s3:
             try:
                 self.etag = self.fs.pipe_file(self.path, data, IfMatch=self.etag)["ETag"]
-            except (OSError, FileNotFoundError):
+            except OSError:  # the precondition failed (another run wrote it), or the request did
+                current, etag = self._read()
+                holder = Holder.from_bytes(current) if current is not None else None
+                if holder is not None and holder.run_id == self.run_id:
+                    self.etag = etag  # still ours (a storage hiccup): the next heartbeat retries
+                    raise
                 self._lose()
             return
         current = self._read()[0]

@@ -118,8 +118,8 @@ class LabelRun:
         created = resumable and work.read_file(LABEL_CREATED) is not None  # its arrays are our run's
         if self.name in image.label_names and _marked_complete(image, self.name):
             if not spec.overwrite:
-                raise UserError(f"labels/{self.name} already exists in {spec.input}: choose another --label-name or pass --overwrite "
-                                "(the old labels stay until the new ones are ready to write)")
+                raise UserError(f"labels/{self.name} already exists in {spec.input}: choose another --label-name or "
+                                "pass --overwrite (the old labels stay until the new ones are ready to write)")
             self.replaces = True
         elif has_group and not (resumable or spec.overwrite):
             raise UserError(f"{self.where} exists but is incomplete (a run that did not finish wrote it; see its "
