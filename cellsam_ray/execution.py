@@ -39,8 +39,9 @@ from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets
-from cellsam_ray.pipeline import extent, labels_out, source
+from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
+from cellsam_ray.pipeline.streaming import Streams
 from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
 from cellsam_ray.qc.views import write_qc_images
 from cellsam_ray.report import TileFailure
@@ -52,7 +53,7 @@ from cellsam_ray.table.write import ParquetStream
 CANDIDATES = "candidates"
 ACTOR_RESTARTS = 3
 BACKUP_AFTER_S = float(os.environ.get("CELLSAM_RAY_BACKUP_AFTER_S", "120"))
-"""Seconds (at least) a batch is in flight before an idle actor runs it too (see ``_segment_stage``)."""
+"""Seconds (at least) a batch is in flight before an idle actor runs it too (see ``_ModelStage``)."""
 TASK_RETRIES = 3
 PERSIST_CPUS = 0.1  # small I/O work (the cell table's writer) must not wait for a CPU the model actors hold
 
@@ -223,9 +224,11 @@ def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
     """How many model actors, and what each asks for: a GPU share and CPUs where GPUs exist, else CPUs.
 
     A GPU actor does host work besides the model (reading windows, CellSAM's cleanup, the candidates), so
-    it asks for ``cpus_per_worker`` CPUs, by default its share of the GPU nodes' CPUs (the fewest CPUs per
-    GPU among them, times ``gpus_per_worker``) less what stays free for small I/O work. Without GPUs the
-    actors share the cluster's CPUs less that reserve (fractional CPUs are fine for Ray's scheduler), and
+    it asks for ``cpus_per_worker`` CPUs, by default half its share of the GPU nodes' CPUs (the fewest CPUs
+    per GPU among them, times ``gpus_per_worker``): the other half runs stages B–E as the tiles stream in
+    (a CPU task waits for a free CPU; with every CPU held by actors nothing streams). Without GPUs the
+    model is the bottleneck, so by default the actors share the cluster's CPUs less a reserve for small
+    I/O work (fractional CPUs are fine for Ray's scheduler) and the other stages mostly run after them;
     no actor asks for more than the largest node has less the reserve: an actor is one process, and a
     request no node can meet waits forever.
     """
@@ -244,26 +247,13 @@ def _model_actors(spec, cluster: dict, nodes: list[dict]) -> tuple[int, dict]:
                             f"({most:g} GPUs): an actor is one process on one node, and would wait forever")
         workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
         per_gpu = min((node.get("CPU", 1) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
-        cpus = spec.cpus_per_worker or max(round(per_gpu * spec.gpus_per_worker - reserve, 2), 1)
+        cpus = spec.cpus_per_worker or max(round(per_gpu * spec.gpus_per_worker / 2, 2), 1)
         return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": cpus}
     cpus = cluster.get("CPU", 1)
     largest_node = max((node.get("CPU", 0) for node in nodes), default=cpus)
     workers = spec.workers or 1
-    return workers, {"num_cpus": round(min((cpus - reserve) / workers, largest_node - reserve), 2)}
-
-
-def _start_cell_table(plan_ref, plan: SlidePlan, homes: list[tuple[int, int]], written: dict) -> tuple:
-    """Submit the per-tile row tasks and their appends, in raster (= id) order, to one writer actor; the
-    returned refs finish while the label pyramid is built. ``written`` holds each painted core's refs."""
-    layout = table_stage.table_layout(plan)
-    h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
-    writer = ray.remote(ParquetStream).options(num_cpus=PERSIST_CPUS).remote(
-        labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad)
-    appends = []
-    for home in homes:
-        pieces = [written[rc][2] for rc in plan.grid.neighbourhood(*home) if rc in written]
-        appends.append(writer.append.remote(_cell_rows.remote(layout, home, written[home][1], *pieces)))
-    return writer, appends, writer.close.remote()
+    share = spec.cpus_per_worker or (cpus - reserve) / workers
+    return workers, {"num_cpus": round(min(share, largest_node - reserve), 2)}
 
 
 @dataclass
@@ -276,8 +266,7 @@ class _Sent:
     at: float
 
 
-def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progress,
-                   on_progress: Callable[[Progress], None] | None) -> None:
+class _ModelStage:
     """Stage A: every tile of ``todo`` through the model actors, two batches in flight per actor.
 
     Once the queue is empty, an actor with room also runs a batch that another actor has held for
@@ -285,78 +274,83 @@ def _segment_stage(plan: SlidePlan, todo: list, stats: RunStats, progress: Progr
     restart, forever on a cluster without any, and a straggler holds the whole run back. Whichever copy
     finishes first counts; the other's results are the same bytes under the same keys.
     """
-    n_workers, resources = _actor_resources(plan)
-    actor_cls = ray.remote(concurrency_groups={"control": 1})(SegmentWorker).options(
-        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
-        scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
-    )
-    # The plan itself, not its reference: an actor restarted after its node was lost needs its arguments.
-    actors = [actor_cls.remote(plan) for _ in range(min(n_workers, len(todo)))]
-    batches = deque(todo[i : i + plan.spec.batch_size] for i in range(0, len(todo), plan.spec.batch_size))
-    outstanding = {t.key for t in todo}
-    in_flight: dict[ray.ObjectRef, _Sent] = {}
-    backed_up: set[ray.ObjectRef] = set()
-    batch_seconds: list[float] = []
 
-    def late_batch(slot: int) -> list | None:
+    def __init__(self, plan: SlidePlan, todo: list, stats: RunStats, progress: Progress) -> None:
+        self.plan, self.stats, self.progress = plan, stats, progress
+        n_workers, resources = _actor_resources(plan)
+        self.actor_cls = ray.remote(concurrency_groups={"control": 1})(SegmentWorker).options(
+            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
+            scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
+        )
+        # The plan itself, not its reference: an actor restarted after its node was lost needs its arguments.
+        self.actors = [self.actor_cls.remote(plan) for _ in range(min(n_workers, len(todo)))]
+        size = plan.spec.batch_size
+        self.batches = deque(todo[i : i + size] for i in range(0, len(todo), size))
+        self.outstanding = {t.key for t in todo}
+        self.in_flight: dict[ray.ObjectRef, _Sent] = {}
+        self.backed_up: set[ray.ObjectRef] = set()
+        self.batch_seconds: list[float] = []
+
+    def _late_batch(self, slot: int) -> list | None:
         """The batch held longest by another actor, if it is late and has no backup yet."""
-        limit = max(BACKUP_AFTER_S, 3 * statistics.median(batch_seconds)) if batch_seconds else BACKUP_AFTER_S
+        times = self.batch_seconds
+        limit = max(BACKUP_AFTER_S, 3 * statistics.median(times)) if times else BACKUP_AFTER_S
         now = time.monotonic()
-        late = [(sent.at, ref) for ref, sent in in_flight.items()
-                if sent.slot != slot and ref not in backed_up and now - sent.at > limit
-                and any(t.key in outstanding for t in sent.batch)]
+        late = [(sent.at, ref) for ref, sent in self.in_flight.items()
+                if sent.slot != slot and ref not in self.backed_up and now - sent.at > limit
+                and any(t.key in self.outstanding for t in sent.batch)]
         if not late:
             return None
         ref = min(late, key=lambda pair: pair[0])[1]
-        backed_up.add(ref)
-        return in_flight[ref].batch
+        self.backed_up.add(ref)
+        return self.in_flight[ref].batch
 
-    def fill() -> None:
-        for slot, actor in enumerate(actors):
-            while sum(sent.slot == slot for sent in in_flight.values()) < 2:  # the next is read while one computes
-                batch = batches.popleft() if batches else late_batch(slot)
+    def fill(self) -> None:
+        for slot, actor in enumerate(self.actors):
+            while sum(sent.slot == slot for sent in self.in_flight.values()) < 2:  # one read while one computes
+                batch = self.batches.popleft() if self.batches else self._late_batch(slot)
                 if batch is None:
                     break
-                in_flight[actor.run.remote(batch)] = _Sent(slot, actor, batch, time.monotonic())
-                stats.batches += 1
+                self.in_flight[actor.run.remote(batch)] = _Sent(slot, actor, batch, time.monotonic())
+                self.stats.batches += 1
 
-    fill()
-    while outstanding:
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=5)
-        if ready:
-            sent = in_flight.pop(ready[0])
-            try:
-                results = ray.get(ready[0])
-                batch_seconds.append(time.monotonic() - sent.at)
-            except ray.exceptions.RayError as err:  # retries are used up
-                results = []
-                if isinstance(err, ray.exceptions.RayActorError):
-                    if err.actor_init_failed:
-                        raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
-                    if actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
-                        ray.kill(sent.actor)
-                        actors[sent.slot] = actor_cls.remote(plan)
-                pending = [t for t in sent.batch if t.key in outstanding]
-                if len(pending) > 1:  # retry tile by tile, to find the tile at fault
-                    batches.extendleft([t] for t in reversed(pending))
-                elif pending and not any(pending[0] in other.batch for other in in_flight.values()):
-                    stats.failed.append(TileFailure.of(pending[0], _one_line(err)))
-                    outstanding.discard(pending[0].key)
-            for key, n, seconds in results:
-                if key not in outstanding:  # its backup's twin (or the original) came first
-                    continue
-                outstanding.discard(key)
-                stats.candidates += n
-                stats.model_seconds += seconds
-                stats.tiles_segmented += 1
-                progress.tiles_done += 1
-                progress.cells += n
-            if on_progress:
-                on_progress(progress)
-        fill()
-    _actor_facts(actors, stats)
-    for actor in actors:
-        ray.kill(actor)
+    def finished(self, ref: ray.ObjectRef) -> list[str]:
+        """Take a finished batch; returns the keys of the tiles it segmented first."""
+        sent = self.in_flight.pop(ref)
+        try:
+            results = ray.get(ref)
+            self.batch_seconds.append(time.monotonic() - sent.at)
+        except ray.exceptions.RayError as err:  # retries are used up
+            results = []
+            if isinstance(err, ray.exceptions.RayActorError):
+                if err.actor_init_failed:
+                    raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
+                if self.actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
+                    ray.kill(sent.actor)
+                    self.actors[sent.slot] = self.actor_cls.remote(self.plan)
+            pending = [t for t in sent.batch if t.key in self.outstanding]
+            if len(pending) > 1:  # retry tile by tile, to find the tile at fault
+                self.batches.extendleft([t] for t in reversed(pending))
+            elif pending and not any(pending[0] in other.batch for other in self.in_flight.values()):
+                self.stats.failed.append(TileFailure.of(pending[0], _one_line(err)))
+                self.outstanding.discard(pending[0].key)
+        segmented = []
+        for key, n, seconds in results:
+            if key not in self.outstanding:  # its backup's twin (or the original) came first
+                continue
+            self.outstanding.discard(key)
+            segmented.append(key)
+            self.stats.candidates += n
+            self.stats.model_seconds += seconds
+            self.stats.tiles_segmented += 1
+            self.progress.tiles_done += 1
+            self.progress.cells += n
+        return segmented
+
+    def close(self) -> None:
+        _actor_facts(self.actors, self.stats)
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
@@ -387,74 +381,125 @@ def _tasks_in_flight() -> int:
     return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _bounded(items: list, submit: Callable[[Any], Any], limit: int):
-    """Yield ``(item, submit(item))`` for each item, submitting the next only while fewer than ``limit``
-    submitted tasks are unfinished, so the driver and the object store hold what is in flight, not a
-    task per tile. ``submit`` returns one ref or a list of them (the first says the task is done)."""
-    pending: list[ray.ObjectRef] = []
-    for item in items:
-        if len(pending) >= limit:
-            _, pending = ray.wait(pending, num_returns=len(pending) - limit + 1)
-        refs = submit(item)
-        pending.append(refs[0] if isinstance(refs, (list, tuple)) else refs)
-        yield item, refs
+class _HostStages:
+    """Stages B–E as CPU tasks, each submitted as soon as ``Streams`` says what it reads is final, at most
+    ``limit`` at a time (writes first, then pyramid chunks, then reconciles: what frees memory first), so
+    the driver and the object store hold what is in flight and the rows near the front, not a task per
+    tile. A task that fails on every attempt raises on the driver and fails the run."""
+
+    def __init__(self, plan_ref, plan: SlidePlan, streams: Streams, stats: RunStats, limit: int) -> None:
+        self.plan_ref, self.plan, self.streams, self.stats, self.limit = plan_ref, plan, streams, stats, limit
+        self.in_flight: dict[ray.ObjectRef, tuple] = {}
+        self.kept_refs: dict = {}  # home -> its kept cells, until the last core they paint is written
+        self.sums: dict = {}  # painted core -> (complete sums, seam pieces), until its neighbours' rows exist
+        self.counts: dict = {}  # home -> (cells, reconciled), for the QC pictures
+        self.spans: dict[str, list[float]] = {}  # stage -> [first submitted, last finished]
+        self.table = None  # (layout, writer actor, the appends not yet seen done), once writes open
+
+    def _sent(self, stage: str, ref, unit) -> None:
+        self.in_flight[ref] = (stage, unit)
+        self.spans.setdefault(stage, [time.perf_counter(), 0.0])
+        self.stats.tasks[stage] = self.stats.tasks.get(stage, 0) + 1
+
+    def submit(self) -> None:
+        streams, grid = self.streams, self.plan.grid
+        for home in streams.take_writes(self.limit - len(self.in_flight)):
+            block = grid.neighbourhood(*home)
+            refs = _write_core.remote(self.plan_ref, home, [streams.offsets.get(rc, 0) for rc in block],
+                                      *[self.kept_refs.get(rc) for rc in block])
+            self._sent("write", refs[0], home)
+            if self.plan.spec.cell_table:
+                self.sums[home] = refs[1:]
+        for level, chunk in streams.take_chunks(self.limit - len(self.in_flight)):
+            self._sent("pyramid", _pyramid_chunk.remote(self.plan_ref, level, chunk), (level, chunk))
+        for home in streams.take_reconciles(self.limit - len(self.in_flight)):
+            counts_ref, self.kept_refs[home] = _reconcile.remote(self.plan_ref, home)
+            self._sent("reconcile", counts_ref, home)
+        for home in streams.released:
+            self.kept_refs.pop(home, None)
+        streams.released.clear()
+        if self.plan.spec.cell_table and streams.writes_open:
+            self._table_rows()
+
+    def _start_table(self) -> tuple:
+        """The table's one writer; it creates the file beside the labels, so only once writes may start."""
+        plan = self.plan
+        layout = table_stage.table_layout(plan)
+        h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
+        writer = ray.remote(ParquetStream).options(num_cpus=PERSIST_CPUS).remote(
+            labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad)
+        return layout, writer, []
+
+    def _table_rows(self) -> None:
+        """Rows of the cores the table may take, appended in raster (= id) order to the one writer."""
+        self.table = self.table or self._start_table()
+        layout, writer, appends = self.table
+        grid = self.plan.grid
+        for home in self.streams.take_table_rows():
+            pieces = [self.sums[rc][1] for rc in grid.neighbourhood(*home) if rc in self.sums]
+            appends.append(writer.append.remote(_cell_rows.remote(layout, home, self.sums[home][0], *pieces)))
+            self.spans.setdefault("cell_table", [time.perf_counter(), 0.0])
+        position = self.streams.table_position
+        for home in [h for h in self.sums if position is None or _last_near(grid, h) < position]:
+            del self.sums[home]
+        done, self.table[2][:] = ray.wait(appends, num_returns=len(appends), timeout=0) if appends else ([], [])
+        ray.get(done)  # raises an append that failed
+
+    def finished(self, ref) -> None:
+        stage, unit = self.in_flight.pop(ref)
+        value = ray.get(ref)
+        self.spans[stage][1] = time.perf_counter()
+        if stage == "reconcile":
+            stats = self.stats
+            stats.cells += value["cells"]
+            stats.reconciled += value["reconciled"]
+            stats.oversized += value["oversized"]
+            stats.cut_at_window += value["cut_at_window"]
+            self.counts[unit] = (value["cells"], value["reconciled"])
+            self.streams.counted(unit, value["cells"])
+        elif stage == "write":
+            self.streams.core_written(unit, value)
+        else:
+            self.streams.chunk_built(*unit)
+
+    def drain(self) -> None:
+        """Wait for what is in flight, whatever its outcome: nothing of this run writes after it ends."""
+        if self.in_flight:
+            ray.wait(list(self.in_flight), num_returns=len(self.in_flight))
+            self.in_flight.clear()
+        if self.table:
+            ray.kill(self.table[1])
+
+    def close(self) -> None:
+        """The QC pictures, then the cell table's last rows: once every level is built."""
+        qc = _qc_images.remote(self.plan_ref, self.counts) if self.plan.spec.qc_images else None
+        if self.plan.spec.cell_table:
+            self._table_rows()  # a slide without cells still gets its (empty) table
+            _, writer, appends = self.table
+            ray.get(appends)
+            self.stats.cell_table = ray.get(writer.close.remote())
+            ray.kill(writer)
+            self.spans.setdefault("cell_table", [time.perf_counter(), 0.0])[1] = time.perf_counter()
+        if qc:
+            self.stats.qc = ray.get(qc)
+        for stage, (first, last) in self.spans.items():
+            self.stats.stage_seconds[stage] = max(last - first, 0.0)
 
 
-def _write_stage(plan_ref, plan: SlidePlan, painted: list, offsets: dict, kept_refs: dict, limit: int) -> dict:
-    """Paint and write every core of ``painted``, a bounded number at a time; a home's kept cells are
-    released as soon as the last core that needs them is written. Returns each core's refs (written?,
-    complete sums, seam pieces), the first fetched."""
-    grid = plan.grid
-    users: dict = {}
-    for home in painted:
-        for rc in grid.neighbourhood(*home):
-            users[rc] = users.get(rc, 0) + 1
-    written, home_of = {}, {}
-
-    def submit(home):
-        block = grid.neighbourhood(*home)
-        refs = _write_core.remote(plan_ref, home, [offsets.get(rc, 0) for rc in block],
-                                  *[kept_refs.get(rc) for rc in block])
-        home_of[refs[0]] = home
-        return refs
-
-    def release(done: list) -> None:
-        for ref in done:
-            for rc in grid.neighbourhood(*home_of.pop(ref)):
-                users[rc] -= 1
-                if not users[rc]:
-                    kept_refs.pop(rc, None)
-
-    unfinished: list = []
-    for home, refs in _bounded(painted, submit, limit):
-        written[home] = refs
-        unfinished.append(refs[0])
-        done, unfinished = ray.wait(unfinished, num_returns=len(unfinished), timeout=0)
-        release(done)
-    flags = ray.get([written[h][0] for h in painted])  # raises a write that failed on every attempt
-    release(unfinished)
-    return {h: (flag, *written[h][1:]) for h, flag in zip(painted, flags)}
-
-
-def _pyramid_stage(plan_ref, plan: SlidePlan, cores: list, limit: int) -> int:
-    """Build, level by level, the chunks made from what was written (``cores`` at the segmented level):
-    chunks no written region reaches keep the fill value and cost no task. Returns the tasks run."""
-    boxes = {plan.level: cores}
-    tasks = 0
-    for level in labels_out.build_order(plan):
-        chunks = extent.chunks_touched(plan, level, boxes[labels_out.source_level(plan, level)])
-        refs = [ref for _, ref in _bounded(chunks, lambda i: _pyramid_chunk.remote(plan_ref, level, i), limit)]
-        ray.get(refs)
-        boxes[level] = extent.chunk_boxes(plan, level, chunks)
-        tasks += len(chunks)
-    return tasks
+def _last_near(grid, home: tuple[int, int]) -> tuple[int, int]:
+    """The last tile of ``home``'s neighbourhood in raster order."""
+    return min(home[0] + 1, grid.rows - 1), min(home[1] + 1, grid.cols - 1)
 
 
 def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None, *,
-             before_write: Callable[[], None] | None = None, stats: RunStats | None = None) -> RunStats:
-    """Run every stage; ``before_write`` is called once every tile is segmented (and persisted) and
-    reconciled, before anything is written into the label image; ``stats`` (filled as the run goes, so a
-    caller sees how far a failed run came) is returned."""
+             on_segmented: Callable[[], None] | None = None, writes_wait: bool = False,
+             stats: RunStats | None = None) -> RunStats:
+    """Run every stage, streaming: a region is reconciled, painted and pyramided as soon as the tiles it
+    reads are segmented, while the model actors go on. ``on_segmented`` is called once every tile is
+    segmented (and persisted); with ``writes_wait`` nothing is written into the label image before it
+    returns (an overwrite swaps the old result out there). ``stats`` (filled as the run goes, so a caller
+    sees how far a failed run came) is returned. The stages overlap, so the report's per-stage seconds
+    are each stage's span, from its first task submitted to its last finished."""
     stats = RunStats() if stats is None else stats
     plan_ref = ray.put(plan)  # once, into the object store; every task gets the reference
     finished = plan.work.done(CANDIDATES)
@@ -462,56 +507,51 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
     progress = Progress(tiles_total=len(plan.tiles), tiles_done=len(plan.tiles) - len(todo))
     progress.tiles_resumed = progress.tiles_done
     stats.tiles_resumed = progress.tiles_resumed
+    streams = Streams(plan, set(finished))
+    if not writes_wait:
+        streams.open_writes()
+    host = _HostStages(plan_ref, plan, streams, stats, _tasks_in_flight())
+    started = time.perf_counter()
 
-    t0 = time.perf_counter()
-    if todo:
-        _segment_stage(plan, todo, stats, progress, on_progress)
-    stats.stage_seconds["segment"] = time.perf_counter() - t0
-    stats.tasks["segment_batches"] = stats.batches
-    if stats.failed:  # the finished tiles are persisted; a rerun of the same spec retries the rest
-        return stats
+    def segmented() -> None:
+        stats.stage_seconds["segment"] = time.perf_counter() - started
+        stats.tasks["segment_batches"] = stats.batches
+        if on_segmented is not None:
+            on_segmented()
+        if not streams.writes_open:
+            streams.open_writes()
 
-    limit = _tasks_in_flight()
-    t0 = time.perf_counter()
-    homes = extent.active_homes(plan)
-    kept_refs, count_refs = {}, {}
-    for home, (counts_ref, kept_ref) in _bounded(homes, lambda h: _reconcile.remote(plan_ref, h), limit):
-        count_refs[home], kept_refs[home] = counts_ref, kept_ref
-    counts = dict(zip(homes, ray.get([count_refs[h] for h in homes])))
-    del count_refs
-    for c in counts.values():
-        stats.cells += c["cells"]
-        stats.reconciled += c["reconciled"]
-        stats.oversized += c["oversized"]
-        stats.cut_at_window += c["cut_at_window"]
-    offsets = dict(zip(homes, global_offsets([counts[h]["cells"] for h in homes])))
-    stats.tasks["reconcile"] = len(homes)
-    stats.stage_seconds["reconcile"] = time.perf_counter() - t0
-    if before_write is not None:
-        before_write()
-
-    t0 = time.perf_counter()
-    painted = extent.painted_homes(plan, {h: c["cells"] for h, c in counts.items()})
-    written = _write_stage(plan_ref, plan, painted, offsets, kept_refs, limit)
-    stats.tasks["write"] = len(painted)
-    stats.stage_seconds["write"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    table = _start_cell_table(plan_ref, plan, painted, written) if plan.spec.cell_table else None
-    cores = [extent.core_box(plan, plan.grid.tile_at(*h)) for h, refs in written.items() if refs[0]]
-    del written  # the row tasks hold the sums they need; each is freed once its tasks are done
-    stats.tasks["pyramid"] = _pyramid_stage(plan_ref, plan, cores, limit)
-    stats.stage_seconds["pyramid"] = time.perf_counter() - t0
-    qc = None
-    if plan.spec.qc_images:
-        qc = _qc_images.remote(plan_ref, {home: (c["cells"], c["reconciled"]) for home, c in counts.items()})
-
-    if table:
-        writer, appends, closed = table
-        ray.get(appends)
-        stats.cell_table = ray.get(closed)
-        ray.kill(writer)
-        stats.stage_seconds["cell_table"] = time.perf_counter() - t0  # overlaps the pyramid
-    if qc:
-        stats.qc = ray.get(qc)
+    model = _ModelStage(plan, todo, stats, progress) if todo else None
+    try:
+        if model is None:
+            segmented()
+        while True:
+            if model is not None and not model.outstanding:
+                model.close()
+                model = None
+                if stats.failed:  # the finished tiles are persisted; a rerun of the same spec retries the rest
+                    host.drain()
+                    return stats
+                segmented()
+            if model is not None:
+                model.fill()
+            host.submit()
+            waiting = list(model.in_flight if model is not None else ()) + list(host.in_flight)
+            if not waiting:
+                break
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=5)
+            for ref in ready:
+                if model is not None and ref in model.in_flight:
+                    for key in model.finished(ref):
+                        streams.tile_segmented(key)
+                    if on_progress:
+                        on_progress(progress)
+                else:
+                    host.finished(ref)
+    except BaseException:
+        host.drain()
+        raise
+    if not streams.complete:
+        raise RuntimeError("the streamed stages ended before every region was written (a bug in pipeline.streaming)")
+    host.close()
     return stats

@@ -73,8 +73,9 @@ class SegmentSpec(BaseModel):
     gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per actor when GPUs exist; below 1 several "
                                    "actors share a GPU, each limited to that fraction of its memory.")
     cpus_per_worker: float | None = Field(
-        default=None, gt=0, description="CPUs per GPU actor, for its host work (reading windows, cleanup, "
-        "candidates); default: the node's CPUs per GPU share, less a little for I/O."
+        default=None, gt=0, description="CPUs per model actor, for its host work (reading windows, cleanup, "
+        "candidates); default on GPU nodes: half the node's CPUs per GPU share (the other half runs the merge, "
+        "paint and pyramid tasks while the GPUs segment); without GPUs: the cluster's CPUs shared by the actors."
     )
     batch_size: int = Field(default=4, ge=1, description="Tiles per model call.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where the model runs.")

@@ -22,8 +22,8 @@ SPEC = dict(input="s.zarr", nuclear=["DAPI"], weights="w.pt")
 
 
 @pytest.mark.parametrize(("gpus_per_worker", "cpus_per_worker", "expected"), [
-    (1.0, None, (16, {"num_gpus": 1.0, "num_cpus": 11.75})),  # the fewest CPUs per GPU: 12 on the 8-GPU nodes
-    (0.5, None, (32, {"num_gpus": 0.5, "num_cpus": 5.75})),  # two actors per GPU
+    (1.0, None, (16, {"num_gpus": 1.0, "num_cpus": 6.0})),  # half the fewest CPUs per GPU: 12 on the 8-GPU nodes
+    (0.5, None, (32, {"num_gpus": 0.5, "num_cpus": 3.0})),  # two actors per GPU
     (1.0, 4, (16, {"num_gpus": 1.0, "num_cpus": 4})),  # as asked
 ])
 def test_gpu_actors_get_their_share_of_the_nodes_cpus(gpus_per_worker, cpus_per_worker, expected):
@@ -32,7 +32,7 @@ def test_gpu_actors_get_their_share_of_the_nodes_cpus(gpus_per_worker, cpus_per_
     cluster = {"CPU": 232.0, "GPU": 16.0}
     assert execution._model_actors(spec, cluster, nodes) == expected
     cpu_only = execution._model_actors(spec.model_copy(update={"device": "cpu"}), cluster, nodes)
-    assert cpu_only == (1, {"num_cpus": 127.75})
+    assert cpu_only == (1, {"num_cpus": cpus_per_worker or 127.75})
 
 
 @pytest.mark.parametrize(("error", "expected"), [

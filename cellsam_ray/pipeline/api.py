@@ -94,7 +94,8 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     try:
         with stop_on_sigterm():
             ensure_ray()
-            run_plan(plan, ProgressPrinter() if progress else None, before_write=run.swap, stats=stats)
+            run_plan(plan, ProgressPrinter() if progress else None, on_segmented=run.swap, writes_wait=run.replaces,
+                     stats=stats)
     except BaseException as err:
         stopped = isinstance(err, (RunStopped, KeyboardInterrupt))
         report = build_report(plan, stats, wall_seconds=time.perf_counter() - started,

@@ -1,0 +1,242 @@
+"""Which unit of stages B–E may start, as the units they read finish: the run streams instead of waiting.
+
+A home is reconciled once the planned tiles of its 3×3 neighbourhood are segmented; ids are a prefix sum
+in raster order, so a home gets its offset once every home before it is counted; a core is painted once
+the homes of its neighbourhood have offsets (they hold every cell that may cover it); a chunk row of a
+pyramid level is built once the rows of the level it is made from are final up to its source span. The
+cell table's rows follow the painted cores in raster (= id) order. So the label image fills behind the
+segmenting front, one or two tile rows after it, and the run's end waits only for the last rows.
+
+Plain bookkeeping, no Ray: ``execution`` tells ``Streams`` what finished and submits what it hands out.
+Units whose inputs are fixed before the run (tiles without tissue, homes with no cell near them) are
+settled at once, exactly as ``extent`` leaves them out of the batch schedule.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cellsam_ray.pipeline import extent, labels_out
+from cellsam_ray.pipeline.plan import SlidePlan
+
+Home = tuple[int, int]
+
+
+@dataclass
+class _Level:
+    """One pyramid level being built row of chunks by row of chunks (rows along y)."""
+
+    level: int
+    source: int
+    rows: int  # chunk rows
+    unit: int  # chunk (or shard) height
+    height: int
+    next_row: int = 0  # the first chunk row not yet handed out
+    final_rows: int = 0  # chunk rows 0..final_rows-1 are written (or need nothing)
+    unfinished: dict = field(default_factory=dict)  # chunk row -> chunks handed out and not built
+    boxes: list = field(default_factory=list)  # the regions of this level built so far
+
+    @property
+    def frontier(self) -> int:
+        """Rows of pixels 0..frontier-1 of this level are final."""
+        return min(self.final_rows * self.unit, self.height)
+
+
+class Streams:
+    """The state of stages B–E of one run; ``take_*`` hand out what may start, once each."""
+
+    def __init__(self, plan: SlidePlan, segmented: set[str]) -> None:
+        self.plan, grid = plan, plan.grid
+        self.grid = grid
+        self.homes = extent.active_homes(plan)  # raster order: the order of the ids
+        self.active = set(self.homes)
+        self.closure = sorted({rc for home in self.homes for rc in grid.neighbourhood(*home)})
+        self._tile_of = {t.key: (t.row, t.col) for t in plan.tiles}
+        self._waiting_tiles = {home: 0 for home in self.homes}
+        for t in plan.tiles:
+            if t.key not in segmented:
+                for home in grid.neighbourhood(t.row, t.col):
+                    self._waiting_tiles[home] += 1
+        self._reconcile = deque(h for h in self.homes if not self._waiting_tiles[h])
+        self.cells: dict[Home, int] = {}
+        self.offsets: dict[Home, int] = {}
+        self._next_home, self._total = 0, 0
+        self._undecided = {h: sum(rc in self.active for rc in grid.neighbourhood(*h)) for h in self.closure}
+        self.painted: set[Home] = set()
+        self._writes: deque[Home] = deque()
+        self.writes_open = False
+        self._submitted: set[Home] = set()
+        self._settled: set[Home] = set()
+        self._users = {h: len(grid.neighbourhood(*h)) for h in self.homes}  # closure homes still to settle
+        self.released: list[Home] = []  # homes whose kept cells no write needs any more
+        self._next_row_home = 0  # the cell table's pointer into ``closure``
+        self._unsettled_in_row = [0] * grid.rows
+        for h in self.closure:
+            self._unsettled_in_row[h[0]] += 1
+        self._final_tile_rows = 0
+        self.written_boxes: list = []  # level ``plan.level``: cores written (not left empty)
+        self._levels: list[_Level] = []  # known once writes open (the label arrays exist then)
+        self._chunks: deque[tuple[int, tuple[int, ...]]] = deque()  # ready, not yet handed out
+        self._y = [a for a in plan.axes if a != "c"].index("y")
+        self._advance_rows()
+
+    def _level(self, level: int) -> _Level:
+        array = labels_out.label_arrays(self.plan)[level]
+        unit = (array.shards or array.chunks)[[a for a in self.plan.axes if a != "c"].index("y")]
+        height = self.plan.label_shapes[level][0]
+        return _Level(level, labels_out.source_level(self.plan, level), -(-height // unit), unit, height)
+
+    # -------------------------------------------------------------------------------- B: reconcile
+    def tile_segmented(self, key: str) -> None:
+        row, col = self._tile_of[key]
+        for home in self.grid.neighbourhood(row, col):
+            self._waiting_tiles[home] -= 1
+            if not self._waiting_tiles[home]:
+                self._reconcile.append(home)
+
+    def take_reconciles(self, n: int) -> list[Home]:
+        return [self._reconcile.popleft() for _ in range(min(n, len(self._reconcile)))]
+
+    # ------------------------------------------------------------------------------ C: ids, D: paint
+    def counted(self, home: Home, cells: int) -> None:
+        """A home's reconcile is done: ``cells`` are homed there. Offsets follow in raster order."""
+        self.cells[home] = cells
+        while self._next_home < len(self.homes) and self.homes[self._next_home] in self.cells:
+            done = self.homes[self._next_home]
+            self.offsets[done] = self._total
+            self._total += self.cells[done]
+            self._next_home += 1
+            for h in self.grid.neighbourhood(*done):
+                self._undecided[h] -= 1
+                if not self._undecided[h]:
+                    self._decide(h)
+        self._advance_rows()
+
+    def _decide(self, home: Home) -> None:
+        """Every home near ``home`` is counted: paint its core if one of them holds cells."""
+        if any(self.cells.get(rc, 0) for rc in self.grid.neighbourhood(*home)):
+            self.painted.add(home)
+            self._writes.append(home)
+        else:
+            self._settle(home)
+
+    def open_writes(self) -> None:
+        """Writes may start: the label arrays this run writes exist (after the swap, when one replaces)."""
+        self.writes_open = True
+        self._levels = [self._level(level) for level in labels_out.build_order(self.plan)]
+
+    def take_writes(self, n: int) -> list[Home]:
+        if not self.writes_open:
+            return []
+        taken = [self._writes.popleft() for _ in range(min(n, len(self._writes)))]
+        self._submitted.update(taken)
+        return taken
+
+    def core_written(self, home: Home, written: bool) -> None:
+        if written:
+            self.written_boxes.append(extent.core_box(self.plan, self.grid.tile_at(*home)))
+        self._settle(home)
+        self._advance_rows()
+
+    def _settle(self, home: Home) -> None:
+        self._settled.add(home)
+        self._unsettled_in_row[home[0]] -= 1
+        for rc in self.grid.neighbourhood(*home):
+            if rc in self._users:
+                self._users[rc] -= 1
+                if not self._users[rc]:
+                    self.released.append(rc)
+
+    # ---------------------------------------------------------------------------------- cell table
+    def take_table_rows(self) -> list[Home]:
+        """Painted cores whose table rows may be made, in raster order: the core and every painted core
+        near it are submitted (their seam pieces exist as refs) and no core near it is undecided."""
+        rows = []
+        while self._next_row_home < len(self.closure):
+            home = self.closure[self._next_row_home]
+            if not all(self._ready_for_table(rc) for rc in self.grid.neighbourhood(*home)):
+                break
+            if home in self.painted:
+                rows.append(home)
+            self._next_row_home += 1
+        return rows
+
+    @property
+    def table_position(self) -> Home | None:
+        """The next core the cell table waits for (None once every row is taken): a core before the
+        previous row of it, in raster order, is needed by no row still to come."""
+        return self.closure[self._next_row_home] if self._next_row_home < len(self.closure) else None
+
+    def _ready_for_table(self, home: Home) -> bool:
+        if home not in self._undecided:
+            return True  # far from any cell: never painted
+        if self._undecided[home]:
+            return False
+        return home not in self.painted or home in self._submitted
+
+    # ---------------------------------------------------------------------------------- E: pyramid
+    def _advance_rows(self) -> None:
+        rows = self.grid.rows
+        while self._final_tile_rows < rows and not self._unsettled_in_row[self._final_tile_rows]:
+            self._final_tile_rows += 1
+
+    def _frontier(self, level: int) -> int:
+        if level == self.plan.level:
+            if self._final_tile_rows == self.grid.rows:
+                return self.grid.height
+            return self._final_tile_rows * self.grid.tile
+        return next(lv for lv in self._levels if lv.level == level).frontier
+
+    def _boxes(self, level: int) -> list:
+        if level == self.plan.level:
+            return self.written_boxes
+        return next(lv for lv in self._levels if lv.level == level).boxes
+
+    def take_chunks(self, n: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Up to ``n`` chunks of the other levels whose sources are final."""
+        if not self.writes_open:
+            return []
+        self._find_chunks()
+        return [self._chunks.popleft() for _ in range(min(n, len(self._chunks)))]
+
+    def _find_chunks(self) -> None:
+        """Queue the chunks of every chunk row whose source rows are final; a row that nothing written
+        reaches is final at once, which may make a row of the next level ready in turn."""
+        changed = True
+        while changed:
+            changed = False
+            for lv in self._levels:
+                while lv.next_row < lv.rows:
+                    lo = lv.next_row * lv.unit
+                    y_map = self.plan.label_maps[lv.level][self._y]
+                    first, end = y_map.source_span(lo, min(lo + lv.unit, lv.height))
+                    if self._frontier(lv.source) < end:
+                        break
+                    near = [b for b in self._boxes(lv.source) if b[self._y][0] < end and b[self._y][1] > first]
+                    chunks = [c for c in extent.chunks_touched(self.plan, lv.level, near) if c[self._y] == lv.next_row]
+                    if chunks:
+                        lv.unfinished[lv.next_row] = set(chunks)
+                        self._chunks.extend((lv.level, c) for c in chunks)
+                    lv.next_row += 1
+                    changed |= self._advance_level(lv)
+
+    def chunk_built(self, level: int, chunk: tuple[int, ...]) -> None:
+        lv = next(lv for lv in self._levels if lv.level == level)
+        lv.unfinished[chunk[self._y]].discard(chunk)
+        lv.boxes.extend(extent.chunk_boxes(self.plan, level, [chunk]))
+        self._advance_level(lv)
+
+    def _advance_level(self, lv: _Level) -> bool:
+        before = lv.final_rows
+        while lv.final_rows < lv.next_row and not lv.unfinished.get(lv.final_rows):
+            lv.unfinished.pop(lv.final_rows, None)
+            lv.final_rows += 1
+        return lv.final_rows != before
+
+    # ------------------------------------------------------------------------------------- the end
+    @property
+    def complete(self) -> bool:
+        """Every home counted, every core settled and every level final."""
+        return (self.writes_open and self._next_home == len(self.homes) and self._final_tile_rows == self.grid.rows
+                and all(lv.final_rows == lv.rows for lv in self._levels))
