@@ -5,10 +5,12 @@
   on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. An actor
   writes a batch's candidates to the work store itself, after releasing the model to the other batch in
   flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
-- Stages B, D and E are CPU tasks; stage C is a prefix sum on the driver over one integer per tile.
-- The cell table is measured in stage D; per-tile tasks combine seam pieces while stage E runs, and one
-  small writer actor streams their rows, in id order, to one Parquet file. The QC pictures are one task
-  after stage E (they need the label pyramid).
+- Stages B, D and E are CPU tasks; stage C is a prefix sum on the driver over one integer per tile. They
+  stream: each unit is submitted as soon as what it reads is final (``pipeline.streaming`` says when), a
+  bounded number at a time, while the model actors go on; an overwrite's writes wait for the swap.
+- The cell table is measured in stage D; per-tile tasks combine seam pieces as the cores are painted, and
+  one small writer actor streams their rows, in id order, to one Parquet file. The QC pictures are one
+  task after stage E (they need the label pyramid).
 - Actors restart and tasks retry (set explicitly: Ray's defaults for actors are 0); every write is to a
   key derived from the tile or chunk alone, so a retry rewrites the same bytes. A batch held too long (an
   actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
