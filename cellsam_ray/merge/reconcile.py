@@ -82,24 +82,26 @@ def _rival_pairs(mine: np.ndarray, bounds: np.ndarray, rank: np.ndarray, produce
                  cut: np.ndarray, block: int = 512) -> list[tuple[int, int]]:
     """Pairs (i, j): ``i`` homed here, ``j`` a higher-ranked candidate of another producer whose box
     intersects i's (and not both cut by their windows): the candidates a conflict can come from.
-    Found by comparing boxes in blocks, so only the few pairs near seams reach
-    the pixel test; candidates far from every home one are dropped first."""
-    if not mine.size:
-        return []
-    mb = bounds[mine]
-    near = np.nonzero((bounds[:, 0] < mb[:, 2].max()) & (bounds[:, 2] > mb[:, 0].min())
-                      & (bounds[:, 1] < mb[:, 3].max()) & (bounds[:, 3] > mb[:, 1].min()))[0]
-    nb, nr, np_, nc = bounds[near], rank[near], producer[near], cut[near]
-    pairs = []
-    for start in range(0, mine.size, block):
-        ii = mine[start : start + block]
-        b = bounds[ii]
-        hit = ((nb[None, :, 0] < b[:, None, 2]) & (nb[None, :, 2] > b[:, None, 0])
-               & (nb[None, :, 1] < b[:, None, 3]) & (nb[None, :, 3] > b[:, None, 1])
-               & (nr[None, :] > rank[ii][:, None]) & (np_[None, :] != producer[ii][:, None])
-               & ~(nc[None, :] & cut[ii][:, None]))
-        a, c = np.nonzero(hit)  # a candidate is beaten by any conflicting rival: their order does not matter
-        pairs += list(zip(ii[a].tolist(), near[c].tolist()))
+    Found by comparing boxes in blocks, one producer of home cells at a time against the other producers'
+    candidates near them (most home cells come from the home tile, whose rivals are the few seam cells of
+    its neighbours), so only the few pairs near seams reach the pixel test."""
+    pairs: list[tuple[int, int]] = []
+    for source in np.unique(producer[mine]):
+        ours = mine[producer[mine] == source]
+        ob = bounds[ours]
+        near = np.nonzero((producer != source) & (bounds[:, 0] < ob[:, 2].max()) & (bounds[:, 2] > ob[:, 0].min())
+                          & (bounds[:, 1] < ob[:, 3].max()) & (bounds[:, 3] > ob[:, 1].min()))[0]
+        if not near.size:
+            continue
+        nb, nr, nc = bounds[near], rank[near], cut[near]
+        for start in range(0, ours.size, block):
+            ii = ours[start : start + block]
+            b = bounds[ii]
+            hit = ((nb[None, :, 0] < b[:, None, 2]) & (nb[None, :, 2] > b[:, None, 0])
+                   & (nb[None, :, 1] < b[:, None, 3]) & (nb[None, :, 3] > b[:, None, 1])
+                   & (nr[None, :] > rank[ii][:, None]) & ~(nc[None, :] & cut[ii][:, None]))
+            a, c = np.nonzero(hit)  # a candidate is beaten by any conflicting rival: their order does not matter
+            pairs += list(zip(ii[a].tolist(), near[c].tolist()))
     return pairs
 
 
