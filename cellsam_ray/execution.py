@@ -57,7 +57,7 @@ ACTOR_RESTARTS = 3
 BACKUP_AFTER_S = float(os.environ.get("CELLSAM_RAY_BACKUP_AFTER_S", "120"))
 """Seconds (at least) a batch is in flight before an idle actor runs it too (see ``_ModelStage``)."""
 TASK_RETRIES = 3
-PERSIST_CPUS = 0.1  # small I/O work (the cell table's writer) must not wait for a CPU the model actors hold
+CPU_RESERVE = 0.25  # CPUs the model actors leave free on a CPU-only cluster, for Ray's own processes
 
 
 @dataclass
@@ -240,7 +240,7 @@ def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
 
 def _model_actors(spec, cluster: dict, nodes: list[dict]) -> tuple[int, dict]:
     """``_actor_resources`` for a cluster's total resources and its live nodes' resources."""
-    reserve = PERSIST_CPUS * 2.5
+    reserve = CPU_RESERVE
     gpus = cluster.get("GPU", 0)
     if gpus and spec.device != "cpu":
         most = max((node.get("GPU", 0) for node in nodes), default=gpus)
@@ -428,7 +428,9 @@ class _HostStages:
         plan = self.plan
         layout = table_stage.table_layout(plan)
         h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
-        writer = ray.remote(ParquetStream).options(num_cpus=PERSIST_CPUS).remote(
+        # No CPU reserved: its work is small, and for the run's whole length a fractional reservation would
+        # keep a whole CPU task from every node it sits on.
+        writer = ray.remote(ParquetStream).options(num_cpus=0).remote(
             labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad)
         return layout, writer, []
 
