@@ -1,6 +1,6 @@
 """What a run costs besides the model, with the ground-truth segmenter standing in for it.
 
-Two measurements (numbers and machines in ``notes/pipeline.md``):
+Three measurements (numbers and machines in ``notes/pipeline.md``):
 
 - ``--sparse N --tissue T``: an N² slide in bioformats2raw's layout with tissue in one T² box (the rest
   never written): wall time and the driver's peak memory, which must follow the tissue, not N².
@@ -8,9 +8,12 @@ Two measurements (numbers and machines in ``notes/pipeline.md``):
   1024² of slide, by every process of the run (driver, Ray's own, actors, tasks). A GPU node must stay
   under this per tile to keep its GPU fed. Measured by sampling, twice a second, the CPU time of every
   process descended from this one (a process that ends between samples loses at most half a second).
+- ``--stages``: the same stage functions called in this process, without Ray: CPU ms per tile of each
+  step, to tell the functions' own cost from Ray's per-task cost.
 
     python -m cellsam_ray.bench_merge --sparse 100000 --tissue 3000
     python -m cellsam_ray.bench_merge --dense 8192 16384
+    python -m cellsam_ray.bench_merge --stages   # the stage functions alone, in one process
 """
 
 from __future__ import annotations
@@ -172,12 +175,73 @@ def dense(size: int, folder: Path, workers: int) -> dict:
                 core_s_by_process=cpu.by_process())
 
 
+def stage_profile(folder: Path, size: int = 2304) -> dict:
+    """CPU milliseconds per 1024² window of each stage function, in this process without Ray: what the
+    functions cost before Ray's per-task cost (a dense ``size``² slide, tile 768 + halo 128)."""
+    from cellsam_ray.io.ngff import open_image
+    from cellsam_ray.merge.objects import CellSet
+    from cellsam_ray.merge.rasterise import rasterise_core
+    from cellsam_ray.merge.reconcile import global_offsets
+    from cellsam_ray.pipeline import extent, labels_out, source
+    from cellsam_ray.pipeline.lifecycle import LabelRun
+    from cellsam_ray.pipeline.plan import make_plan
+    from cellsam_ray.pipeline.stages import finish_tiles, infer_tiles, reconcile_tile, with_ids
+    from cellsam_ray.spec import SegmentSpec
+    from cellsam_ray.synth import write_synthetic_slide
+    from cellsam_ray.table import stage as table_stage
+
+    url = str(folder / "profile.ome.zarr")
+    info = write_synthetic_slide(url, size=(size, size), channels=2, ngff="0.5", seed=3, chunk=256)
+    truth = folder / "profile-truth.npy"
+    np.save(truth, np.asarray(open_image(url).label("ground_truth").array(0)[:]))
+    os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
+    plan = make_plan(SegmentSpec(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
+                                 segmenter=ORACLE, tile=768, halo=128, chunk=256, tissue_mask=False,
+                                 label_name="profile", qc_images=False))
+    LabelRun(plan).start()
+    segmenter, ms = source.build_segmenter(plan), {}
+
+    def timed(step: str, f, *args):
+        start = time.process_time()
+        out = f(*args)
+        ms[step] = ms.get(step, 0.0) + (time.process_time() - start) * 1000
+        return out
+
+    grid = plan.grid
+    for tile in plan.tiles:
+        window = timed("A read and normalise the window", source.read_window, plan, tile)
+        inferred = timed("A segmenter (ground truth)", infer_tiles, segmenter, [tile], [window])
+        (cells, _), = timed("A cleanup and candidates", finish_tiles, plan, [tile], inferred)
+        plan.work.put("candidates", tile.key, timed("A candidate bytes", cells.to_bytes))
+    homes, kept = extent.active_homes(plan), {}
+    for home in homes:
+        found = [timed("B decode 9 candidate files", CellSet.from_bytes,
+                       plan.work.get("candidates", grid.tile_at(*rc).key)) for rc in grid.neighbourhood(*home)]
+        kept[home] = timed("B reconcile", reconcile_tile, home, found).kept
+    offsets = dict(zip(homes, global_offsets([len(kept[h]) for h in homes])))
+    for home in homes:
+        tile = grid.tile_at(*home)
+        numbered = [with_ids(kept[rc], offsets[rc]) for rc in grid.neighbourhood(*home)]
+        labels = timed("D paint", rasterise_core, tile, numbered)
+        timed("D write the core", labels_out.write_core, plan, tile, labels)
+        timed("D cell-table sums", table_stage.measure_tile, plan, tile, labels, CellSet.concat(numbered))
+    chunks = 0
+    for level in labels_out.build_order(plan):
+        for index in labels_out.chunk_indices(plan, level):
+            timed("E pyramid chunks", labels_out.build_chunk, plan, level, index)
+            chunks += 1
+    n = len(plan.tiles)
+    return dict(slide=f"{size}x{size}", tiles=n, pyramid_chunks=chunks,
+                cpu_ms_per_tile={step: round(v / n, 1) for step, v in ms.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench_merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparse", type=int, help="Side of a sparse slide (e.g. 100000).")
     parser.add_argument("--tissue", type=int, default=3000, help="Side of its tissue box (default 3000).")
     parser.add_argument("--dense", type=int, nargs="*", default=[], help="Sides of dense slides (e.g. 8192 16384).")
     parser.add_argument("--workers", type=int, default=2, help="Segmenter actors for the dense slides (default 2).")
+    parser.add_argument("--stages", action="store_true", help="CPU ms per tile of each stage function, without Ray.")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cellsam-ray-bench-merge-") as tmp:
@@ -185,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(sparse(args.sparse, args.tissue, Path(tmp)))
         for size in args.dense:
             rows.append(dense(size, Path(tmp), args.workers))
+        if args.stages:
+            rows.append(stage_profile(Path(tmp)))
     print(json.dumps(dict(cpus=os.cpu_count(), results=rows), indent=2))
     return 0
 
