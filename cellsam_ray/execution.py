@@ -393,7 +393,7 @@ class _HostStages:
         self.plan_ref, self.plan, self.streams, self.stats, self.limit = plan_ref, plan, streams, stats, limit
         self.in_flight: dict[ray.ObjectRef, tuple] = {}
         self.kept_refs: dict = {}  # home -> its kept cells, until the last core they paint is written
-        self.sums: dict = {}  # painted core -> (complete sums, seam pieces), until its neighbours' rows exist
+        self.sums: dict = {}  # tile row -> painted core -> (complete sums, seam pieces), until no row needs them
         self.counts: dict = {}  # home -> (cells, reconciled), for the QC pictures
         self.spans: dict[str, list[float]] = {}  # stage -> [first submitted, last finished]
         self.table = None  # (layout, writer actor, the appends not yet seen done), once writes open
@@ -411,7 +411,7 @@ class _HostStages:
                                       *[self.kept_refs.get(rc) for rc in block])
             self._sent("write", refs[0], home)
             if self.plan.spec.cell_table:
-                self.sums[home] = refs[1:]
+                self.sums.setdefault(home[0], {})[home] = refs[1:]
         for level, chunk in streams.take_chunks(self.limit - len(self.in_flight)):
             self._sent("pyramid", _pyramid_chunk.remote(self.plan_ref, level, chunk), (level, chunk))
         for home in streams.take_reconciles(self.limit - len(self.in_flight)):
@@ -440,14 +440,17 @@ class _HostStages:
         layout, writer, appends = self.table
         grid = self.plan.grid
         for home in self.streams.take_table_rows():
-            pieces = [self.sums[rc][1] for rc in grid.neighbourhood(*home) if rc in self.sums]
-            appends.append(writer.append.remote(_cell_rows.remote(layout, home, self.sums[home][0], *pieces)))
+            near = [self.sums.get(rc[0], {}).get(rc) for rc in grid.neighbourhood(*home)]
+            pieces = [refs[1] for refs in near if refs is not None]
+            complete = self.sums[home[0]][home][0]
+            appends.append(writer.append.remote(_cell_rows.remote(layout, home, complete, *pieces)))
             self.spans.setdefault("cell_table", [time.perf_counter(), 0.0])
-        position = self.streams.table_position
-        for home in [h for h in self.sums if position is None or _last_near(grid, h) < position]:
-            del self.sums[home]
-        done, self.table[2][:] = ray.wait(appends, num_returns=len(appends), timeout=0) if appends else ([], [])
-        ray.get(done)  # raises an append that failed
+        position = self.streams.table_position  # rows to come need the sums of its row and the one above
+        for row in [r for r in self.sums if position is None or r < position[0] - 1]:
+            del self.sums[row]
+        if len(appends) > 2 * self.limit:  # now and then: raise an append that failed, forget the done
+            done, appends[:] = ray.wait(appends, num_returns=len(appends), timeout=0)
+            ray.get(done)
 
     def finished(self, ref) -> None:
         stage, unit = self.in_flight.pop(ref)
@@ -488,11 +491,6 @@ class _HostStages:
             self.stats.qc = ray.get(qc)
         for stage, (first, last) in self.spans.items():
             self.stats.stage_seconds[stage] = max(last - first, 0.0)
-
-
-def _last_near(grid, home: tuple[int, int]) -> tuple[int, int]:
-    """The last tile of ``home``'s neighbourhood in raster order."""
-    return min(home[0] + 1, grid.rows - 1), min(home[1] + 1, grid.cols - 1)
 
 
 def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None, *,

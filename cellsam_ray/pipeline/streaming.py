@@ -35,7 +35,7 @@ class _Level:
     next_row: int = 0  # the first chunk row not yet handed out
     final_rows: int = 0  # chunk rows 0..final_rows-1 are written (or need nothing)
     unfinished: dict = field(default_factory=dict)  # chunk row -> chunks handed out and not built
-    boxes: list = field(default_factory=list)  # the regions of this level built so far
+    boxes: dict = field(default_factory=dict)  # chunk row -> the regions of this level built there
 
     @property
     def frontier(self) -> int:
@@ -75,7 +75,7 @@ class Streams:
         for h in self.closure:
             self._unsettled_in_row[h[0]] += 1
         self._final_tile_rows = 0
-        self.written_boxes: list = []  # level ``plan.level``: cores written (not left empty)
+        self.written_boxes: dict = {}  # tile row -> cores written there (not left empty), level ``plan.level``
         self._levels: list[_Level] = []  # known once writes open (the label arrays exist then)
         self._chunks: deque[tuple[int, tuple[int, ...]]] = deque()  # ready, not yet handed out
         self._y = [a for a in plan.axes if a != "c"].index("y")
@@ -125,6 +125,7 @@ class Streams:
         """Writes may start: the label arrays this run writes exist (after the swap, when one replaces)."""
         self.writes_open = True
         self._levels = [self._level(level) for level in labels_out.build_order(self.plan)]
+        self._readers = {lv.source: sum(other.source == lv.source for other in self._levels) for lv in self._levels}
 
     def take_writes(self, n: int) -> list[Home]:
         if not self.writes_open:
@@ -135,7 +136,8 @@ class Streams:
 
     def core_written(self, home: Home, written: bool) -> None:
         if written:
-            self.written_boxes.append(extent.core_box(self.plan, self.grid.tile_at(*home)))
+            box = extent.core_box(self.plan, self.grid.tile_at(*home))
+            self.written_boxes.setdefault(home[0], []).append(box)
         self._settle(home)
         self._advance_rows()
 
@@ -188,10 +190,12 @@ class Streams:
             return self._final_tile_rows * self.grid.tile
         return next(lv for lv in self._levels if lv.level == level).frontier
 
-    def _boxes(self, level: int) -> list:
+    def _boxes(self, level: int) -> tuple[dict, int]:
+        """The regions written at ``level``, by row, and the height of a row there."""
         if level == self.plan.level:
-            return self.written_boxes
-        return next(lv for lv in self._levels if lv.level == level).boxes
+            return self.written_boxes, self.grid.tile
+        lv = next(lv for lv in self._levels if lv.level == level)
+        return lv.boxes, lv.unit
 
     def take_chunks(self, n: int) -> list[tuple[int, tuple[int, ...]]]:
         """Up to ``n`` chunks of the other levels whose sources are final."""
@@ -213,7 +217,11 @@ class Streams:
                     first, end = y_map.source_span(lo, min(lo + lv.unit, lv.height))
                     if self._frontier(lv.source) < end:
                         break
-                    near = [b for b in self._boxes(lv.source) if b[self._y][0] < end and b[self._y][1] > first]
+                    by_row, unit = self._boxes(lv.source)
+                    if self._readers[lv.source] == 1:  # rows above this span are read by no later row
+                        for row in [r for r in by_row if r < first // unit]:
+                            del by_row[row]
+                    near = [b for row in range(first // unit, -(-end // unit)) for b in by_row.get(row, ())]
                     chunks = [c for c in extent.chunks_touched(self.plan, lv.level, near) if c[self._y] == lv.next_row]
                     if chunks:
                         lv.unfinished[lv.next_row] = set(chunks)
@@ -224,7 +232,7 @@ class Streams:
     def chunk_built(self, level: int, chunk: tuple[int, ...]) -> None:
         lv = next(lv for lv in self._levels if lv.level == level)
         lv.unfinished[chunk[self._y]].discard(chunk)
-        lv.boxes.extend(extent.chunk_boxes(self.plan, level, [chunk]))
+        lv.boxes.setdefault(chunk[self._y], []).extend(extent.chunk_boxes(self.plan, level, [chunk]))
         self._advance_level(lv)
 
     def _advance_level(self, lv: _Level) -> bool:
