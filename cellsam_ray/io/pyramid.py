@@ -158,7 +158,8 @@ def resample(block: np.ndarray, windows: Sequence[tuple[np.ndarray, np.ndarray] 
         index, real = window
         n, w = index.shape
         moved = axis + len(widths)  # each resampled axis before this one gained a width axis after it
-        children = np.take(children, index.ravel(), axis=moved)
+        if not (children.shape[moved] == n * w and np.array_equal(index, np.arange(n * w).reshape(n, w))):
+            children = np.take(children, index.ravel(), axis=moved)  # else whole blocks: a view does
         children = children.reshape(children.shape[:moved] + (n, w) + children.shape[moved + 1 :])
         shape = [1] * children.ndim
         shape[moved], shape[moved + 1] = n, w
