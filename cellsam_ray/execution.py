@@ -351,6 +351,10 @@ class _ModelStage:
 
     def close(self) -> None:
         _actor_facts(self.actors, self.stats)
+        self.kill()
+
+    def kill(self) -> None:
+        """End every actor now, their batches in flight with them."""
         for actor in self.actors:
             ray.kill(actor)
 
@@ -477,6 +481,22 @@ class _HostStages:
         if self.table:
             ray.kill(self.table[1])
 
+    def cancel(self, wait_s: float = 5) -> None:
+        """End what is in flight now (a stopped or failed run): its worker processes are killed, so no task
+        of this run writes after the lease is given back. What a killed write left half done is rewritten
+        by the run that resumes (every core and chunk is written again; only tile results are kept)."""
+        refs = list(self.in_flight)
+        for ref in refs:
+            try:
+                ray.cancel(ref, force=True)
+            except (ValueError, TypeError, ray.exceptions.RayError):
+                pass  # already finished
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        self.in_flight.clear()
+        if self.table:
+            ray.kill(self.table[1])
+
     def close(self) -> None:
         """The QC pictures, then the cell table's last rows: once every level is built."""
         qc = _qc_images.remote(self.plan_ref, self.counts) if self.plan.spec.qc_images else None
@@ -551,7 +571,9 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
                 else:
                     host.finished(ref)
     except BaseException:
-        host.drain()
+        if model is not None:
+            model.kill()  # stopped or failed: no more tiles, and the CPUs they held go to ending the tasks
+        host.cancel()
         raise
     if not streams.complete:
         raise RuntimeError("the streamed stages ended before every region was written (a bug in pipeline.streaming)")
