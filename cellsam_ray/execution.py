@@ -16,9 +16,11 @@
   actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
   actor once the queue is empty; the first copy to finish counts.
 - A batch that still fails is retried tile by tile; a tile that fails on every attempt is recorded
-  (``RunStats.failed``) and the later stages do not run, so no tile is ever left silently empty. Device out
-  of memory halves an actor's batch, down to one tile, and shrinks CellSAM's decoder chunk; a sticky CUDA
-  error ends the actor's process, so Ray restarts it with a fresh context.
+  (``RunStats.failed``): nothing that reads it is written, the run ends unfinished (its label unlisted)
+  and a rerun retries only that tile, so no tile is ever left silently empty. Device out of memory halves
+  an actor's batch, down to one tile, and shrinks CellSAM's decoder chunk; a sticky CUDA error ends the
+  actor's process, so Ray restarts it with a fresh context. A stopped or failed run kills its actors and
+  cancels its tasks at once.
 """
 
 from __future__ import annotations
