@@ -140,19 +140,24 @@ def sparse(size: int, tissue: int, folder: Path) -> dict:
                 stage_seconds=report["timings"], tasks=report["tasks"])
 
 
-def dense(size: int, folder: Path, workers: int) -> dict:
+def _dense_slide(folder: Path, size: int, name: str):
+    """A ``size``² synthetic slide full of cells, and its truth as a plain .npy (memory-mapped), so the
+    oracle reads it in its own thread, where its CPU time is counted; read through zarr, part of the work
+    would run on zarr's I/O threads. Returns the slide's URL, its synth info and the truth's path."""
+    from cellsam_ray.io.ngff import open_image
     from cellsam_ray.synth import write_synthetic_slide
 
-    url = str(folder / f"dense-{size}.ome.zarr")
+    url = str(folder / f"{name}-{size}.ome.zarr")
     info = write_synthetic_slide(url, size=(size, size), channels=2, ngff="0.5", seed=3, chunk=256)
+    truth = folder / f"{name}-truth-{size}.npy"
+    np.save(truth, np.asarray(open_image(url).label("ground_truth").array(0)[:]))
+    return url, info, truth
+
+
+def dense(size: int, folder: Path, workers: int) -> dict:
+    url, info, truth = _dense_slide(folder, size, "dense")
     timed = folder / f"segmenter-cpu-{size}"
     timed.mkdir()
-    # The truth as a plain .npy (memory-mapped), so the oracle reads it in its own thread, where its CPU
-    # time is counted; read through zarr, part of the work would run on zarr's I/O threads.
-    truth = folder / f"truth-{size}.npy"
-    from cellsam_ray.io.ngff import open_image
-
-    np.save(truth, np.asarray(open_image(url).label("ground_truth").array(0)[:]))
     os.environ.update(CELLSAM_RAY_ORACLE_LABELS=str(truth), CELLSAM_RAY_BENCH_CPU_DIR=str(timed))
     ensure_ray()
     spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
@@ -178,7 +183,6 @@ def dense(size: int, folder: Path, workers: int) -> dict:
 def stage_profile(folder: Path, size: int = 2304) -> dict:
     """CPU milliseconds per 1024² window of each stage function, in this process without Ray: what the
     functions cost before Ray's per-task cost (a dense ``size``² slide, tile 768 + halo 128)."""
-    from cellsam_ray.io.ngff import open_image
     from cellsam_ray.merge.objects import CellSet
     from cellsam_ray.merge.rasterise import rasterise_core
     from cellsam_ray.merge.reconcile import global_offsets
@@ -187,13 +191,9 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
     from cellsam_ray.pipeline.plan import make_plan
     from cellsam_ray.pipeline.stages import finish_tiles, infer_tiles, reconcile_tile, with_ids
     from cellsam_ray.spec import SegmentSpec
-    from cellsam_ray.synth import write_synthetic_slide
     from cellsam_ray.table import stage as table_stage
 
-    url = str(folder / "profile.ome.zarr")
-    info = write_synthetic_slide(url, size=(size, size), channels=2, ngff="0.5", seed=3, chunk=256)
-    truth = folder / "profile-truth.npy"
-    np.save(truth, np.asarray(open_image(url).label("ground_truth").array(0)[:]))
+    url, info, truth = _dense_slide(folder, size, "profile")
     os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
     plan = make_plan(SegmentSpec(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
                                  segmenter=ORACLE, tile=768, halo=128, chunk=256, tissue_mask=False,

@@ -42,7 +42,6 @@ from cellsam_ray import device
 from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
-from cellsam_ray.merge.reconcile import global_offsets
 from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.streaming import Streams

@@ -4,7 +4,8 @@ A: ``infer_tiles`` (the model, under a worker's model lock) then ``finish_tiles`
    segmenter's own post-processing and the candidates) -> candidates per tile, persisted under the work
    prefix (resume point);
 B: ``reconcile_tile`` -> the cells homed at a tile; C: ids by a prefix sum (driver);
-D: ``write_core`` -> a tile's core of label level 0; E: ``pyramid`` chunks, level by level.
+D: ``write_core`` -> a tile's core of label level 0; E: ``pyramid`` chunks, row by row as the level they
+   are made from fills (``pipeline.streaming`` says when each unit may start).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import numpy as np
 
 from cellsam_ray.merge.candidates import tile_candidates
 from cellsam_ray.merge.objects import CellSet
-from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import reconcile_home
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.segmenter import Segmenter, check_detections
@@ -103,7 +103,3 @@ def with_ids(kept: CellSet, offset: int) -> CellSet:
     if len(numbered):
         numbered.set_col("id", offset + np.arange(1, len(numbered) + 1))
     return numbered
-
-
-def core_labels(tile: Tile, kept_neighbourhood: list[CellSet]) -> np.ndarray:
-    return rasterise_core(tile, kept_neighbourhood)

@@ -67,7 +67,6 @@ class Streams:
         self._writes: deque[Home] = deque()
         self.writes_open = False
         self._submitted: set[Home] = set()
-        self._settled: set[Home] = set()
         self._users = {h: len(grid.neighbourhood(*h)) for h in self.homes}  # closure homes still to settle
         self.released: list[Home] = []  # homes whose kept cells no write needs any more
         self._next_row_home = 0  # the cell table's pointer into ``closure``
@@ -76,7 +75,7 @@ class Streams:
             self._unsettled_in_row[h[0]] += 1
         self._final_tile_rows = 0
         self.written_boxes: dict = {}  # tile row -> cores written there (not left empty), level ``plan.level``
-        self._levels: list[_Level] = []  # known once writes open (the label arrays exist then)
+        self._levels: dict[int, _Level] = {}  # in build order; known once writes open (the arrays exist then)
         self._chunks: deque[tuple[int, tuple[int, ...]]] = deque()  # ready, not yet handed out
         self._y = [a for a in plan.axes if a != "c"].index("y")
         self._advance_rows()
@@ -124,8 +123,9 @@ class Streams:
     def open_writes(self) -> None:
         """Writes may start: the label arrays this run writes exist (after the swap, when one replaces)."""
         self.writes_open = True
-        self._levels = [self._level(level) for level in labels_out.build_order(self.plan)]
-        self._readers = {lv.source: sum(other.source == lv.source for other in self._levels) for lv in self._levels}
+        self._levels = {level: self._level(level) for level in labels_out.build_order(self.plan)}
+        sources = [lv.source for lv in self._levels.values()]
+        self._readers = {source: sources.count(source) for source in sources}
 
     def take_writes(self, n: int) -> list[Home]:
         if not self.writes_open:
@@ -142,7 +142,6 @@ class Streams:
         self._advance_rows()
 
     def _settle(self, home: Home) -> None:
-        self._settled.add(home)
         self._unsettled_in_row[home[0]] -= 1
         for rc in self.grid.neighbourhood(*home):
             if rc in self._users:
@@ -188,14 +187,13 @@ class Streams:
             if self._final_tile_rows == self.grid.rows:
                 return self.grid.height
             return self._final_tile_rows * self.grid.tile
-        return next(lv for lv in self._levels if lv.level == level).frontier
+        return self._levels[level].frontier
 
     def _boxes(self, level: int) -> tuple[dict, int]:
         """The regions written at ``level``, by row, and the height of a row there."""
         if level == self.plan.level:
             return self.written_boxes, self.grid.tile
-        lv = next(lv for lv in self._levels if lv.level == level)
-        return lv.boxes, lv.unit
+        return self._levels[level].boxes, self._levels[level].unit
 
     def take_chunks(self, n: int) -> list[tuple[int, tuple[int, ...]]]:
         """Up to ``n`` chunks of the other levels whose sources are final."""
@@ -210,7 +208,7 @@ class Streams:
         changed = True
         while changed:
             changed = False
-            for lv in self._levels:
+            for lv in self._levels.values():
                 while lv.next_row < lv.rows:
                     lo = lv.next_row * lv.unit
                     y_map = self.plan.label_maps[lv.level][self._y]
@@ -230,7 +228,7 @@ class Streams:
                     changed |= self._advance_level(lv)
 
     def chunk_built(self, level: int, chunk: tuple[int, ...]) -> None:
-        lv = next(lv for lv in self._levels if lv.level == level)
+        lv = self._levels[level]
         lv.unfinished[chunk[self._y]].discard(chunk)
         lv.boxes.setdefault(chunk[self._y], []).extend(extent.chunk_boxes(self.plan, level, [chunk]))
         self._advance_level(lv)
@@ -247,4 +245,4 @@ class Streams:
     def complete(self) -> bool:
         """Every home counted, every core settled and every level final."""
         return (self.writes_open and self._next_home == len(self.homes) and self._final_tile_rows == self.grid.rows
-                and all(lv.final_rows == lv.rows for lv in self._levels))
+                and all(lv.final_rows == lv.rows for lv in self._levels.values()))
