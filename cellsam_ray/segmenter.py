@@ -21,7 +21,6 @@ one with no arguments. The merge treats every segmenter the same way, CellSAM in
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,12 +46,6 @@ class Detections:
         return len(self.scores)
 
 
-def box_pixel_extent(box: np.ndarray) -> tuple[int, int, int, int]:
-    """(row0, col0, row1, col1), half-open, of a box rounded outward to whole pixels."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return math.floor(y1), math.floor(x1), math.ceil(y2), math.ceil(x2)
-
-
 def check_detections(result: dict[str, Any], source: str) -> Detections:
     """Validate a segmenter's result; a broken segmenter fails loudly here, not as a corrupt slide."""
     try:
@@ -69,16 +62,18 @@ def check_detections(result: dict[str, Any], source: str) -> Detections:
         )
     if not np.all(np.isfinite(boxes)) or np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
         raise RuntimeError(f"{source}: boxes must be finite x1, y1, x2, y2 with x2 >= x1 and y2 >= y1")
-    checked = []
-    for i, (box, mask) in enumerate(zip(boxes, masks)):
-        mask = np.asarray(mask)
-        r0, c0, r1, c1 = box_pixel_extent(box)
-        if mask.shape != (r1 - r0, c1 - c0):
-            raise RuntimeError(
-                f"{source}: mask {i} has shape {mask.shape}, but box {box.tolist()} rounded outward "
-                f"covers {(r1 - r0, c1 - c0)}"
-            )
-        checked.append(mask.astype(bool, copy=False))
+    checked = [np.asarray(mask) for mask in masks]
+    shapes = np.array([m.shape if m.ndim == 2 else (-1, -1) for m in checked], dtype=np.int64).reshape(-1, 2)
+    expected = np.stack([np.ceil(boxes[:, 3]) - np.floor(boxes[:, 1]),
+                         np.ceil(boxes[:, 2]) - np.floor(boxes[:, 0])], axis=1).astype(np.int64)
+    wrong = np.flatnonzero((shapes != expected).any(axis=1))
+    if wrong.size:
+        i = int(wrong[0])
+        raise RuntimeError(
+            f"{source}: mask {i} has shape {checked[i].shape}, but box {boxes[i].tolist()} rounded outward "
+            f"covers {tuple(expected[i].tolist())}"
+        )
+    checked = [m if m.dtype == bool else m.astype(bool) for m in checked]
     return Detections(boxes=boxes, scores=scores, ious=ious, masks=checked)
 
 

@@ -28,7 +28,7 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
     # by the image edge must still have its centre, and so its home, inside the image.
     cy = (np.maximum(wy0 + y1, 0) + np.minimum(wy0 + y2, grid.height)) / 2
     cx = (np.maximum(wx0 + x1, 0) + np.minimum(wx0 + x2, grid.width)) / 2
-    # The box rounded outward to whole pixels (``box_pixel_extent``), in level pixels, clipped to the view.
+    # The box rounded outward to whole pixels (the contract in ``segmenter``), in level pixels, clipped to the view.
     gy0, gx0 = wy0 + np.floor(y1).astype(np.int64), wx0 + np.floor(x1).astype(np.int64)
     cy0, cx0 = np.maximum(gy0, vy0), np.maximum(gx0, vx0)
     cy1 = np.minimum(wy0 + np.ceil(y2).astype(np.int64), vy1)
@@ -39,13 +39,12 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
     kept, masks, extents = [], [], []
     for i in np.flatnonzero(owned).tolist():
         mask = detections.masks[i][cy0[i] - gy0[i] : cy1[i] - gy0[i], cx0[i] - gx0[i] : cx1[i] - gx0[i]]
-        rows_hit = mask.any(axis=1)
-        if not rows_hit.any():
+        rows_hit = np.flatnonzero(mask.any(axis=1))
+        if not rows_hit.size:
             continue
         # Trim to the mask's own extent so the stored record is small and its bounds are exact.
-        cols_hit = mask.any(axis=0)
-        top, bottom = int(rows_hit.argmax()), len(rows_hit) - int(rows_hit[::-1].argmax())
-        left, right = int(cols_hit.argmax()), len(cols_hit) - int(cols_hit[::-1].argmax())
+        cols_hit = np.flatnonzero(mask.any(axis=0))
+        top, bottom, left, right = int(rows_hit[0]), int(rows_hit[-1]) + 1, int(cols_hit[0]), int(cols_hit[-1]) + 1
         masks.append(np.ascontiguousarray(mask[top:bottom, left:right]))
         extents.append((top, left, bottom, right))
         kept.append(i)
