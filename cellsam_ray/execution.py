@@ -92,6 +92,7 @@ class RunStats:
     actor_peak_rss_mb: list = field(default_factory=list)
     nodes: list = field(default_factory=list)  # Ray node ids the model actors ran on
     tasks: dict = field(default_factory=dict)  # tasks (or actor calls) per stage
+    units: dict = field(default_factory=dict)  # per stage: homes reconciled, cores painted, chunks built, ...
     batches: int = 0  # model batches handed to the actors
     failed: list[TileFailure] = field(default_factory=list)
 
@@ -164,40 +165,83 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {last}"
 
 
-@ray.remote(max_retries=TASK_RETRIES, num_returns=2)
-def _reconcile(plan: SlidePlan, home: tuple[int, int]):
-    grid = plan.grid
-    neighbourhood = []
-    for rc in grid.neighbourhood(*home):
-        key = grid.tile_at(*rc).key
-        planned = key in plan.planned_keys
-        neighbourhood.append(CellSet.from_bytes(plan.work.get(CANDIDATES, key)) if planned else CellSet())
-    result = reconcile_tile(home, neighbourhood)
-    counts = dict(cells=len(result.kept), reconciled=result.reconciled, oversized=result.oversized,
-                  cut_at_window=result.cut_at_window)
-    return counts, result.kept
+def _runs(units: list[tuple], most: int, key=lambda unit: unit) -> list[list[tuple]]:
+    """``units`` in raster order, cut into runs of at most ``most`` neighbours along a row: a task takes a
+    run, so the inputs neighbouring units share are read and decoded once (``key`` gives a unit's row
+    and column)."""
+    runs: list[list[tuple]] = []
+    for unit in sorted(units):
+        if runs and len(runs[-1]) < most:
+            (row, col), (last_row, last_col) = key(unit), key(runs[-1][-1])
+            if row == last_row and col == last_col + 1:
+                runs[-1].append(unit)
+                continue
+        runs.append([unit])
+    return runs
 
 
-@ray.remote(max_retries=TASK_RETRIES, num_returns=3)
-def _write_core(plan: SlidePlan, home: tuple[int, int], offsets: list[int], *kept: CellSet | None):
-    """Paint one core and write it, unless it stays empty (its chunks keep the fill value); returns whether
-    it was written (small, fetched, so a failed write raises on the driver) and, with the cell table on,
-    the sums of the cells painted there: (complete, seam pieces). ``kept`` is None for a neighbour that
-    homes no cell."""
-    tile = plan.grid.tile_at(*home)
-    numbered = [with_ids(cells, offset) for cells, offset in zip(kept, offsets) if cells is not None]
-    labels = rasterise_core(tile, numbered)
-    written = bool(labels.any())
-    if written:
-        labels_out.write_core(plan, tile, labels)
-    if not plan.spec.cell_table:
-        return written, None, None
-    return (written, *table_stage.measure_tile(plan, tile, labels, CellSet.concat(numbered)))
+def _chunk_runs(chunks: list[tuple], row_of) -> list[list[tuple]]:
+    """``(level, chunk)`` pairs cut into runs of at most ``CHUNKS_PER_TASK`` of one level and chunk row,
+    in the order given (``row_of`` gives a chunk's row)."""
+    runs: list[list[tuple]] = []
+    for level, chunk in chunks:
+        if runs and len(runs[-1]) < CHUNKS_PER_TASK and runs[-1][0][0] == level \
+                and row_of(runs[-1][0][1]) == row_of(chunk):
+            runs[-1].append((level, chunk))
+        else:
+            runs.append([(level, chunk)])
+    return runs
+
+
+def _returns(refs, n: int) -> list:
+    """A task's ``n`` return refs as a list (Ray gives one ref, not a list, when ``n`` is 1)."""
+    return [refs] if n == 1 else list(refs)
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _cell_rows(layout: TableLayout, home: tuple[int, int], complete: CellSums, *pieces: CellSums):
-    return table_stage.home_rows(layout, home, complete, list(pieces))
+def _reconcile(plan: SlidePlan, homes: list[tuple[int, int]]):
+    """Reconcile a run of homes; returns their QC counts, then each home's kept cells (one return each,
+    so each is released on its own once no write needs it). Each tile's candidates are decoded once."""
+    grid, found = plan.grid, {}
+    for rc in sorted({rc for home in homes for rc in grid.neighbourhood(*home)}):
+        key = grid.tile_at(*rc).key
+        found[rc] = CellSet.from_bytes(plan.work.get(CANDIDATES, key)) if key in plan.planned_keys else CellSet()
+    counts, kept = [], []
+    for home in homes:
+        result = reconcile_tile(home, [found[rc] for rc in grid.neighbourhood(*home)])
+        counts.append(dict(cells=len(result.kept), reconciled=result.reconciled, oversized=result.oversized,
+                           cut_at_window=result.cut_at_window))
+        kept.append(result.kept)
+    return (counts, *kept)
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def _write_cores(plan: SlidePlan, homes: list[tuple[int, int]], near: list[tuple[int, int]], offsets: list[int],
+                 *kept: CellSet | None):
+    """Paint a run of cores and write each unless it stays empty (its chunks keep the fill value).
+
+    ``near`` are the homes around the run, ``offsets`` and ``kept`` theirs (``kept`` None for a home with
+    no cell); each is numbered once for every core it reaches. Returns whether each core was written
+    (small, fetched, so a failed write raises on the driver) and, with the cell table on, the sums of the
+    cells painted in each core: (complete, seam pieces) per core.
+    """
+    numbered = {rc: with_ids(cells, offset) for rc, offset, cells in zip(near, offsets, kept) if cells is not None}
+    written, sums = [], []
+    for home in homes:
+        tile = plan.grid.tile_at(*home)
+        cells = [numbered[rc] for rc in plan.grid.neighbourhood(*home) if rc in numbered]
+        labels = rasterise_core(tile, cells)
+        written.append(bool(labels.any()))
+        if written[-1]:
+            labels_out.write_core(plan, tile, labels)
+        if plan.spec.cell_table:
+            sums.extend(table_stage.measure_tile(plan, tile, labels, CellSet.concat(cells)))
+    return (written, *sums) if sums else written
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def _cell_rows(layout: TableLayout, homes: list[tuple[int, int]], pieces_per_home: list[int], *sums: CellSums):
+    return table_stage.rows_of_homes(layout, homes, pieces_per_home, list(sums))
 
 
 @ray.remote(max_retries=TASK_RETRIES)
@@ -206,8 +250,9 @@ def _qc_images(plan: SlidePlan, counts: dict) -> dict:
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _pyramid_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) -> None:
-    labels_out.build_chunk(plan, level, chunk_index)
+def _pyramid_chunks(plan: SlidePlan, level: int, chunks: list[tuple[int, ...]]) -> None:
+    for chunk_index in chunks:
+        labels_out.build_chunk(plan, level, chunk_index)
 
 
 # Names of variables never forwarded to the actors: a runtime_env is kept by Ray and shown by its dashboard.
@@ -388,44 +433,64 @@ def _tasks_in_flight() -> int:
     return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
+HOMES_PER_TASK = 4
+"""Neighbouring homes (cores) a reconcile (write) task takes at most: a run of 4 along a row decodes 18
+candidate files instead of 36 (deserialises 18 kept sets instead of 36) and costs one task's overhead."""
+CHUNKS_PER_TASK = 8  # pyramid chunks of one chunk row a task builds at most
+
+
 class _HostStages:
-    """Stages B–E as CPU tasks, each submitted as soon as ``Streams`` says what it reads is final, at most
-    ``limit`` at a time (writes first, then pyramid chunks, then reconciles: what frees memory first), so
-    the driver and the object store hold what is in flight and the rows near the front, not a task per
+    """Stages B–E as CPU tasks, each submitted as soon as ``Streams`` says what it reads is final: writes
+    first, then pyramid chunks, then reconciles (what frees memory first), neighbouring units of a stage
+    together (``_runs``), at most ``limit`` tasks and ``limit × HOMES_PER_TASK`` units in flight, so the
+    driver and the object store hold what is in flight and the rows near the front, not a task per
     tile. A task that fails on every attempt raises on the driver and fails the run."""
 
     def __init__(self, plan_ref, plan: SlidePlan, streams: Streams, stats: RunStats, limit: int) -> None:
         self.plan_ref, self.plan, self.streams, self.stats, self.limit = plan_ref, plan, streams, stats, limit
-        self.in_flight: dict[ray.ObjectRef, tuple] = {}
+        self.in_flight: dict[ray.ObjectRef, tuple] = {}  # ref -> (stage, units)
+        self.units_in_flight = 0
         self.kept_refs: dict = {}  # home -> its kept cells, until the last core they paint is written
         self.sums: dict = {}  # tile row -> painted core -> (complete sums, seam pieces), until no row needs them
         self.counts: dict = {}  # home -> (cells, reconciled), for the QC pictures
         self.spans: dict[str, list[float]] = {}  # stage -> [first submitted, last finished]
         self.table = None  # (layout, writer actor, the appends not yet seen done), once writes open
 
-    def _sent(self, stage: str, ref, unit) -> None:
-        self.in_flight[ref] = (stage, unit)
+    def _sent(self, stage: str, ref, units: list) -> None:
+        self.in_flight[ref] = (stage, units)
+        self.units_in_flight += len(units)
         self.spans.setdefault(stage, [time.perf_counter(), 0.0])
         self.stats.tasks[stage] = self.stats.tasks.get(stage, 0) + 1
+        self.stats.units[stage] = self.stats.units.get(stage, 0) + len(units)
+
+    def _room(self) -> int:
+        """Units that may be handed out now."""
+        if len(self.in_flight) >= self.limit:
+            return 0
+        return max(self.limit * HOMES_PER_TASK - self.units_in_flight, 0)
 
     def submit(self) -> None:
-        streams, grid = self.streams, self.plan.grid
-        for home in streams.take_writes(self.limit - len(self.in_flight)):
-            block = grid.neighbourhood(*home)
-            refs = _write_core.remote(self.plan_ref, home, [streams.offsets.get(rc, 0) for rc in block],
-                                      *[self.kept_refs.get(rc) for rc in block])
-            self._sent("write", refs[0], home)
-            if self.plan.spec.cell_table:
-                self.sums.setdefault(home[0], {})[home] = refs[1:]
-        for level, chunk in streams.take_chunks(self.limit - len(self.in_flight)):
-            self._sent("pyramid", _pyramid_chunk.remote(self.plan_ref, level, chunk), (level, chunk))
-        for home in streams.take_reconciles(self.limit - len(self.in_flight)):
-            counts_ref, self.kept_refs[home] = _reconcile.remote(self.plan_ref, home)
-            self._sent("reconcile", counts_ref, home)
+        streams, grid, table = self.streams, self.plan.grid, self.plan.spec.cell_table
+        for homes in _runs(streams.take_writes(self._room()), HOMES_PER_TASK):
+            near = sorted({rc for home in homes for rc in grid.neighbourhood(*home)})
+            n = 1 + 2 * len(homes) if table else 1
+            refs = _returns(_write_cores.options(num_returns=n).remote(
+                self.plan_ref, homes, near, [streams.offsets.get(rc, 0) for rc in near],
+                *[self.kept_refs.get(rc) for rc in near]), n)
+            self._sent("write", refs[0], homes)
+            for i, home in enumerate(homes if table else ()):
+                self.sums.setdefault(home[0], {})[home] = refs[1 + 2 * i : 3 + 2 * i]
+        for run in _chunk_runs(streams.take_chunks(self._room()), streams.row_of_chunk):
+            self._sent("pyramid", _pyramid_chunks.remote(self.plan_ref, run[0][0], [c for _, c in run]), run)
+        for homes in _runs(streams.take_reconciles(self._room()), HOMES_PER_TASK):
+            refs = _reconcile.options(num_returns=1 + len(homes)).remote(self.plan_ref, homes)
+            for home, ref in zip(homes, refs[1:]):
+                self.kept_refs[home] = ref
+            self._sent("reconcile", refs[0], homes)
         for home in streams.released:
             self.kept_refs.pop(home, None)
         streams.released.clear()
-        if self.plan.spec.cell_table and streams.writes_open:
+        if table and streams.writes_open:
             self._table_rows()
 
     def _start_table(self) -> tuple:
@@ -444,12 +509,17 @@ class _HostStages:
         self.table = self.table or self._start_table()
         layout, writer, appends = self.table
         grid = self.plan.grid
-        for home in self.streams.take_table_rows():
+        homes, pieces_per_home, sums = self.streams.take_table_rows(), [], []
+        for home in homes:
             near = [self.sums.get(rc[0], {}).get(rc) for rc in grid.neighbourhood(*home)]
             pieces = [refs[1] for refs in near if refs is not None]
-            complete = self.sums[home[0]][home][0]
-            appends.append(writer.append.remote(_cell_rows.remote(layout, home, complete, *pieces)))
+            sums += [self.sums[home[0]][home][0], *pieces]
+            pieces_per_home.append(len(pieces))
+        if homes:
+            appends.append(writer.append.remote(_cell_rows.remote(layout, homes, pieces_per_home, *sums)))
             self.spans.setdefault("cell_table", [time.perf_counter(), 0.0])
+            self.stats.tasks["cell_table"] = self.stats.tasks.get("cell_table", 0) + 1
+            self.stats.units["cell_table"] = self.stats.units.get("cell_table", 0) + len(homes)
         position = self.streams.table_position  # rows to come need the sums of its row and the one above
         for row in [r for r in self.sums if position is None or r < position[0] - 1]:
             del self.sums[row]
@@ -458,21 +528,23 @@ class _HostStages:
             ray.get(done)
 
     def finished(self, ref) -> None:
-        stage, unit = self.in_flight.pop(ref)
-        value = ray.get(ref)
+        stage, units = self.in_flight.pop(ref)
+        self.units_in_flight -= len(units)
+        values = ray.get(ref)
         self.spans[stage][1] = time.perf_counter()
-        if stage == "reconcile":
-            stats = self.stats
-            stats.cells += value["cells"]
-            stats.reconciled += value["reconciled"]
-            stats.oversized += value["oversized"]
-            stats.cut_at_window += value["cut_at_window"]
-            self.counts[unit] = (value["cells"], value["reconciled"])
-            self.streams.counted(unit, value["cells"])
-        elif stage == "write":
-            self.streams.core_written(unit, value)
-        else:
-            self.streams.chunk_built(*unit)
+        for unit, value in zip(units, values if stage != "pyramid" else units):
+            if stage == "reconcile":
+                stats = self.stats
+                stats.cells += value["cells"]
+                stats.reconciled += value["reconciled"]
+                stats.oversized += value["oversized"]
+                stats.cut_at_window += value["cut_at_window"]
+                self.counts[unit] = (value["cells"], value["reconciled"])
+                self.streams.counted(unit, value["cells"])
+            elif stage == "write":
+                self.streams.core_written(unit, value)
+            else:
+                self.streams.chunk_built(*unit)
 
     def drain(self) -> None:
         """Wait for what is in flight, whatever its outcome: nothing of this run writes after it ends."""

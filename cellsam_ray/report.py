@@ -86,6 +86,9 @@ class RunReport(_Strict):
     timings: dict[str, float] = Field(description="Seconds per stage (segment, reconcile, write, pyramid, ...).")
     tasks: dict[str, int] = Field(default_factory=dict, description="Ray tasks per stage (model batches for "
                                   "segment): after segmenting they follow the tissue, not the slide's area.")
+    units: dict[str, int] = Field(default_factory=dict, description="Units of work per stage, a task taking "
+                                  "several neighbours: homes reconciled, cores painted (written or found "
+                                  "empty), pyramid chunks built, homes whose table rows were made.")
     model_seconds: float = Field(description="Seconds spent inside the model, summed over actors.")
     actor_peak_rss_mb: list[float] = Field(default_factory=list, description="Peak memory of each model actor.")
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the model actors ran on.")

@@ -49,6 +49,15 @@ def test_mode_with_foreground_priority():
     assert pyramid.downsample(image, 2, "labels").ravel().tolist() == list(blocks.values())
 
 
+def test_whole_two_by_two_blocks_follow_the_rule_for_every_pattern():
+    """The sort-free path for whole 2×2 blocks, on every block over four ids and background (625)."""
+    values = np.array([0, 1, 2, 7, 2**32 - 1], np.uint32)
+    blocks = np.array(list(itertools.product(values, repeat=4)), np.uint32)
+    image = blocks.reshape(-1, 2, 2).transpose(1, 0, 2).reshape(2, -1)  # block k at columns 2k, 2k+1
+    out = pyramid.downsample(image, 2, "labels").ravel()
+    assert out.tolist() == [reference_mode(b) for b in blocks]
+
+
 def test_mode_matches_reference_and_never_invents_ids():
     rng = np.random.default_rng(1)
     labels = rng.choice(np.array([0, 0, 3, 17, 2**31 + 5], np.uint32), size=(37, 29))

@@ -47,11 +47,12 @@ def test_a_sparse_whole_slide_costs_what_its_tissue_costs(tmp_path, ray_cluster,
     report = segment(dict(input=str(root), nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE, tile=TILE,
                           halo=HALO, chunk=CHUNK, qc_images=False), progress=False)
 
-    summary, tasks = report["summary"], report["tasks"]
+    summary, tasks, units = report["summary"], report["tasks"], report["units"]
     assert summary["tiles"] == 40 * 40 and summary["tiles_segmented"] <= 9
     assert summary["cells"] == int(truth.max())
     # Homes next to a segmented tile, cores next to a home with cells: a few dozen of the 1,600.
-    assert tasks["reconcile"] <= 25 and tasks["write"] <= tasks["reconcile"]
+    assert units["reconcile"] <= 25 and units["write"] <= units["reconcile"]
+    assert all(tasks[stage] <= units[stage] for stage in ("reconcile", "write", "pyramid"))
     image = open_image(series)
     labels = image.label("cells")
     assert [lv.shape for lv in labels.levels] == [lv.shape[:1] + lv.shape[2:] for lv in image.levels]
@@ -64,7 +65,7 @@ def test_a_sparse_whole_slide_costs_what_its_tissue_costs(tmp_path, ray_cluster,
         chunks = chunk_files(Path(series, "labels", "cells", level.path))
         assert chunks and all(y0 <= r <= y1 and x0 <= c <= x1 for r, c in chunks), (level.path, chunks[:5])
         written += len(chunks)
-    assert tasks["pyramid"] + tasks["write"] < 0.01 * total_chunks  # of ~32,000 chunks of the label pyramid
+    assert units["pyramid"] + units["write"] < 0.01 * total_chunks  # of ~32,000 chunks of the label pyramid
     assert written < 0.01 * total_chunks
     # The labels there are the truth, up to relabelling (and nothing around the tissue).
     y0, x0, h, w = TISSUE

@@ -177,7 +177,28 @@ def resample(block: np.ndarray, windows: Sequence[tuple[np.ndarray, np.ndarray] 
 
 
 def _mode(children: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Most frequent non-zero value along the last axis, ties to the smaller; 0 where all are 0 or padding.
+    """Most frequent non-zero value along the last axis, ties to the smaller; 0 where all are 0 or padding."""
+    if children.shape[-1] == 4 and valid.all():  # whole 2×2 blocks: the usual pyramid
+        return _mode_of_four(*np.moveaxis(children, -1, 0))
+    return _mode_sorted(children, valid)
+
+
+def _mode_of_four(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``_mode`` of four values per pixel without sorting: each value's count from the six pairwise
+    equalities (-1 for background, which never wins a vote), then the largest count, ties to the
+    smaller value. ~3x faster than ``_mode_sorted`` on whole 2×2 blocks."""
+    ab, ac, ad, bc, bd, cd = a == b, a == c, a == d, b == c, b == d, c == d
+    best, best_count = a, np.where(a != 0, 1 + ab.astype(np.int8) + ac + ad, -1).astype(np.int8)
+    for value, count in ((b, 1 + ab.astype(np.int8) + bc + bd), (c, 1 + ac.astype(np.int8) + bc + cd),
+                         (d, 1 + ad.astype(np.int8) + bd + cd)):
+        count = np.where(value != 0, count, -1).astype(np.int8)
+        better = (count > best_count) | ((count == best_count) & (value < best))
+        best, best_count = np.where(better, value, best), np.where(better, count, best_count)
+    return best
+
+
+def _mode_sorted(children: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``_mode`` for any number of sources, some of them padding (``valid`` False).
 
     Sorted, equal values are runs; walking the (few) sorted columns, a run's length grows while the value
     repeats, and only a longer run replaces the best so far, so among the longest runs the smallest value

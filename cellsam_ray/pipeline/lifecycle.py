@@ -238,6 +238,7 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float, statu
         model=model,
         timings={k: round(v, 3) for k, v in stats.stage_seconds.items()},
         tasks=dict(stats.tasks),
+        units=dict(stats.units),
         model_seconds=round(stats.model_seconds, 3),
         cell_table=stats.cell_table,
         qc=stats.qc,

@@ -195,6 +195,10 @@ class Streams:
             return self.written_boxes, self.grid.tile
         return self._levels[level].boxes, self._levels[level].unit
 
+    def row_of_chunk(self, chunk: tuple[int, ...]) -> int:
+        """The chunk row (along y) of a chunk's grid position."""
+        return chunk[self._y]
+
     def take_chunks(self, n: int) -> list[tuple[int, tuple[int, ...]]]:
         """Up to ``n`` chunks of the other levels whose sources are final."""
         if not self.writes_open:

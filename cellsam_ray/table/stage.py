@@ -53,6 +53,17 @@ def measure_tile(plan: SlidePlan, tile: Tile, labels: np.ndarray, cells: CellSet
     return measure_core(labels, (tile.core_y0, tile.core_x0), pixels, cells)
 
 
+def rows_of_homes(layout: TableLayout, homes: list[tuple[int, int]], pieces_per_home: list[int],
+                  sums: list[CellSums]) -> pa.Table:
+    """The rows of several homes (in raster order), one table: ``sums`` holds each home's complete sums
+    followed by its ``pieces_per_home`` seam pieces."""
+    tables, at = [], 0
+    for home, n in zip(homes, pieces_per_home):
+        tables.append(home_rows(layout, home, sums[at], sums[at + 1 : at + 1 + n]))
+        at += 1 + n
+    return pa.concat_tables(tables)
+
+
 def home_rows(layout: TableLayout, home: tuple[int, int], complete: CellSums, partials: list[CellSums]) -> pa.Table:
     """The rows of the cells numbered by ``home``, in id order.
 
