@@ -46,7 +46,6 @@ from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.streaming import Streams
 from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
-from cellsam_ray.qc.views import write_qc_images
 from cellsam_ray.report import TileFailure
 from cellsam_ray.table import stage as table_stage
 from cellsam_ray.table.measure import CellSums
@@ -120,7 +119,7 @@ class SegmentWorker:
 
     @ray.method(retry_exceptions=True)  # a transient error (a storage hiccup) costs a retry, not the tile
     def run(self, tiles: list) -> list[tuple[str, int, float]]:
-        windows = list(self.readers.map(lambda t: source.read_window(self.plan, t), tiles))
+        windows = source.read_windows(self.plan, tiles)
         try:
             with self.model_lock:
                 inferred = self._infer(tiles, windows)
@@ -246,6 +245,8 @@ def _cell_rows(layout: TableLayout, homes: list[tuple[int, int]], pieces_per_hom
 
 @ray.remote(max_retries=TASK_RETRIES)
 def _qc_images(plan: SlidePlan, counts: dict) -> dict:
+    from cellsam_ray.qc.views import write_qc_images  # one task per run: its imports stay out of the others
+
     return write_qc_images(plan, counts)
 
 

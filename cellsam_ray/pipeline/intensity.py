@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.8
@@ -52,8 +50,10 @@ def combine_roles(
     for r, members in enumerate(roles):
         for i in members:
             s = scales[i]
-            scaled = (pixels[i].astype(np.float32) - np.float32(s.low)) / np.float32(s.high - s.low)
-            np.maximum(out[r], np.clip(scaled, 0.0, 1.0), out=out[r])
+            scaled = pixels[i].astype(np.float32)  # a copy, worked on in place
+            np.subtract(scaled, np.float32(s.low), out=scaled)
+            np.divide(scaled, np.float32(s.high - s.low), out=scaled)
+            np.maximum(out[r], np.clip(scaled, 0.0, 1.0, out=scaled), out=out[r])
     return out
 
 
@@ -63,6 +63,10 @@ def tissue_mask(signal: np.ndarray, *, smooth: float = 2.0) -> np.ndarray:
     Otsu's threshold on the smoothed signal separates tissue from glass; a slide with no contrast (all
     background or all tissue) counts as all tissue, so nothing is skipped by mistake.
     """
+    # Imported here: only planning needs them, and every worker that unpickles a plan imports this module.
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
     smoothed = ndimage.gaussian_filter(signal.astype(np.float32), smooth)
     if float(smoothed.max() - smoothed.min()) < 1e-3:
         return np.ones(signal.shape, dtype=bool)

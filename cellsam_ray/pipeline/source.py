@@ -29,14 +29,48 @@ def level_array(plan: SlidePlan):
 
 def read_window(plan: SlidePlan, tile: Tile) -> np.ndarray:
     """The tile's full-size window (roles, S, S) as the stain makes it; zero or reflect padding past the borders."""
-    size = tile.window_size
-    wy0, wx0 = tile.origin
-    y0, x0 = max(wy0, 0), max(wx0, 0)
-    y1, x1 = min(wy0 + size, plan.grid.height), min(wx0 + size, plan.grid.width)
-    array = level_array(plan)
-    raw = read_channels(array, plan.axes, plan.plane, plan.channels, slice(y0, y1), slice(x0, x1))
-    inside = stain(plan.spec.stain).window(raw, plan.roles, plan.scales, array.dtype)
+    return read_windows(plan, [tile])[0]
+
+
+def read_windows(plan: SlidePlan, tiles: list[Tile]) -> list[np.ndarray]:
+    """``read_window`` of each tile. Neighbouring tiles of a row are read as one region: their windows
+    overlap by twice the halo, so a batch of four reads ~30% fewer image chunks than four windows."""
+    windows = {}
+    for run in _row_runs(tiles):
+        y0, x0, y1, x1 = _inside(plan, run[0])
+        x1 = _inside(plan, run[-1])[3]
+        raw = read_channels(level_array(plan), plan.axes, plan.plane, plan.channels, slice(y0, y1), slice(x0, x1))
+        for tile in run:
+            ty0, tx0, ty1, tx1 = _inside(plan, tile)
+            windows[tile.key] = _window(plan, tile, raw[:, ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0])
+    return [windows[t.key] for t in tiles]
+
+
+def _row_runs(tiles: list[Tile]) -> list[list[Tile]]:
+    """The tiles as runs of consecutive columns of one row (the tiles of a run share one read)."""
+    runs: list[list[Tile]] = []
+    for tile in sorted(tiles, key=lambda t: (t.row, t.col)):
+        if runs and runs[-1][-1].row == tile.row and runs[-1][-1].col + 1 == tile.col:
+            runs[-1].append(tile)
+        else:
+            runs.append([tile])
+    return runs
+
+
+def _inside(plan: SlidePlan, tile: Tile) -> tuple[int, int, int, int]:
+    """The part of the tile's window inside the image: y0, x0, y1, x1."""
+    size, (wy0, wx0) = tile.window_size, tile.origin
+    return (max(wy0, 0), max(wx0, 0), min(wy0 + size, plan.grid.height), min(wx0 + size, plan.grid.width))
+
+
+def _window(plan: SlidePlan, tile: Tile, raw: np.ndarray) -> np.ndarray:
+    """The window from the raw pixels of its part inside the image, stained and padded."""
+    size, (wy0, wx0) = tile.window_size, tile.origin
+    y0, x0, y1, x1 = _inside(plan, tile)
+    inside = stain(plan.spec.stain).window(raw, plan.roles, plan.scales, level_array(plan).dtype)
     pad = ((0, 0), (y0 - wy0, wy0 + size - y1), (x0 - wx0, wx0 + size - x1))
+    if not any(p for pair in pad for p in pair):
+        return inside  # a window inside the image: no copy
     if plan.spec.padding == "reflect" and min(inside.shape[1:]) > 1:
         return np.pad(inside, pad, mode="reflect")
     return np.pad(inside, pad)
