@@ -32,9 +32,18 @@ class CellSet:
 
     meta: np.ndarray = field(default_factory=lambda: np.zeros((0, len(META_COLUMNS))))
     masks: list[np.ndarray] = field(default_factory=list)
+    # (N, 2) mask shapes, kept once known (a decoded set has them): ``bounds`` of a merged neighbourhood
+    # of ~12,000 cells otherwise walks every mask.
+    _shapes: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.masks)
+
+    def shapes(self) -> np.ndarray:
+        """(N, 2) int64 height and width of each mask."""
+        if self._shapes is None:
+            self._shapes = np.array([m.shape for m in self.masks], dtype=np.int64).reshape(-1, 2)
+        return self._shapes
 
     def col(self, name: str) -> np.ndarray:
         return self.meta[:, _COL[name]]
@@ -44,7 +53,8 @@ class CellSet:
 
     def subset(self, index: np.ndarray) -> "CellSet":
         index = np.asarray(index, dtype=np.int64)
-        return CellSet(meta=self.meta[index].copy(), masks=[self.masks[i] for i in index])
+        shapes = self._shapes[index] if self._shapes is not None else None
+        return CellSet(meta=self.meta[index].copy(), masks=[self.masks[i] for i in index.tolist()], _shapes=shapes)
 
     def bounds(self) -> np.ndarray:
         """(N, 4) int64 half-open mask extents y0, x0, y1, x1."""
@@ -52,7 +62,7 @@ class CellSet:
         x0 = self.col("x0").astype(np.int64)
         if not len(self):
             return np.zeros((0, 4), np.int64)
-        hw = np.array([m.shape for m in self.masks], dtype=np.int64)
+        hw = self.shapes()
         return np.stack([y0, x0, y0 + hw[:, 0], x0 + hw[:, 1]], axis=1)
 
     def rank_order(self) -> np.ndarray:
@@ -81,7 +91,8 @@ class CellSet:
         sets = [s for s in sets if len(s)]
         if not sets:
             return CellSet()
-        return CellSet(meta=np.concatenate([s.meta for s in sets]), masks=[m for s in sets for m in s.masks])
+        return CellSet(meta=np.concatenate([s.meta for s in sets]), masks=[m for s in sets for m in s.masks],
+                       _shapes=np.concatenate([s.shapes() for s in sets]))
 
     def __reduce__(self):
         # Ray (and any pickler) moves a CellSet as one bit-packed buffer: pickled as a list of thousands of
@@ -89,7 +100,7 @@ class CellSet:
         return (CellSet.from_bytes, (self.to_bytes(),))
 
     def to_bytes(self) -> bytes:
-        shapes = np.array([m.shape for m in self.masks], dtype=np.int64).reshape(-1, 2)
+        shapes = self.shapes()
         flat = np.concatenate([m.ravel() for m in self.masks]) if self.masks else np.zeros(0, bool)
         buf = io.BytesIO()
         # Not compressed: the masks are bit-packed already, and zlib cost ten times the rest of the write
@@ -106,4 +117,4 @@ class CellSet:
         for h, w in shapes.tolist():  # Python ints: this loop runs once per cell
             masks.append(flat[start : start + h * w].reshape(h, w))
             start += h * w
-        return CellSet(meta=meta, masks=masks)
+        return CellSet(meta=meta, masks=masks, _shapes=shapes)

@@ -21,16 +21,18 @@ def rasterise_core(tile: Tile, kept_neighbourhood: list[CellSet]) -> np.ndarray:
     if not len(cells):
         return labels
     bounds = cells.bounds()
-    ids = cells.col("id").astype(np.uint32)
-    reach = ((bounds[:, 0] < tile.core_y1) & (bounds[:, 2] > tile.core_y0)
-             & (bounds[:, 1] < tile.core_x1) & (bounds[:, 3] > tile.core_x0))
+    reach = np.flatnonzero((bounds[:, 0] < tile.core_y1) & (bounds[:, 2] > tile.core_y0)
+                           & (bounds[:, 1] < tile.core_x1) & (bounds[:, 3] > tile.core_x0))
+    cells, bounds = cells.subset(reach), bounds[reach]  # only the cells that reach the core
     order = cells.rank_order()
-    clipped = np.stack([np.maximum(bounds[:, 0], tile.core_y0), np.maximum(bounds[:, 1], tile.core_x0),
-                        np.minimum(bounds[:, 2], tile.core_y1), np.minimum(bounds[:, 3], tile.core_x1)], axis=1)
-    for i in order[reach[order]].tolist():  # only the cells that reach the core, in rank order
-        y0, x0 = int(bounds[i, 0]), int(bounds[i, 1])
-        oy0, ox0, oy1, ox1 = clipped[i].tolist()
-        piece = cells.masks[i][oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
-        target = labels[oy0 - tile.core_y0 : oy1 - tile.core_y0, ox0 - tile.core_x0 : ox1 - tile.core_x0]
-        target[piece] = ids[i]
+    bounds = bounds[order]
+    core = np.array([tile.core_y0, tile.core_x0, tile.core_y0, tile.core_x0])
+    clipped = np.concatenate([np.maximum(bounds[:, :2], core[:2]),
+                              np.minimum(bounds[:, 2:], [tile.core_y1, tile.core_x1])], axis=1)
+    # Each cell's piece inside the core, in its mask's pixels and in the core's, as Python ints.
+    inside_mask = (clipped - np.concatenate([bounds[:, :2], bounds[:, :2]], axis=1)).tolist()
+    inside_core = (clipped - core).tolist()
+    ids = cells.col("id").astype(np.uint32)[order].tolist()
+    for i, (my0, mx0, my1, mx1), (cy0, cx0, cy1, cx1), cell in zip(order.tolist(), inside_mask, inside_core, ids):
+        labels[cy0:cy1, cx0:cx1][cells.masks[i][my0:my1, mx0:mx1]] = cell
     return labels
