@@ -4,15 +4,16 @@ Three measurements (numbers and machines in ``notes/pipeline.md``):
 
 - ``--sparse N --tissue T``: an N² slide in bioformats2raw's layout with tissue in one T² box (the rest
   never written): wall time and the driver's peak memory, which must follow the tissue, not N².
-- ``--dense N ...``: N² synthetic slides full of cells: CPU core-seconds spent outside the segmenter, per
-  1024² of slide, by every process of the run (driver, Ray's own, actors, tasks). A GPU node must stay
+- ``--dense N ...``: N² synthetic slides full of cells (image chunks 256²): CPU core-seconds spent outside
+  the segmenter, per tile (a 1024² window) and per 1024² of slide, by every process of the run (driver,
+  Ray's own, actors, tasks). A GPU node must stay
   under this per tile to keep its GPU fed. Measured by sampling, twice a second, the CPU time of every
   process descended from this one (a process that ends between samples loses at most half a second).
 - ``--stages``: the same stage functions called in this process, without Ray: CPU ms per tile of each
   step, to tell the functions' own cost from Ray's per-task cost.
 
     python -m cellsam_ray.bench_merge --sparse 100000 --tissue 3000
-    python -m cellsam_ray.bench_merge --dense 8192 16384
+    python -m cellsam_ray.bench_merge --dense 8192 16384 --repeat 3
     python -m cellsam_ray.bench_merge --stages   # the stage functions alone, in one process
 """
 
@@ -154,30 +155,37 @@ def _dense_slide(folder: Path, size: int, name: str):
     return url, info, truth
 
 
-def dense(size: int, folder: Path, workers: int) -> dict:
+def dense(size: int, folder: Path, workers: int, repeat: int = 1, chunk: int = 256) -> dict:
+    """``repeat`` runs on one slide (each writes its own label image, so none resumes another); the
+    figures of each run and the median of the per-tile figure, since a shared VM's CPU times vary."""
     url, info, truth = _dense_slide(folder, size, "dense")
-    timed = folder / f"segmenter-cpu-{size}"
-    timed.mkdir()
-    os.environ.update(CELLSAM_RAY_ORACLE_LABELS=str(truth), CELLSAM_RAY_BENCH_CPU_DIR=str(timed))
+    os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
     ensure_ray()
-    spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
-                segmenter=TIMED_ORACLE, tile=768, halo=128, chunk=256, workers=workers, tissue_mask=False)
-    started = time.perf_counter()
-    with TreeCPU() as cpu:
-        report = segment(spec, progress=False)
-    wall = time.perf_counter() - started
-    segmenter_cpu = sum(float(p.read_text()) for p in timed.iterdir())
-    outside = cpu.seconds - segmenter_cpu
-    per_1024 = outside / (size * size / 1024**2)
-    tiles = report["summary"]["tiles"]
-    return dict(slide=f"{size}x{size}", tiles=tiles, cells=report["summary"]["cells"],
-                cells_per_tile=round(report["summary"]["cells"] / tiles), wall_s=round(wall, 1),
-                cpu_core_s=round(cpu.seconds, 1), segmenter_cpu_s=round(segmenter_cpu, 1),
-                segmenter_wall_s=round(report["model_seconds"], 1),
-                outside_core_s_per_1024_tile=round(per_1024, 3),
-                outside_core_s_per_pipeline_tile=round(outside / tiles, 3),
-                stage_seconds=report["timings"], tasks=report["tasks"], driver_peak_rss_mb=_rss_mb(),
-                core_s_by_process=cpu.by_process())
+    runs = []
+    for attempt in range(repeat):
+        timed = folder / f"segmenter-cpu-{size}-{attempt}"
+        timed.mkdir()
+        os.environ["CELLSAM_RAY_BENCH_CPU_DIR"] = str(timed)
+        spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
+                    segmenter=TIMED_ORACLE, tile=768, halo=128, chunk=chunk, workers=workers, tissue_mask=False,
+                    label_name=f"bench{attempt}")
+        started = time.perf_counter()
+        with TreeCPU() as cpu:
+            report = segment(spec, progress=False)
+        wall = time.perf_counter() - started
+        segmenter_cpu = sum(float(p.read_text()) for p in timed.iterdir())
+        outside = cpu.seconds - segmenter_cpu
+        tiles = report["summary"]["tiles"]
+        runs.append(dict(wall_s=round(wall, 1), cpu_core_s=round(cpu.seconds, 1), segmenter_cpu_s=round(segmenter_cpu, 1),
+                         segmenter_wall_s=round(report["model_seconds"], 1),
+                         outside_core_s_per_1024_area=round(outside / (size * size / 1024**2), 3),
+                         outside_core_s_per_tile=round(outside / tiles, 3),
+                         stage_seconds=report["timings"], tasks=report["tasks"], units=report["units"],
+                         core_s_by_process=cpu.by_process()))
+    per_tile = sorted(r["outside_core_s_per_tile"] for r in runs)
+    return dict(slide=f"{size}x{size}", label_chunk=chunk, tiles=tiles, cells=report["summary"]["cells"],
+                cells_per_tile=round(report["summary"]["cells"] / tiles),
+                median_outside_core_s_per_tile=per_tile[len(per_tile) // 2], driver_peak_rss_mb=_rss_mb(), runs=runs)
 
 
 def stage_profile(folder: Path, size: int = 2304) -> dict:
@@ -241,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tissue", type=int, default=3000, help="Side of its tissue box (default 3000).")
     parser.add_argument("--dense", type=int, nargs="*", default=[], help="Sides of dense slides (e.g. 8192 16384).")
     parser.add_argument("--workers", type=int, default=2, help="Segmenter actors for the dense slides (default 2).")
+    parser.add_argument("--repeat", type=int, default=1, help="Runs per dense slide (the median is reported too).")
+    parser.add_argument("--chunk", type=int, default=256, help="Label chunk for the dense slides (default 256).")
     parser.add_argument("--stages", action="store_true", help="CPU ms per tile of each stage function, without Ray.")
     args = parser.parse_args(argv)
     rows = []
@@ -248,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sparse:
             rows.append(sparse(args.sparse, args.tissue, Path(tmp)))
         for size in args.dense:
-            rows.append(dense(size, Path(tmp), args.workers))
+            rows.append(dense(size, Path(tmp), args.workers, args.repeat, args.chunk))
         if args.stages:
             rows.append(stage_profile(Path(tmp)))
     print(json.dumps(dict(cpus=os.cpu_count(), results=rows), indent=2))

@@ -26,24 +26,80 @@ META_COLUMNS = (
 _COL = {name: i for i, name in enumerate(META_COLUMNS)}
 
 
+class PackedMasks:
+    """Masks held as flat boolean buffers (one per decoded file), a view made on access.
+
+    A decoded tile of ~1,500 cells would otherwise build ~1,500 array objects, and every reconcile and
+    paint task decodes several tiles' worth; picking or joining sets here is index arithmetic, no copies.
+    """
+
+    def __init__(self, buffers: list[np.ndarray], source: np.ndarray, starts: np.ndarray, shapes: np.ndarray):
+        self.buffers, self.source, self.starts, self.shapes = buffers, source, starts, shapes
+        self._lists = None
+
+    @classmethod
+    def of_buffer(cls, flat: np.ndarray, shapes: np.ndarray) -> "PackedMasks":
+        sizes = shapes[:, 0] * shapes[:, 1]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else np.zeros(0, np.int64)
+        return cls([flat], np.zeros(len(shapes), np.int64), starts, shapes)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._lists is None:  # Python ints: views are taken one by one in the paint and reconcile loops
+            self._lists = (self.source.tolist(), self.starts.tolist(), self.shapes.tolist())
+        source, starts, shapes = self._lists
+        h, w = shapes[i]
+        return self.buffers[source[i]][starts[i] : starts[i] + h * w].reshape(h, w)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, index: np.ndarray) -> "PackedMasks":
+        return PackedMasks(self.buffers, self.source[index], self.starts[index], self.shapes[index])
+
+    @staticmethod
+    def concat(parts: list["PackedMasks"]) -> "PackedMasks":
+        buffers, sources, first = [], [], 0
+        for part in parts:
+            buffers += part.buffers
+            sources.append(part.source + first)
+            first += len(part.buffers)
+        return PackedMasks(buffers, np.concatenate(sources), np.concatenate([p.starts for p in parts]),
+                           np.concatenate([p.shapes for p in parts]))
+
+    def flat(self) -> np.ndarray:
+        """Every mask raveled, in order, as one buffer."""
+        if len(self.buffers) == 1 and len(self) and self.starts[0] == 0 and \
+                np.array_equal(self.starts[1:], np.cumsum(self.shapes[:, 0] * self.shapes[:, 1])[:-1]) and \
+                self.starts[-1] + self.shapes[-1, 0] * self.shapes[-1, 1] == self.buffers[0].size:
+            return self.buffers[0]
+        return np.concatenate([m.ravel() for m in self]) if len(self) else np.zeros(0, bool)
+
+
 @dataclass
 class CellSet:
     """Candidates (or kept cells) with their masks. ``meta`` rows follow ``META_COLUMNS``."""
 
     meta: np.ndarray = field(default_factory=lambda: np.zeros((0, len(META_COLUMNS))))
-    masks: list[np.ndarray] = field(default_factory=list)
-    # (N, 2) mask shapes, kept once known (a decoded set has them): ``bounds`` of a merged neighbourhood
-    # of ~12,000 cells otherwise walks every mask.
-    _shapes: np.ndarray | None = field(default=None, repr=False, compare=False)
+    masks: list[np.ndarray] | PackedMasks = field(default_factory=list)  # a list as built, packed as decoded
 
     def __len__(self) -> int:
         return len(self.masks)
 
     def shapes(self) -> np.ndarray:
         """(N, 2) int64 height and width of each mask."""
-        if self._shapes is None:
-            self._shapes = np.array([m.shape for m in self.masks], dtype=np.int64).reshape(-1, 2)
-        return self._shapes
+        return self._packed().shapes
+
+    def _packed(self) -> PackedMasks:
+        """The masks as ``PackedMasks`` (built once from a list: one copy of each mask)."""
+        if not isinstance(self.masks, PackedMasks):
+            shapes = np.array([m.shape for m in self.masks], dtype=np.int64).reshape(-1, 2)
+            flat = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in self.masks]) if self.masks \
+                else np.zeros(0, bool)
+            self.masks = PackedMasks.of_buffer(flat, shapes)
+        return self.masks
 
     def col(self, name: str) -> np.ndarray:
         return self.meta[:, _COL[name]]
@@ -53,8 +109,7 @@ class CellSet:
 
     def subset(self, index: np.ndarray) -> "CellSet":
         index = np.asarray(index, dtype=np.int64)
-        shapes = self._shapes[index] if self._shapes is not None else None
-        return CellSet(meta=self.meta[index].copy(), masks=[self.masks[i] for i in index.tolist()], _shapes=shapes)
+        return CellSet(meta=self.meta[index].copy(), masks=self._packed().take(index))
 
     def bounds(self) -> np.ndarray:
         """(N, 4) int64 half-open mask extents y0, x0, y1, x1."""
@@ -91,8 +146,7 @@ class CellSet:
         sets = [s for s in sets if len(s)]
         if not sets:
             return CellSet()
-        return CellSet(meta=np.concatenate([s.meta for s in sets]), masks=[m for s in sets for m in s.masks],
-                       _shapes=np.concatenate([s.shapes() for s in sets]))
+        return CellSet(meta=np.concatenate([s.meta for s in sets]), masks=PackedMasks.concat([s._packed() for s in sets]))
 
     def __reduce__(self):
         # Ray (and any pickler) moves a CellSet as one bit-packed buffer: pickled as a list of thousands of
@@ -100,12 +154,12 @@ class CellSet:
         return (CellSet.from_bytes, (self.to_bytes(),))
 
     def to_bytes(self) -> bytes:
-        shapes = self.shapes()
-        flat = np.concatenate([m.ravel() for m in self.masks]) if self.masks else np.zeros(0, bool)
+        packed = self._packed()
         buf = io.BytesIO()
         # Not compressed: the masks are bit-packed already, and zlib cost ten times the rest of the write
         # (and half the read, done once per neighbour by every reconcile task).
-        np.savez(buf, meta=self.meta, shapes=shapes, bits=np.packbits(flat), nbits=len(flat))
+        flat = packed.flat()
+        np.savez(buf, meta=self.meta, shapes=packed.shapes, bits=np.packbits(flat), nbits=len(flat))
         return buf.getvalue()
 
     @staticmethod
@@ -113,8 +167,4 @@ class CellSet:
         with np.load(io.BytesIO(data)) as f:
             meta, shapes, bits, nbits = f["meta"], f["shapes"], f["bits"], int(f["nbits"])
         flat = np.unpackbits(bits, count=nbits).view(bool)
-        masks, start = [], 0
-        for h, w in shapes.tolist():  # Python ints: this loop runs once per cell
-            masks.append(flat[start : start + h * w].reshape(h, w))
-            start += h * w
-        return CellSet(meta=meta, masks=masks, _shapes=shapes)
+        return CellSet(meta=meta, masks=PackedMasks.of_buffer(flat, shapes.astype(np.int64).reshape(-1, 2)))
