@@ -65,8 +65,8 @@ class SegmentSpec(BaseModel):
     halo: int = Field(default=128, ge=0, description="Context added on each side of a core (v1.2: 64 published, "
                       "128 native).")
     band: int = Field(default=16, ge=0, description="Seam band: detections this far outside a core are reconciled.")
-    chunk: int = Field(default=256, gt=0, description="Label chunk size at level 0 of the labels (v1.2: 128 "
-                       "published, 256 native).")
+    chunk: int = Field(default=256, gt=0, description="Label chunk size at level 0 of the labels (for CellSAM "
+                       "weights the largest divisor of the tile up to 512; v1.2: 384 for both scales).")
     padding: Literal["zero", "reflect"] = Field(default="zero", description="How windows are padded past borders.")
     tissue_mask: bool = Field(default=True, description="Skip tiles with no tissue (from a coarse level).")
     workers: int | None = Field(default=None, ge=1, description="Model actors (default: one per GPU, else 1).")
