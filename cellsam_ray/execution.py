@@ -7,7 +7,9 @@
   flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
 - Stages B, D and E are CPU tasks; stage C is a prefix sum on the driver over one integer per tile. They
   stream: each unit is submitted as soon as what it reads is final (``pipeline.streaming`` says when), a
-  bounded number at a time, while the model actors go on; an overwrite's writes wait for the swap.
+  bounded number at a time, while the model actors go on; an overwrite's writes wait for the swap. A task
+  takes a run of neighbouring units (homes of a row, chunks of a chunk row) that are ready together, so
+  what they share is decoded once and Ray's per-task cost is paid once.
 - The cell table is measured in stage D; per-tile tasks combine seam pieces as the cores are painted, and
   one small writer actor streams their rows, in id order, to one Parquet file. The QC pictures are one
   task after stage E (they need the label pyramid).
@@ -164,18 +166,15 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {last}"
 
 
-def _runs(units: list[tuple], most: int, key=lambda unit: unit) -> list[list[tuple]]:
-    """``units`` in raster order, cut into runs of at most ``most`` neighbours along a row: a task takes a
-    run, so the inputs neighbouring units share are read and decoded once (``key`` gives a unit's row
-    and column)."""
-    runs: list[list[tuple]] = []
-    for unit in sorted(units):
-        if runs and len(runs[-1]) < most:
-            (row, col), (last_row, last_col) = key(unit), key(runs[-1][-1])
-            if row == last_row and col == last_col + 1:
-                runs[-1].append(unit)
-                continue
-        runs.append([unit])
+def _runs(homes: list[tuple[int, int]], most: int) -> list[list[tuple[int, int]]]:
+    """``homes`` in raster order, cut into runs of at most ``most`` neighbours along a row: a task takes a
+    run, so the inputs that neighbouring homes share are read and decoded once."""
+    runs: list[list[tuple[int, int]]] = []
+    for home in sorted(homes):
+        if runs and len(runs[-1]) < most and runs[-1][-1] == (home[0], home[1] - 1):
+            runs[-1].append(home)
+        else:
+            runs.append([home])
     return runs
 
 

@@ -79,3 +79,13 @@ def test_rows_are_written_and_pyramided_while_the_last_tile_is_on_the_model(tmp_
     written = json.loads((labels / "report.json").read_text())
     assert written["units"]["write"] == 16 and written["units"]["reconcile"] == 16  # each core painted once
     assert written["tasks"]["write"] < 16  # neighbouring cores shared a task
+
+
+def test_a_task_takes_neighbours_of_one_row_at_most_four_at_a_time():
+    from cellsam_ray.execution import _chunk_runs, _runs
+
+    homes = [(1, 0), (0, 5), (0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 7), (1, 1)]
+    assert _runs(homes, 4) == [[(0, 0), (0, 1), (0, 2), (0, 3)], [(0, 4), (0, 5)], [(0, 7)], [(1, 0), (1, 1)]]
+    chunks = [(1, (0, c)) for c in range(10)] + [(1, (1, 0)), (2, (1, 1))]
+    runs = _chunk_runs(chunks, lambda chunk: chunk[0])
+    assert [len(r) for r in runs] == [8, 2, 1, 1]  # one level and chunk row per task, at most 8
