@@ -459,6 +459,10 @@ class _HostStages:
     def _sent(self, stage: str, ref, units: list) -> None:
         self.in_flight[ref] = (stage, units)
         self.units_in_flight += len(units)
+        self._counted(stage, units)
+
+    def _counted(self, stage: str, units: list) -> None:
+        """One task of ``stage`` taking ``units`` was submitted (the report's spans, tasks and units)."""
         self.spans.setdefault(stage, [time.perf_counter(), 0.0])
         self.stats.tasks[stage] = self.stats.tasks.get(stage, 0) + 1
         self.stats.units[stage] = self.stats.units.get(stage, 0) + len(units)
@@ -517,9 +521,7 @@ class _HostStages:
             pieces_per_home.append(len(pieces))
         if homes:
             appends.append(writer.append.remote(_cell_rows.remote(layout, homes, pieces_per_home, *sums)))
-            self.spans.setdefault("cell_table", [time.perf_counter(), 0.0])
-            self.stats.tasks["cell_table"] = self.stats.tasks.get("cell_table", 0) + 1
-            self.stats.units["cell_table"] = self.stats.units.get("cell_table", 0) + len(homes)
+            self._counted("cell_table", homes)
         position = self.streams.table_position  # rows to come need the sums of its row and the one above
         for row in [r for r in self.sums if position is None or r < position[0] - 1]:
             del self.sums[row]
@@ -530,21 +532,23 @@ class _HostStages:
     def finished(self, ref) -> None:
         stage, units = self.in_flight.pop(ref)
         self.units_in_flight -= len(units)
-        values = ray.get(ref)
+        values = ray.get(ref)  # per unit: reconcile counts, whether a core was written; None for pyramid
         self.spans[stage][1] = time.perf_counter()
-        for unit, value in zip(units, values if stage != "pyramid" else units):
-            if stage == "reconcile":
-                stats = self.stats
+        if stage == "pyramid":
+            for level, chunk in units:
+                self.streams.chunk_built(level, chunk)
+        elif stage == "write":
+            for home, written in zip(units, values):
+                self.streams.core_written(home, written)
+        else:
+            stats = self.stats
+            for home, value in zip(units, values):
                 stats.cells += value["cells"]
                 stats.reconciled += value["reconciled"]
                 stats.oversized += value["oversized"]
                 stats.cut_at_window += value["cut_at_window"]
-                self.counts[unit] = (value["cells"], value["reconciled"])
-                self.streams.counted(unit, value["cells"])
-            elif stage == "write":
-                self.streams.core_written(unit, value)
-            else:
-                self.streams.chunk_built(*unit)
+                self.counts[home] = (value["cells"], value["reconciled"])
+                self.streams.counted(home, value["cells"])
 
     def drain(self) -> None:
         """Wait for what is in flight, whatever its outcome: nothing of this run writes after it ends."""

@@ -150,14 +150,6 @@ def resample(block: np.ndarray, windows: Sequence[tuple[np.ndarray, np.ndarray] 
         raise ValueError(f"kind must be 'image' or 'labels', got {kind!r}")
     if len(windows) != block.ndim:
         raise ValueError(f"give one window per axis of the {block.ndim}-d block")
-    if kind == "labels" and _whole_pairs(block, windows):  # the usual pyramid: whole 2×2 blocks, no copies
-        y, x = [axis for axis, window in enumerate(windows) if window is not None]
-        pick = [slice(None)] * block.ndim
-        quarters = []
-        for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            pick[y], pick[x] = slice(dy, None, 2), slice(dx, None, 2)
-            quarters.append(block[tuple(pick)])
-        return _mode_of_four(*quarters)
     children, valid = block, np.ones((1,) * block.ndim, dtype=bool)
     widths: list[int] = []
     for axis, window in enumerate(windows):
@@ -182,14 +174,6 @@ def resample(block: np.ndarray, windows: Sequence[tuple[np.ndarray, np.ndarray] 
     out_shape = children.shape[: children.ndim - len(widths)]
     children, valid = children.reshape(out_shape + (-1,)), valid.reshape(out_shape + (-1,))
     return _mode(children, valid) if kind == "labels" else _mean(children, valid, block.dtype)
-
-
-def _whole_pairs(block: np.ndarray, windows: Sequence[tuple[np.ndarray, np.ndarray] | None]) -> bool:
-    """Whether exactly two axes are resampled, each target from the whole pair ``2i, 2i + 1`` of ``block``."""
-    resampled = [(axis, w) for axis, w in enumerate(windows) if w is not None]
-    return len(resampled) == 2 and all(
-        index.shape == (block.shape[axis] // 2, 2) and block.shape[axis] % 2 == 0 and bool(real.all())
-        and np.array_equal(index, np.arange(block.shape[axis]).reshape(-1, 2)) for axis, (index, real) in resampled)
 
 
 def _mode(children: np.ndarray, valid: np.ndarray) -> np.ndarray:

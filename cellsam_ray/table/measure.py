@@ -80,8 +80,9 @@ def measure_core(
         return CellSums.empty(n_channels), CellSums.empty(n_channels)
     # Number the ids present 0..K-1 without sorting: ids in a core span a few tiles' worth.
     low = int(ids.min())
-    present = np.flatnonzero(np.bincount(ids - low))
-    slot = np.zeros(int(ids.max()) - low + 1, dtype=np.int64)
+    counts = np.bincount(ids - low)
+    present = np.flatnonzero(counts)
+    slot = np.zeros(counts.size, dtype=np.int64)
     slot[present] = np.arange(present.size)
     k = slot[ids - low]
     record = _records_of(cells, present + low)
@@ -112,7 +113,7 @@ def measure_core(
     sums[:, _S["pieces"]] = 1
     intensity = _run_intensities(pixels, y, x0, x1, k, n)
 
-    bounds = cells.subset(record).bounds()
+    bounds = cells.bounds()[record]
     inside = (bounds[:, 0] >= oy) & (bounds[:, 1] >= ox) & (bounds[:, 2] <= oy + h) & (bounds[:, 3] <= ox + w)
     found = CellSums(meta, sums, intensity)
     return found.subset(inside), found.subset(~inside)
