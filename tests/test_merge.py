@@ -116,3 +116,31 @@ def test_a_cell_cut_by_the_image_edge_keeps_a_home_even_when_its_box_reaches_pas
     assert len(cells) == 1
     assert (cells.col("home_row")[0], cells.col("home_col")[0]) == (1, 1)
     assert cells.col("cy")[0] < 64
+
+
+def test_masks_are_trimmed_to_their_own_extent_all_at_once():
+    """``_trimmed`` (every crop's extent from a few segmented reductions) gives what cutting each mask
+    to its rows and columns with pixels gives, including empty, one-line and zero-width crops."""
+    from cellsam_ray.merge.candidates import _trimmed
+
+    rng = np.random.default_rng(5)
+    crops = [rng.random((h, w)) < p for h, w, p in
+             [(rng.integers(0, 40), rng.integers(0, 40), rng.choice([0.0, 0.002, 0.05, 0.5, 1.0])) for _ in range(400)]]
+    crops += [np.zeros((3, 0), bool), np.zeros((0, 4), bool), np.ones((1, 1), bool), np.eye(5, dtype=bool)[:, ::-1]]
+    index = np.arange(len(crops)) * 7
+    kept, (top, left, bottom, right), packed = _trimmed(crops, index)
+    expected = []
+    for i, crop in enumerate(crops):
+        rows, cols = np.flatnonzero(crop.any(axis=1)), np.flatnonzero(crop.any(axis=0))
+        if rows.size:
+            expected.append((i * 7, rows[0], cols[0], rows[-1] + 1, cols[-1] + 1,
+                             crop[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]))
+    assert kept.tolist() == [e[0] for e in expected] and 0 < len(expected) < len(crops)
+    assert np.stack([top, left, bottom, right], axis=1).tolist() == [list(e[1:5]) for e in expected]
+    assert all(np.array_equal(mask, e[5]) for mask, e in zip(packed, expected))
+    kept, _, packed = _trimmed([np.zeros((4, 3), bool), np.zeros((0, 2), bool)], np.arange(2))
+    assert kept.size == 0 and len(packed) == 0
+    corner = np.zeros((2, 2), bool)
+    corner[1, 1] = True  # the last pixel, before crops of zero-length lines
+    kept, extents, packed = _trimmed([corner, np.zeros((0, 2), bool), np.zeros((2, 0), bool)], np.arange(3))
+    assert kept.tolist() == [0] and [e.tolist() for e in extents] == [[1], [1], [2], [2]]

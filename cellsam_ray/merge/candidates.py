@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellsam_ray.merge.objects import META_COLUMNS, CellSet
+from cellsam_ray.merge.objects import META_COLUMNS, CellSet, PackedMasks
 from cellsam_ray.segmenter import Detections
 from cellsam_ray.tiling import Tile, TileGrid
 
@@ -36,20 +36,11 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
     owned = ((tile.core_y0 - band <= cy) & (cy < tile.core_y1 + band) & (tile.core_x0 - band <= cx)
              & (cx < tile.core_x1 + band) & (cy >= 0) & (cy < grid.height) & (cx >= 0) & (cx < grid.width)
              & (cy1 > cy0) & (cx1 > cx0))
-    kept, masks, extents = [], [], []
-    for i in np.flatnonzero(owned).tolist():
-        mask = detections.masks[i][cy0[i] - gy0[i] : cy1[i] - gy0[i], cx0[i] - gx0[i] : cx1[i] - gx0[i]]
-        rows_hit = np.flatnonzero(mask.any(axis=1))
-        if not rows_hit.size:
-            continue
-        # Trim to the mask's own extent so the stored record is small and its bounds are exact.
-        cols_hit = np.flatnonzero(mask.any(axis=0))
-        top, bottom, left, right = int(rows_hit[0]), int(rows_hit[-1]) + 1, int(cols_hit[0]), int(cols_hit[-1]) + 1
-        masks.append(np.ascontiguousarray(mask[top:bottom, left:right]))
-        extents.append((top, left, bottom, right))
-        kept.append(i)
-    index = np.array(kept, dtype=np.int64)
-    top, left, bottom, right = np.array(extents, dtype=np.int64).reshape(-1, 4).T
+    owned = np.flatnonzero(owned)
+    crops = [detections.masks[i][y0 - g0 : y1 - g0, x0 - h0 : x1 - h0] for i, y0, y1, g0, x0, x1, h0 in zip(
+        owned.tolist(), cy0[owned].tolist(), cy1[owned].tolist(), gy0[owned].tolist(), cx0[owned].tolist(),
+        cx1[owned].tolist(), gx0[owned].tolist())]
+    index, (top, left, bottom, right), packed = _trimmed(crops, owned)
     my0, mx0 = cy0[index] + top, cx0[index] + left
     my1, mx1 = cy0[index] + bottom, cx0[index] + right
     cy, cx = cy[index], cx[index]
@@ -66,4 +57,47 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
     meta = np.zeros((len(index), len(META_COLUMNS)), dtype=np.float64)
     for k, name in enumerate(META_COLUMNS):
         meta[:, k] = columns[name]
-    return CellSet(meta=meta, masks=masks)
+    return CellSet(meta=meta, masks=packed)
+
+
+def _trimmed(crops: list[np.ndarray], index: np.ndarray) -> tuple[np.ndarray, tuple, PackedMasks]:
+    """The non-empty ``crops`` cut to their own extent (so a stored record is small and its bounds exact),
+    with a few NumPy calls over all crops rather than several per cell: which rows and which columns of
+    each crop hold a pixel come from one segmented ``or`` over the crops' rows and one over their
+    columns, and each crop's extent from those. Returns the indices (from ``index``) of the non-empty
+    crops, their extents within the crop (top, left, bottom, right) and their masks, packed."""
+    if not crops:
+        empty = np.zeros(0, np.int64)
+        return empty, (empty, empty, empty, empty), PackedMasks.of_buffer(np.zeros(0, bool), np.zeros((0, 2), np.int64))
+    heights = np.array([c.shape[0] for c in crops], np.int64)
+    widths = np.array([c.shape[1] for c in crops], np.int64)
+    top, bottom = _first_and_end(np.concatenate([c.ravel() for c in crops]), heights, widths)
+    left, right = _first_and_end(np.concatenate([c.T.ravel() for c in crops]), widths, heights)
+    keep = np.flatnonzero(bottom > 0)
+    extents = top[keep], left[keep], bottom[keep], right[keep]
+    bounds = np.stack(extents, axis=1).tolist()
+    flat = np.concatenate([crops[k][t:b, l:r].ravel() for k, (t, l, b, r) in zip(keep.tolist(), bounds)]) \
+        if keep.size else np.zeros(0, bool)
+    shapes = np.stack([extents[2] - extents[0], extents[3] - extents[1]], axis=1).reshape(-1, 2)
+    return index[keep].astype(np.int64), extents, PackedMasks.of_buffer(flat, shapes)
+
+
+def _first_and_end(flat: np.ndarray, lines: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For crops laid out one after another in ``flat`` as ``lines[i]`` lines of ``length[i]`` pixels
+    each, the first line holding a pixel and one past the last (0 and 0 for an empty crop)."""
+    crop = np.repeat(np.arange(len(lines)), lines)  # each line's crop
+    place = np.arange(crop.size) - (np.cumsum(lines) - lines)[crop]  # its place in the crop
+    line_length = length[crop]
+    line_starts = (np.cumsum(lines * length) - lines * length)[crop] + place * line_length
+    real = np.flatnonzero(line_length > 0)  # reduceat would give a zero-length line the next one's pixel
+    hit = np.zeros(crop.size, bool)
+    if real.size:
+        hit[real] = np.logical_or.reduceat(flat, line_starts[real])
+    crops_hit, places_hit = crop[hit], place[hit]  # crop by crop, line by line
+    starts = np.flatnonzero(np.diff(crops_hit, prepend=-1))
+    last = np.append(starts[1:], crops_hit.size)[: starts.size] - 1
+    first = np.zeros(len(lines), np.int64)
+    end = np.zeros(len(lines), np.int64)
+    first[crops_hit[starts]] = places_hit[starts]
+    end[crops_hit[last]] = places_hit[last] + 1
+    return first, end
