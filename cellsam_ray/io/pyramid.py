@@ -184,16 +184,24 @@ def _mode(children: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _mode_of_four(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """``_mode`` of four values per pixel without sorting: each value's count from the six pairwise
-    equalities (-1 for background, which never wins a vote), then the largest count, ties to the
-    smaller value. ~3x faster than ``_mode_sorted`` on whole 2×2 blocks."""
-    ab, ac, ad, bc, bd, cd = a == b, a == c, a == d, b == c, b == d, c == d
-    best, best_count = a, np.where(a != 0, 1 + ab.astype(np.int8) + ac + ad, -1).astype(np.int8)
+    """``_mode`` of four values per pixel without sorting. Where all four are equal (inside a cell or
+    background: most of a label image) that value; elsewhere each value's count from the six pairwise
+    equalities (-1 for background, which never wins a vote), then the largest count, ties to the smaller
+    value. ~3x faster than ``_mode_sorted`` on whole 2×2 blocks, and the vote runs on the mixed blocks only."""
+    ab, cd = a == b, c == d
+    best = np.array(a, copy=True)
+    mixed = np.flatnonzero(~(ab & cd & (a == c)))
+    if not mixed.size:
+        return best
+    a, b, c, d, ab, cd = (x.reshape(-1)[mixed] for x in (a, b, c, d, ab, cd))
+    ac, ad, bc, bd = a == c, a == d, b == c, b == d
+    top, top_count = a, np.where(a != 0, 1 + ab.astype(np.int8) + ac + ad, -1).astype(np.int8)
     for value, count in ((b, 1 + ab.astype(np.int8) + bc + bd), (c, 1 + ac.astype(np.int8) + bc + cd),
                          (d, 1 + ad.astype(np.int8) + bd + cd)):
         count = np.where(value != 0, count, -1).astype(np.int8)
-        better = (count > best_count) | ((count == best_count) & (value < best))
-        best, best_count = np.where(better, value, best), np.where(better, count, best_count)
+        better = (count > top_count) | ((count == top_count) & (value < top))
+        top, top_count = np.where(better, value, top), np.where(better, count, top_count)
+    best.reshape(-1)[mixed] = top
     return best
 
 
