@@ -199,3 +199,21 @@ def test_flags_turn_the_table_and_pictures_off(tmp_path, ray_cluster, monkeypatc
     assert report["cell_table"] is None and report["qc"] is None and report["summary"]["cell_table"] is None
     written = sorted(p.name for p in (tmp_path / "off.ome.zarr" / "labels" / "cells").iterdir())
     assert "cells.parquet" not in written and "qc" not in written and "report.json" in written
+
+
+def test_intensity_sums_stay_exact_at_the_dtype_limits():
+    """Row prefix sums are int32 where a row of the dtype's largest values fits, int64 where not: the
+    sums of saturated uint16 and int16 cores (and of a row too wide for int32) equal exact NumPy sums."""
+    from cellsam_ray.table.measure import _prefix_dtype
+
+    assert _prefix_dtype(np.dtype(np.uint16), 768) == np.int32
+    assert _prefix_dtype(np.dtype(np.uint16), 40000) == np.int64
+    assert _prefix_dtype(np.dtype(np.uint32), 768) == np.int64
+    assert _prefix_dtype(np.dtype(np.float32), 768) == np.float64
+    for dtype, value, width in ((np.uint16, 65535, 768), (np.int16, -32768, 768), (np.uint16, 65535, 40000)):
+        labels = np.ones((2, width), np.uint32)
+        labels[1] = 2
+        pixels = np.full((1, 2, width), value, dtype)
+        cells = records_for(labels)
+        done, _ = measure_core(labels, (0, 0), pixels, cells)
+        assert done.intensity[:, 0].tolist() == [value * width, value * width]
