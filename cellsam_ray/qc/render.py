@@ -74,6 +74,8 @@ def zoom(rgb: np.ndarray, factor: int) -> np.ndarray:
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
+    """Lossless, at zlib's fastest level: a fifth of the default's CPU (~0.1 instead of ~0.5 s for a 1024²
+    picture) for files about a fifth larger."""
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
