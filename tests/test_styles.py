@@ -140,3 +140,13 @@ def test_training_windows_show_every_layout_and_scale():
             for layout in ((True, False), (True, True))}
     assert size[(True, False)] < 0.8 * size[(True, True)]
     assert set(TRAINING_STYLES) == set(STYLES) - {"envelope"}
+
+
+def test_windows_without_augmentation_show_every_channel_a_style_has():
+    """Scoring windows (``augment=False``) show a two-role style with both roles (they once fell through to
+    whole-cell only) and a nuclear-only style with its nuclear channel."""
+    from cellsam_ray.train.synthetic import windows_of
+
+    for style, filled in (("epithelium", (True, True)), ("nuclei", (True, False))):
+        items = windows_of(render_style(style, (512, 512), 3), 256, np.random.default_rng(0), augment=False)
+        assert items and {(bool(i.image[..., 1].any()), bool(i.image[..., 2].any())) for i in items} == {filled}

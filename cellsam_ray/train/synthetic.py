@@ -83,9 +83,8 @@ def windows_of(drawn: StyleImage, window: int, rng: np.random.Generator, *, augm
 def _window(drawn, nuclear, whole, y, x, side, rng, augment):
     crop = (slice(y, y + side), slice(x, x + side))
     cells, nuclei = drawn.labels[crop], drawn.nuclei[crop]
-    layout = "both"
-    if nuclear is not None and whole is not None and augment:
-        layout = str(rng.choice(list(LAYOUTS), p=list(LAYOUTS.values())))
+    if nuclear is not None and whole is not None:
+        layout = str(rng.choice(list(LAYOUTS), p=list(LAYOUTS.values()))) if augment else "both"
     elif whole is None:
         layout = "nuclear"
     else:
