@@ -11,10 +11,14 @@ Three measurements (numbers and machines in ``notes/pipeline.md``):
   process descended from this one (a process that ends between samples loses at most half a second).
 - ``--stages``: the same stage functions called in this process, without Ray: CPU ms per tile of each
   step, to tell the functions' own cost from Ray's per-task cost.
+- ``--dense N --against TREE --repeat R``: R rounds of one run of this tree and one of another checkout
+  (``git worktree add ../old <commit>``) on the same slide, each in a fresh process and cluster. The VM's
+  speed drifts by tens of percent over minutes, so a change is measured only by runs side by side.
 
     python -m cellsam_ray.bench_merge --sparse 100000 --tissue 3000
     python -m cellsam_ray.bench_merge --dense 8192 16384 --repeat 3
     python -m cellsam_ray.bench_merge --stages   # the stage functions alone, in one process
+    python -m cellsam_ray.bench_merge --dense 8192 --repeat 3 --against ../old   # this tree against another
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -161,31 +167,59 @@ def dense(size: int, folder: Path, workers: int, repeat: int = 1, chunk: int = 2
     url, info, truth = _dense_slide(folder, size, "dense")
     os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
     ensure_ray()
-    runs = []
-    for attempt in range(repeat):
-        timed = folder / f"segmenter-cpu-{size}-{attempt}"
-        timed.mkdir()
-        os.environ["CELLSAM_RAY_BENCH_CPU_DIR"] = str(timed)
-        spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
-                    segmenter=TIMED_ORACLE, tile=768, halo=128, chunk=chunk, workers=workers, tissue_mask=False,
-                    label_name=f"bench{attempt}")
-        started = time.perf_counter()
-        with TreeCPU() as cpu:
-            report = segment(spec, progress=False)
-        wall = time.perf_counter() - started
-        segmenter_cpu = sum(float(p.read_text()) for p in timed.iterdir())
-        outside = cpu.seconds - segmenter_cpu
-        tiles = report["summary"]["tiles"]
-        runs.append(dict(wall_s=round(wall, 1), cpu_core_s=round(cpu.seconds, 1), segmenter_cpu_s=round(segmenter_cpu, 1),
-                         segmenter_wall_s=round(report["model_seconds"], 1),
-                         outside_core_s_per_1024_area=round(outside / (size * size / 1024**2), 3),
-                         outside_core_s_per_tile=round(outside / tiles, 3),
-                         stage_seconds=report["timings"], tasks=report["tasks"], units=report["units"],
-                         core_s_by_process=cpu.by_process()))
+    runs = [_dense_run(url, size, folder, f"bench{attempt}", workers, chunk) for attempt in range(repeat)]
+    return dict(slide=f"{size}x{size}", label_chunk=chunk, tiles=runs[-1]["tiles"], cells=runs[-1]["cells"],
+                cells_per_tile=round(runs[-1]["cells"] / runs[-1]["tiles"]),
+                median_outside_core_s_per_tile=_median(runs), driver_peak_rss_mb=_rss_mb(), runs=runs)
+
+
+def _dense_run(url: str, size: int, folder: Path, label: str, workers: int, chunk: int) -> dict:
+    """One measured run of the pipeline on a dense slide (``CELLSAM_RAY_ORACLE_LABELS`` names its truth)."""
+    timed = folder / f"segmenter-cpu-{label}"
+    timed.mkdir()
+    os.environ["CELLSAM_RAY_BENCH_CPU_DIR"] = str(timed)
+    spec = dict(input=url, nuclear=["DAPI"], whole_cell=["E-cadherin"], segmenter=TIMED_ORACLE, tile=768,
+                halo=128, chunk=chunk, workers=workers, tissue_mask=False, label_name=label)
+    started = time.perf_counter()
+    with TreeCPU() as cpu:
+        report = segment(spec, progress=False)
+    wall = time.perf_counter() - started
+    segmenter_cpu = sum(float(p.read_text()) for p in timed.iterdir())
+    outside = cpu.seconds - segmenter_cpu
+    tiles = report["summary"]["tiles"]
+    return dict(wall_s=round(wall, 1), cpu_core_s=round(cpu.seconds, 1), segmenter_cpu_s=round(segmenter_cpu, 1),
+                segmenter_wall_s=round(report["model_seconds"], 1), tiles=tiles, cells=report["summary"]["cells"],
+                outside_core_s_per_1024_area=round(outside / (size * size / 1024**2), 3),
+                outside_core_s_per_tile=round(outside / tiles, 3), stage_seconds=report["timings"],
+                tasks=report["tasks"], units=report.get("units"), core_s_by_process=cpu.by_process())
+
+
+def _median(runs: list[dict]) -> float:
     per_tile = sorted(r["outside_core_s_per_tile"] for r in runs)
-    return dict(slide=f"{size}x{size}", label_chunk=chunk, tiles=tiles, cells=report["summary"]["cells"],
-                cells_per_tile=round(report["summary"]["cells"] / tiles),
-                median_outside_core_s_per_tile=per_tile[len(per_tile) // 2], driver_peak_rss_mb=_rss_mb(), runs=runs)
+    return per_tile[len(per_tile) // 2]
+
+
+def against(size: int, folder: Path, other: str, rounds: int, workers: int, chunk: int) -> dict:
+    """This tree and the source tree ``other`` (another commit's checkout) on one slide, runs alternated
+    ``rounds`` times, each in a fresh process and local cluster (as a user's ``segment``): the VM's speed
+    drifts over minutes, so only runs side by side compare. The measuring code is this file's for both."""
+    url, _, truth = _dense_slide(folder, size, "dense")
+    trees = {"this": str(Path(__file__).resolve().parents[1]), "other": str(Path(other).resolve())}
+    runs: dict[str, list] = {name: [] for name in trees}
+    for attempt in range(rounds):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=tree, CELLSAM_RAY_ORACLE_LABELS=str(truth))
+            # The file run by path (runpy: sys.path unchanged), so this measuring code runs on the tree's package.
+            argv = [__file__, "--one-run", url, str(size), str(folder), f"{name}{attempt}", str(workers), str(chunk)]
+            code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path({__file__!r}, run_name='__main__')"
+            done = subprocess.run([sys.executable, "-c", code], env=env, cwd=folder, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"the run in {tree} failed: {done.stderr.strip().splitlines()[-1:]}")
+            runs[name].append(json.loads(done.stdout.splitlines()[-1]))
+    return dict(slide=f"{size}x{size}", label_chunk=chunk, trees=trees,
+                median_outside_core_s_per_tile={name: _median(r) for name, r in runs.items()},
+                per_tile={name: [r["outside_core_s_per_tile"] for r in rs] for name, rs in runs.items()},
+                segmenter_cpu_s={name: [r["segmenter_cpu_s"] for r in rs] for name, rs in runs.items()}, runs=runs)
 
 
 def stage_profile(folder: Path, size: int = 2304) -> dict:
@@ -252,13 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="Runs per dense slide (the median is reported too).")
     parser.add_argument("--chunk", type=int, default=256, help="Label chunk for the dense slides (default 256).")
     parser.add_argument("--stages", action="store_true", help="CPU ms per tile of each stage function, without Ray.")
+    parser.add_argument("--against", metavar="TREE", help="Alternate the dense runs with another source tree's.")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="cellsam-ray-bench-merge-") as tmp:
         if args.sparse:
             rows.append(sparse(args.sparse, args.tissue, Path(tmp)))
         for size in args.dense:
-            rows.append(dense(size, Path(tmp), args.workers, args.repeat, args.chunk))
+            rows.append(against(size, Path(tmp), args.against, args.repeat, args.workers, args.chunk) if args.against
+                        else dense(size, Path(tmp), args.workers, args.repeat, args.chunk))
         if args.stages:
             rows.append(stage_profile(Path(tmp)))
     print(json.dumps(dict(cpus=os.cpu_count(), results=rows), indent=2))
@@ -266,4 +302,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--one-run"]:  # one run of ``against``, with the tree on PYTHONPATH
+        url, size, folder, label, workers, chunk = sys.argv[2:]
+        ensure_ray()
+        print(json.dumps(_dense_run(url, int(size), Path(folder), label, int(workers), int(chunk))))
+        raise SystemExit(0)
     raise SystemExit(main())
