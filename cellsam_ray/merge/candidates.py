@@ -16,8 +16,8 @@ from cellsam_ray.tiling import Tile, TileGrid
 
 
 def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: int) -> CellSet:
-    """The window's detections this tile keeps, as candidates: the geometry of every box at once, then a
-    pass over the kept masks only to cut each to the image, the window and its own extent."""
+    """The window's detections this tile keeps, as candidates: the geometry of every box at once, then the
+    kept masks cut to the image and the window, and all together to their own extent (``_trimmed``)."""
     wy0, wx0 = tile.origin
     # The part of the window that lies inside the image: masks are clipped to it.
     vy0, vx0 = max(wy0, 0), max(wx0, 0)
@@ -37,9 +37,10 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
              & (cx < tile.core_x1 + band) & (cy >= 0) & (cy < grid.height) & (cx >= 0) & (cx < grid.width)
              & (cy1 > cy0) & (cx1 > cx0))
     owned = np.flatnonzero(owned)
-    crops = [detections.masks[i][y0 - g0 : y1 - g0, x0 - h0 : x1 - h0] for i, y0, y1, g0, x0, x1, h0 in zip(
-        owned.tolist(), cy0[owned].tolist(), cy1[owned].tolist(), gy0[owned].tolist(), cx0[owned].tolist(),
-        cx1[owned].tolist(), gx0[owned].tolist())]
+    # Each kept mask cut to the view: where its clipped box lies within the box rounded outward.
+    top, left = (cy0 - gy0)[owned].tolist(), (cx0 - gx0)[owned].tolist()
+    bottom, right = (cy1 - gy0)[owned].tolist(), (cx1 - gx0)[owned].tolist()
+    crops = [detections.masks[i][t:b, l:r] for i, t, l, b, r in zip(owned.tolist(), top, left, bottom, right)]
     index, (top, left, bottom, right), packed = _trimmed(crops, owned)
     my0, mx0 = cy0[index] + top, cx0[index] + left
     my1, mx1 = cy0[index] + bottom, cx0[index] + right
