@@ -9,10 +9,10 @@ own annotated tiles would: one 1024² image (a seed no training used) is cut int
 8 held back for the validation it reports); the 8 of the bottom half, never shown to it, measure the gain.
 Tiles are scaled as the pipeline scales a slide (``--no-normalize``), the input the bundled model knows.
 
-Measured with the shipped model on the project's 2-vCPU VM (no GPU, shared with other work): F1 0.555
-before and 0.893 after on the unseen half; the validation pair 0.576 -> 0.868. The whole test took 255
-and 273 s in two runs while an evaluation ran beside it on the same two cores (the 60 steps are most of
-it: 1-3 s a step there, under 1 s on quiet cores), so it stays in CI, unmarked.
+Measured with the shipped model (stage 5) on the project's 2-vCPU VM (no GPU): F1 0.787 before and 0.920
+after on the unseen half; the validation pair 0.779 -> 0.897. The whole test took 79 s on quiet cores
+(255 and 273 s with stage 4 while an evaluation ran beside it: the 60 steps are most of it), so it stays
+in CI, unmarked. Stage 4, which knew this style less well, went from 0.555 to 0.893.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from cellsam_ray.train.synthetic import scaled_roles
 from cellsam_ray.train.validate import score_tiles
 
 STYLE, SEED, SIDE, TILE = "envelope", 41, 1024, 256
-GAIN = 0.2
-"""F1 the fine-tuned model must gain on the unseen half (measured: +0.338)."""
+GAIN = 0.1
+"""F1 the fine-tuned model must gain on the unseen half (measured: +0.133 from stage 5; +0.338 from stage 4,
+which started lower)."""
 
 
 def tiles_of(seed: int) -> list[LabelledImage]:
