@@ -41,6 +41,7 @@ from cellsam_ray.pipeline.api import ensure_ray, segment
 
 ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
 TIMED_ORACLE = "cellsam_ray.bench_merge:TimedOracle"
+DENSE_ROLES = dict(nuclear=["DAPI"], whole_cell=["E-cadherin"])  # the dense slides' two channels (``_dense_slide``)
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -164,7 +165,7 @@ def _dense_slide(folder: Path, size: int, name: str):
 def dense(size: int, folder: Path, workers: int, repeat: int = 1, chunk: int = 256) -> dict:
     """``repeat`` runs on one slide (each writes its own label image, so none resumes another); the
     figures of each run and the median of the per-tile figure, since a shared VM's CPU times vary."""
-    url, info, truth = _dense_slide(folder, size, "dense")
+    url, _, truth = _dense_slide(folder, size, "dense")
     os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
     ensure_ray()
     runs = [_dense_run(url, size, folder, f"bench{attempt}", workers, chunk) for attempt in range(repeat)]
@@ -178,8 +179,8 @@ def _dense_run(url: str, size: int, folder: Path, label: str, workers: int, chun
     timed = folder / f"segmenter-cpu-{label}"
     timed.mkdir()
     os.environ["CELLSAM_RAY_BENCH_CPU_DIR"] = str(timed)
-    spec = dict(input=url, nuclear=["DAPI"], whole_cell=["E-cadherin"], segmenter=TIMED_ORACLE, tile=768,
-                halo=128, chunk=chunk, workers=workers, tissue_mask=False, label_name=label)
+    spec = dict(input=url, **DENSE_ROLES, segmenter=TIMED_ORACLE, tile=768, halo=128, chunk=chunk,
+                workers=workers, tissue_mask=False, label_name=label)
     started = time.perf_counter()
     with TreeCPU() as cpu:
         report = segment(spec, progress=False)

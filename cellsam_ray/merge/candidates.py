@@ -38,9 +38,9 @@ def tile_candidates(detections: Detections, tile: Tile, grid: TileGrid, band: in
              & (cy1 > cy0) & (cx1 > cx0))
     owned = np.flatnonzero(owned)
     # Each kept mask cut to the view: where its clipped box lies within the box rounded outward.
-    top, left = (cy0 - gy0)[owned].tolist(), (cx0 - gx0)[owned].tolist()
-    bottom, right = (cy1 - gy0)[owned].tolist(), (cx1 - gx0)[owned].tolist()
-    crops = [detections.masks[i][t:b, l:r] for i, t, l, b, r in zip(owned.tolist(), top, left, bottom, right)]
+    view = zip(owned.tolist(), (cy0 - gy0)[owned].tolist(), (cx0 - gx0)[owned].tolist(),
+               (cy1 - gy0)[owned].tolist(), (cx1 - gx0)[owned].tolist())
+    crops = [detections.masks[i][t:b, l:r] for i, t, l, b, r in view]
     index, (top, left, bottom, right), packed = _trimmed(crops, owned)
     my0, mx0 = cy0[index] + top, cx0[index] + left
     my1, mx1 = cy0[index] + bottom, cx0[index] + right
@@ -80,7 +80,7 @@ def _trimmed(crops: list[np.ndarray], index: np.ndarray) -> tuple[np.ndarray, tu
     flat = np.concatenate([crops[k][t:b, l:r].ravel() for k, (t, l, b, r) in zip(keep.tolist(), bounds)]) \
         if keep.size else np.zeros(0, bool)
     shapes = np.stack([extents[2] - extents[0], extents[3] - extents[1]], axis=1).reshape(-1, 2)
-    return index[keep].astype(np.int64), extents, PackedMasks.of_buffer(flat, shapes)
+    return index[keep], extents, PackedMasks.of_buffer(flat, shapes)
 
 
 def _first_and_end(flat: np.ndarray, lines: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

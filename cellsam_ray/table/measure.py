@@ -162,7 +162,7 @@ def _prefix_dtype(dtype: np.dtype, width: int) -> np.dtype:
         return np.dtype(np.float64)
     info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
     fits = width * max(abs(int(info.min)), int(info.max)) < 2**31
-    return np.dtype(np.int32 if dtype.itemsize <= 2 and fits else np.int64)
+    return np.dtype(np.int32 if fits else np.int64)
 
 
 def _records_of(cells: CellSet, ids: np.ndarray) -> np.ndarray:
