@@ -10,6 +10,7 @@ from cellsam_ray.cli import main
 from cellsam_ray.ecosystem_fixtures import brightfield, disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.pipeline.intensity import tissue_mask
 from cellsam_ray.pipeline.plan import make_plan
+from cellsam_ray.pipeline.source import read_window
 from cellsam_ray.pipeline.stain import BRIGHTFIELD, FLUORESCENCE
 from cellsam_ray.spec import SegmentSpec
 
@@ -90,6 +91,20 @@ def test_brightfield_plan_reads_the_colours(slides, name):
                                  chunk=32))
     assert plan.channels == ((0, 1, 2) if name == "rgb" else (0, 1, 2, 3))
     assert plan.roles == ((), (0, 1, 2)) and len(plan.scales) == 1
+
+
+@pytest.mark.parametrize("stain, name, outside", [("brightfield", "rgb", (0.0, 1.0)), ("fluorescence", "two", (0.0, 0.0))])
+def test_a_window_past_the_slide_edge_is_padded_with_the_stains_background(slides, stain, name, outside):
+    """Black past a brightfield slide's edge would look like one large dark nucleus: the padding is glass."""
+    fields = dict(nuclear=["0"], whole_cell=["1"]) if stain == "fluorescence" else {}
+    plan = make_plan(SegmentSpec(input=slides[name], stain=stain, segmenter=ORACLE, tile=64, halo=16, chunk=32,
+                                 **fields))
+    corner = plan.grid.tile_at(0, 0)
+    window = read_window(plan, corner)
+    inside = window[:, 16:, 16:]
+    for role, value in enumerate(outside):
+        assert np.all(window[role, :16, :] == value) and np.all(window[role, :, :16] == value)
+    assert not np.all(inside[len(outside) - 1] == outside[-1])  # the slide itself is not background
 
 
 @pytest.mark.parametrize("name, argv, message", [

@@ -28,7 +28,8 @@ def level_array(plan: SlidePlan):
 
 
 def read_window(plan: SlidePlan, tile: Tile) -> np.ndarray:
-    """The tile's full-size window (roles, S, S) as the stain makes it; zero or reflect padding past the borders."""
+    """The tile's full-size window (roles, S, S) as the stain makes it, padded past the slide's borders with
+    the stain's background (``--padding zero``) or by reflection."""
     return read_windows(plan, [tile])[0]
 
 
@@ -67,13 +68,15 @@ def _window(plan: SlidePlan, tile: Tile, raw: np.ndarray) -> np.ndarray:
     """The window from the raw pixels of its part inside the image, stained and padded."""
     size, (wy0, wx0) = tile.window_size, tile.origin
     y0, x0, y1, x1 = _inside(plan, tile)
-    inside = stain(plan.spec.stain).window(raw, plan.roles, plan.scales, level_array(plan).dtype)
-    pad = ((0, 0), (y0 - wy0, wy0 + size - y1), (x0 - wx0, wx0 + size - x1))
+    kind = stain(plan.spec.stain)
+    inside = kind.window(raw, plan.roles, plan.scales, level_array(plan).dtype)
+    pad = ((y0 - wy0, wy0 + size - y1), (x0 - wx0, wx0 + size - x1))
     if not any(p for pair in pad for p in pair):
         return inside  # a window inside the image: no copy
     if plan.spec.padding == "reflect" and min(inside.shape[1:]) > 1:
-        return np.pad(inside, pad, mode="reflect")
-    return np.pad(inside, pad)
+        return np.pad(inside, ((0, 0),) + pad, mode="reflect")
+    return np.stack([np.pad(role, pad, constant_values=value)
+                     for role, value in zip(inside, kind.background(len(inside)))])
 
 
 def build_segmenter(plan: SlidePlan) -> Segmenter:

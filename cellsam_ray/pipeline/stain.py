@@ -5,7 +5,9 @@ Each stain is an object the plan and the window reader ask, as NGFF versions are
 - which channels to read and how they form the roles (nuclear, whole-cell) of a window;
 - the slide-wide normalisation, from the planning overview;
 - a window's roles from its raw pixels;
-- the signal the tissue mask thresholds, high where tissue is.
+- the signal the tissue mask thresholds, high where tissue is;
+- what a window is padded with past the slide's edge: its background (black in fluorescence, white glass
+  in brightfield, where black would look like one large stained nucleus).
 
 **Fluorescence** (the default: multiplexed immunofluorescence, CODEX, ...): the user names the nuclear and
 whole-cell channels; each role is the brightest of its channels, each normalised between the slide-wide
@@ -58,6 +60,10 @@ class Stain:
         """(y, x) signal of the overview for the tissue mask: near 0 on glass, higher on tissue."""
         raise NotImplementedError
 
+    def background(self, roles: int) -> tuple[float, ...]:
+        """Each role's value where nothing is, on glass: what a window is padded with past the slide's edge."""
+        return (0.0,) * roles
+
     def __repr__(self) -> str:
         return f"{self.name} stain"
 
@@ -107,6 +113,9 @@ class _Brightfield(Stain):
     def tissue_signal(self, overview, roles, scales, dtype):
         normalised = combine_roles(self.grey(overview, dtype)[None], [[0]], list(scales))[0]
         return 1.0 - normalised  # glass is at the top of the grey's range
+
+    def background(self, roles):
+        return (0.0, 1.0)  # the blank nuclear role, and glass at the top of the grey's range
 
     @staticmethod
     def grey(rgb: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -5,7 +5,7 @@ nuclear, whole-cell) exactly as inference will see it, plus its cell labels. So 
 what it will be shown:
 
 - OME-Zarr slides with a label image are cut into windows by the whole-slide pipeline's own planning
-  and window reader (slide-wide intensity scaling, tissue mask, zero padding at borders);
+  and window reader (slide-wide intensity scaling, tissue mask, background padding at borders);
 - a folder of image + label pairs is read as ``segment-image`` reads an image (optionally with the
   library normalisation, its default);
 - synthetic tissue is written as OME-Zarr slides and then read like any slide.
