@@ -58,6 +58,31 @@ class TileFailure(_Strict):
         return f"tile {self.tile} (rows {y0}..{y1}, columns {x0}..{x1}): {self.error}"
 
 
+class CellSize(_Strict):
+    """How the windows were sized to the cells (``cell_diameter``; ``pipeline.cell_size``)."""
+
+    diameter: float | None = Field(default=None, description="The cells' typical diameter the windows were sized "
+                                   "for, px of the segmented level: given, or the median of those measured; null "
+                                   "when too few were found to measure (the model's own windows then).")
+    source: Literal["given", "measured", "unfinished run"] = Field(
+        description="'given' (--cell-diameter N), 'measured' (a first look at a few windows) or 'unfinished run' "
+        "(the tiling of the run this one resumes)."
+    )
+    cells: int | None = Field(default=None, description="Whole cells measured.")
+    windows: int | None = Field(default=None, description="Windows looked at.")
+    look: int | None = Field(default=None, description="Side of the windows of the look measured by, px.")
+
+    def describe(self) -> str:
+        if self.source == "unfinished run":
+            return "the tiling of the unfinished run it resumes"
+        if self.source == "given":
+            return f"cells of {self.diameter:g} px as given"
+        if self.diameter is None:
+            return f"too few whole cells to measure ({self.cells} in {self.windows} windows): the model's own windows"
+        return (f"median diameter {self.diameter:g} px over {self.cells} whole cells in {self.windows} windows of "
+                f"{self.look} px")
+
+
 class ModelInfo(_Strict):
     segmenter: str = Field(description="'cellsam', or the module:attr of another segmenter.")
     weights: str | None = Field(description="The checkpoint's URL.")
@@ -73,6 +98,8 @@ class ModelInfo(_Strict):
     model_input: int | None = Field(default=None, description="Side of the model's input the window is stretched to.")
     scale: str | None = Field(default=None, description="'published' (window = half the model input, as the "
                               "published whole-slide pipeline), 'native' (window = input) or 'custom'.")
+    cell_size: CellSize | None = Field(default=None, description="How the windows were sized to the cells (the "
+                                       "bundled model's --cell-diameter); null when the tiling was set otherwise.")
 
 
 class RunReport(_Strict):

@@ -53,6 +53,12 @@ class SegmentSpec(BaseModel):
         "larger; 'native' takes windows of the full input (1024 px), 4x fewer tiles, for large cells. Sets "
         "--tile/--halo/--chunk where not given."
     )
+    cell_diameter: float | Literal["auto"] | None = Field(
+        default=None, description="The cells' typical diameter in pixels of the segmented level, or 'auto' to "
+        "measure it from a first look at a few windows; the bundled demo model's windows (and those of a "
+        "checkpoint of its sizes) are then sized so that cells look about 32 px to it. Default: auto for the "
+        "bundled model when --tile/--halo/--chunk are not given."
+    )
     label_name: str = Field(default="cells", description="Written to labels/<label_name> in the image.")
     level: int | None = Field(default=None, ge=0, description="Pyramid level to segment (default 0).")
     pixel_size: float | None = Field(
@@ -67,7 +73,9 @@ class SegmentSpec(BaseModel):
     band: int = Field(default=16, ge=0, description="Seam band: detections this far outside a core are reconciled.")
     chunk: int = Field(default=256, gt=0, description="Label chunk size at level 0 of the labels (for CellSAM "
                        "weights the largest divisor of the tile up to 512; v1.2: 384 for both scales).")
-    padding: Literal["zero", "reflect"] = Field(default="zero", description="How windows are padded past borders.")
+    padding: Literal["zero", "reflect"] = Field(default="zero", description="How windows are padded past borders: "
+                                                "'zero' with the background (black; white glass for brightfield), "
+                                                "or 'reflect'.")
     tissue_mask: bool = Field(default=True, description="Skip tiles with no tissue (from a coarse level).")
     workers: int | None = Field(default=None, ge=1, description="Model actors (default: one per GPU, else 1).")
     gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per actor when GPUs exist; below 1 several "
@@ -152,6 +160,19 @@ class SegmentSpec(BaseModel):
                 continue  # a named size ("v1.2"), not a file
             update[name] = str(base / value)
         return self.model_copy(update=update)
+
+    @field_validator("cell_diameter", mode="before")
+    @classmethod
+    def _diameter(cls, value: object) -> object:
+        if value is None or value == "auto":
+            return value
+        try:
+            number = float("nan") if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not 0 < number < 10_000:
+            raise ValueError(f"{value!r} is not a cell diameter: give a number of pixels above 0, or 'auto'")
+        return number
 
     @model_validator(mode="after")
     def _model_source(self) -> "SegmentSpec":

@@ -17,7 +17,7 @@ from cellsam_ray import bundled
 from cellsam_ray.errors import RunFailed, RunStopped, UserError
 from cellsam_ray.execution import Progress, RunStats, run_plan
 from cellsam_ray.model import geometry
-from cellsam_ray.pipeline import labels_out
+from cellsam_ray.pipeline import cell_size, labels_out
 from cellsam_ray.pipeline.lifecycle import LabelRun, build_report
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
@@ -87,7 +87,10 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     if spec.cell_table_h5ad:
         require_anndata()
     started = time.perf_counter()
-    plan = make_plan(spec)
+    plan = cell_size.fit_windows(make_plan(spec))  # the bundled model: windows sized to the cells
+    if plan.cell_size and progress:
+        print(f"cell size: {plan.cell_size.describe()}; windows of {plan.grid.tile + 2 * plan.grid.halo} px",
+              file=sys.stderr, flush=True)
     run = LabelRun(plan)
     run.start()
     stats = RunStats()

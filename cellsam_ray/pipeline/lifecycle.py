@@ -227,7 +227,7 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float, statu
                                                **geometry.describe(spec, load_config(spec.model_config_name).image_size))
     model = ModelInfo(segmenter=spec.segmenter or "cellsam", weights=None if spec.segmenter else spec.weights,
                       weights_sha256=plan.weights_sha256, config=spec.model_config_name, mode=spec.mode,
-                      **(cellsam or {}))
+                      cell_size=plan.cell_size, **(cellsam or {}))
     return RunReport(
         status=status or ("failed" if stats.failed else "succeeded"),
         run_id=plan.run_id,

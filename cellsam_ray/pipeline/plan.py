@@ -29,6 +29,7 @@ from cellsam_ray.pipeline.overview import overview
 from cellsam_ray.pipeline.pixels import level_selection, read_channels  # noqa: F401 - the stages import them from here
 from cellsam_ray.pipeline.stain import stain
 from cellsam_ray.pipeline.workstore import WorkStore
+from cellsam_ray.report import CellSize
 from cellsam_ray.segmenter import segmenter_factory
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.tiling import Tile, TileGrid, plan_grid
@@ -59,7 +60,7 @@ class SlidePlan:
     label_shapes: tuple[tuple[int, int], ...]  # every label level, finest first
     label_scales: tuple[tuple[float, float], ...]  # (y, x) pixel size of every label level
     label_maps: tuple[tuple[AxisMap, ...] | None, ...]  # per label level, how it is built (``pyramid_maps``)
-    extra: dict = field(default_factory=dict)
+    cell_size: CellSize | None = None  # how the windows were sized to the cells (``pipeline.cell_size``)
     weights_sha256: str | None = None  # of the checkpoint (see ``check_model``); None for another segmenter
     input_fingerprint: dict = field(default_factory=dict)  # the image's geometry, to tell a changed input
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this run (a resume is a new run)

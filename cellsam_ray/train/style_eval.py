@@ -2,14 +2,11 @@
 
 For each style and seed a slide is written (``write_synthetic_slide(style=...)``) and segmented by the
 whole-slide pipeline (``pipeline.api.segment``: the style's own nuclear and whole-cell channels, the
-bundled model's tiling, fast mode) and its labels scored against ``labels/ground_truth``
-(``evaluate.score_zarr``), pooled over the style's slides.
+bundled model's windows sized to the cells as ``segment`` sizes them, fast mode) and its labels scored
+against ``labels/ground_truth`` (``evaluate.score_zarr``), pooled over the style's slides.
 
-Brightfield slides need a whole-cell-only input (the published CellSAM feeds a stained image as one
-grayscale channel in the whole-cell slot), which the pipeline's channel roles cannot express; they are
-scored window by window instead: the grayscale slide, scaled as a slide is scaled, cut into the model's
-non-overlapping windows, each segmented by the reference inference (``validate.score_tiles``, which
-leaves out true cells cut to slivers by a window's edge).
+Brightfield slides go through ``--stain brightfield``: the RGB slide as one grey channel in the
+whole-cell slot, as the published CellSAM feeds a stained image.
 
     python -m cellsam_ray.train.style_eval OUT [--weights W --config C] [--seeds 901 902] [--size 512]
 """
@@ -38,39 +35,25 @@ def pooled(scores: list[Score]) -> Score:
 
 
 def score_slide(style: str, seed: int, size: int, folder: Path, weights: str | None, config: str | None,
-                mode: str = "fast") -> tuple[Score, str]:
-    """Write one slide of ``style`` and score the model on it; (score, how it was segmented)."""
+                mode: str = "fast") -> tuple[Score, int]:
+    """Write one slide of ``style`` and score the model on it as ``segment`` segments it; (score, the side of
+    the windows its cells were given)."""
     from cellsam_ray.evaluate import score_zarr
     from cellsam_ray.io.ngff import open_image
     from cellsam_ray.synth import write_synthetic_slide
 
-    url = str(folder / f"{style}-{seed}-{size}.ome.zarr")
-    drawn = render_style(style, (size, size), seed)
-    if drawn.stain == "brightfield":
-        return _score_windows(drawn, weights, config), "windows, grayscale as whole-cell"
     from cellsam_ray.pipeline.api import segment
 
+    url = str(folder / f"{style}-{seed}-{size}.ome.zarr")
+    drawn = render_style(style, (size, size), seed)
     write_synthetic_slide(url, size=(size, size), seed=seed, chunk=256, style=style)
-    spec = dict(input=url, nuclear=list(drawn.nuclear), whole_cell=list(drawn.whole_cell), mode=mode,
-                label_name="model", overwrite=True, cell_table=False, qc_images=False)
-    if weights:
-        from cellsam_ray import bundled
-
-        spec.update(weights=weights, config=config, tile=bundled.TILE, halo=bundled.HALO, chunk=bundled.CHUNK)
-    segment(spec, progress=False)
+    spec = dict(input=url, stain=drawn.stain, nuclear=list(drawn.nuclear), whole_cell=list(drawn.whole_cell),
+                mode=mode, label_name="model", overwrite=True, cell_table=False, qc_images=False)
+    if weights:  # a checkpoint of the bundled model's sizes: its windows are sized to the cells as the bundled model's
+        spec.update(weights=weights, config=config, cell_diameter="auto")
+    report = segment(spec, progress=False)
     image = open_image(url)
-    return score_zarr(image.label("model").array(0), image.label("ground_truth").array(0)), "whole-slide pipeline"
-
-
-def _score_windows(drawn, weights, config) -> Score:
-    from cellsam_ray import bundled
-    from cellsam_ray.model.weights import load_cellsam
-    from cellsam_ray.train.synthetic import windows_of
-    from cellsam_ray.train.validate import score_tiles
-
-    net = load_cellsam(weights or str(bundled.WEIGHTS), config or str(bundled.CONFIG))
-    items = windows_of(drawn, net.config.image_size, np.random.default_rng(0), augment=False)
-    return score_tiles(net, items)
+    return score_zarr(image.label("model").array(0), image.label("ground_truth").array(0)), report["model"]["window"]
 
 
 def score_real(image_path: str, mask_path: str, folder: Path, weights: str | None, config: str | None,
@@ -97,9 +80,7 @@ def score_real(image_path: str, mask_path: str, folder: Path, weights: str | Non
     spec = dict(input=url, nuclear=["nuclei"], mode=mode, label_name="model", overwrite=True, cell_table=False,
                 qc_images=False)
     if weights:
-        from cellsam_ray import bundled
-
-        spec.update(weights=weights, config=config, tile=bundled.TILE, halo=bundled.HALO, chunk=bundled.CHUNK)
+        spec.update(weights=weights, config=config, cell_diameter="auto")
     segment(spec, progress=False)
     written = ngff_io.open_image(url)
     return score_zarr(written.label("model").array(0), written.label("ground_truth").array(0))
@@ -124,18 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         score = score_real(*args.real, out, args.weights, args.config, args.mode)
         results["real"] = {"image": args.real[0], **score.as_dict()}
         print(f"| real: {Path(args.real[0]).name} | {score.f1:.3f} | {score.precision:.3f} | {score.recall:.3f} | "
-              f"{score.mean_iou:.3f} | {score.true} | {score.predicted} | | whole-slide pipeline |", flush=True)
+              f"{score.mean_iou:.3f} | {score.true} | {score.predicted} | | |", flush=True)
     for style in args.styles:
         started = time.perf_counter()
         scored = [score_slide(style, seed, args.size, out, args.weights, args.config, args.mode)
                   for seed in args.seeds]
         score = pooled([s for s, _ in scored])
-        results[style] = {"how": scored[0][1], "seeds": args.seeds, "size": args.size,
-                          "seconds": round(time.perf_counter() - started, 1), **score.as_dict(),
-                          "per_slide_f1": [round(s.f1, 3) for s, _ in scored]}
+        results[style] = {"seeds": args.seeds, "size": args.size, "seconds": round(time.perf_counter() - started, 1),
+                          **score.as_dict(), "per_slide_f1": [round(s.f1, 3) for s, _ in scored],
+                          "windows": [w for _, w in scored]}
         print(f"| {style} | {score.f1:.3f} | {score.precision:.3f} | {score.recall:.3f} | {score.mean_iou:.3f} | "
-              f"{score.true} | {score.predicted} | {', '.join(f'{s.f1:.2f}' for s, _ in scored)} | {scored[0][1]} |",
-              flush=True)
+              f"{score.true} | {score.predicted} | {', '.join(f'{s.f1:.2f}' for s, _ in scored)} | "
+              f"{', '.join(str(w) for _, w in scored)} |", flush=True)
         (out / "scores.json").write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
