@@ -4,8 +4,9 @@ The published weights are licence-gated, so a new user would otherwise have no m
 small (input 256² px, patch 8) and was trained by ``cellsam-ray train`` on synthetic images only (seven
 styles of ``synth.styles``, any of CellSAM's three channel layouts); its
 model card (``assets/MODEL_CARD.md``) gives the training command, data, measured F1 and what it is not
-good for. It sees slides at their own resolution: a window is exactly its 256-pixel input, so the
-pipeline's tiles for it are a 192-pixel core with a 32-pixel halo (labels chunked by 64).
+good for. Its own window is its 256-pixel input at the slide's resolution (a 192-pixel core with a
+32-pixel halo, labels chunked by 64); ``segment`` sizes its windows to the cells instead (``tiling_for``,
+``pipeline.cell_size``), from 128 to 512 pixels, stretched to the input.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class SegmentSpec(BaseModel):
     cell_diameter: float | Literal["auto"] | None = Field(
         default=None, description="The cells' typical diameter in pixels of the segmented level, or 'auto' to "
         "measure it from a first look at a few windows; the bundled demo model's windows (and those of a "
-        "checkpoint of its sizes) are then sized so that cells look about 32 px to it. Default: auto for the "
+        "checkpoint of its sizes) are then sized so that cells look about 20 px to it. Default: auto for the "
         "bundled model when --tile/--halo/--chunk are not given."
     )
     label_name: str = Field(default="cells", description="Written to labels/<label_name> in the image.")
