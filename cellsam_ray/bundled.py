@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cellsam_ray.errors import UserError
+from cellsam_ray.model.geometry import core_and_halo
 from cellsam_ray.spec import SegmentSpec
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -41,9 +42,7 @@ def tiling_for(diameter: float) -> tuple[int, int, int]:
     """
     model_input = TILE + 2 * HALO
     steps = round(model_input * diameter / CELL_DIAMETER / WINDOW_STEP)
-    window = min(max(steps * WINDOW_STEP, SMALLEST_WINDOW), LARGEST_WINDOW)
-    halo = window // 8
-    tile = window - 2 * halo
+    tile, halo = core_and_halo(min(max(steps * WINDOW_STEP, SMALLEST_WINDOW), LARGEST_WINDOW))
     return tile, halo, tile // (TILE // CHUNK)
 
 

@@ -28,11 +28,15 @@ SCALES = {"published": 2, "native": 1}
 MAX_CHUNK = 512
 
 
+def core_and_halo(window: int) -> tuple[int, int]:
+    """A window of side ``window`` as (core, halo): a halo of an eighth on each side."""
+    halo = window // 8
+    return window - 2 * halo, halo
+
+
 def window_geometry(image_size: int, scale: str) -> tuple[int, int, int]:
     """(core, halo, chunk) for windows of ``image_size / SCALES[scale]`` pixels."""
-    window = image_size // SCALES[scale]
-    halo = window // 8
-    core = window - 2 * halo
+    core, halo = core_and_halo(image_size // SCALES[scale])
     chunk = next(c for c in range(min(MAX_CHUNK, core), 0, -1) if core % c == 0)
     return core, halo, chunk
 

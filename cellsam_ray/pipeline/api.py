@@ -89,7 +89,7 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     started = time.perf_counter()
     plan = cell_size.fit_windows(make_plan(spec))  # the bundled model: windows sized to the cells
     if plan.cell_size and progress:
-        print(f"cell size: {plan.cell_size.describe()}; windows of {plan.grid.tile + 2 * plan.grid.halo} px",
+        print(f"cell size: {plan.cell_size.describe()}; windows of {plan.grid.window_size} px",
               file=sys.stderr, flush=True)
     run = LabelRun(plan)
     run.start()

@@ -64,11 +64,11 @@ def measure(plan: SlidePlan, segmenter, window: int) -> CellSize:
               ] if plan.tiles else []
     if not picked:
         return CellSize(source="measured", cells=0, windows=0, look=window)
-    looks = [_centred(tile, window) for tile in picked]
-    found = segmenter.segment_batch(read_windows(plan, looks), origins=[t.origin for t in looks])
+    centred = [_centred(tile, window) for tile in picked]
+    found = segmenter.segment_batch(read_windows(plan, centred), origins=[t.origin for t in centred])
     diameters = np.concatenate([_whole_cell_diameters(f, window) for f in found])
     diameter = round(float(np.median(diameters)), 1) if len(diameters) >= MIN_CELLS else None
-    return CellSize(diameter=diameter, source="measured", cells=len(diameters), windows=len(looks), look=window)
+    return CellSize(diameter=diameter, source="measured", cells=len(diameters), windows=len(centred), look=window)
 
 
 def _cpu_segmenter(plan: SlidePlan):
