@@ -49,6 +49,7 @@ from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.streaming import Streams
 from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
 from cellsam_ray.report import TileFailure
+from cellsam_ray.segmenter import segmenter_environment
 from cellsam_ray.table import stage as table_stage
 from cellsam_ray.table.measure import CellSums
 from cellsam_ray.table.schema import TableLayout
@@ -255,16 +256,10 @@ def _pyramid_chunks(plan: SlidePlan, level: int, chunks: list[tuple[int, ...]]) 
         labels_out.build_chunk(plan, level, chunk_index)
 
 
-# Names of variables never forwarded to the actors: a runtime_env is kept by Ray and shown by its dashboard.
-_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
-
-
 def _segmenter_environment() -> dict | None:
-    """The driver's ``CELLSAM_RAY_*`` variables, for segmenters configured by environment (they are
-    built with no arguments); the actors may run in processes started before the driver set them. A
-    variable whose name says it holds a secret stays on the driver: each node has its own."""
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("CELLSAM_RAY_") and not any(word in k for word in _SECRET_WORDS)}
+    """The driver's ``CELLSAM_RAY_*`` variables but secrets (``segmenter.segmenter_environment``): the
+    actors may run in processes started before the driver set them."""
+    env = segmenter_environment()
     return {"env_vars": env} if env else None
 
 

@@ -21,6 +21,7 @@ one with no arguments. The merge treats every segmenter the same way, CellSAM in
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,6 +92,18 @@ def segmenter_factory(spec: str) -> Any:
     if factory is None:
         raise UserError(f"--segmenter {spec}: module {module_name!r} has no attribute {attr!r}")
     return factory
+
+
+# Words in a variable's name that say it holds a secret: such a variable is never forwarded, since a
+# runtime_env is kept by Ray and shown by its dashboard to anyone who can reach it.
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
+def segmenter_environment() -> dict[str, str]:
+    """This process's ``CELLSAM_RAY_*`` variables, which segmenters built with no arguments read, less any
+    whose name says it holds a secret (each node has its own): what a job or an actor takes along."""
+    return {name: value for name, value in os.environ.items()
+            if name.startswith("CELLSAM_RAY_") and not any(word in name.upper() for word in SECRET_WORDS)}
 
 
 def load_segmenter(spec: str) -> Segmenter:

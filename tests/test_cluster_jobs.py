@@ -94,6 +94,31 @@ def test_failed_job_gives_its_status_and_one_line_reason(cluster, tmp_path):
     assert status.returncode == 1 and f"{job_id} FAILED" in status.stdout  # scripts can tell
 
 
+def test_a_secret_in_the_shell_stays_behind(cluster, tmp_path):
+    """A job's runtime_env is kept by Ray and shown by its dashboard: read it back from the cluster."""
+    slide = tmp_path / "slide.ome.zarr"
+    write_synthetic_slide(str(slide), size=(128, 128), channels=2, ngff="0.5", seed=5, chunk=64)
+    write_spec(tmp_path / "spec.yaml", input=str(slide), nuclear=["DAPl"], segmenter=ORACLE)
+    secrets = dict(CELLSAM_RAY_MY_SECRET_TOKEN="hunter2", CELLSAM_RAY_API_KEY="k3y", CELLSAM_RAY_DB_Password="pw",
+                   CELLSAM_RAY_CREDENTIALS_FILE="/home/me/creds")
+
+    done = cellsam_ray("submit", str(tmp_path / "spec.yaml"), "--address", cluster.dashboard_url, "--wait",
+                       CELLSAM_RAY_ORACLE_LABELS=str(slide), **secrets)
+
+    job_id = done.stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_"), done.stdout + done.stderr
+    shown = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from ray.job_submission import JobSubmissionClient; "
+         "print(json.dumps(JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]).runtime_env))",
+         cluster.dashboard_url, job_id],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    sent = json.loads(shown.stdout.splitlines()[-1])["env_vars"]
+    assert sent["CELLSAM_RAY_ORACLE_LABELS"] == str(slide)  # what a segmenter needs does go
+    assert not set(secrets) & set(sent)
+    assert not {"hunter2", "k3y", "pw", "/home/me/creds"} & set(sent.values())
+
+
 def test_client_errors_are_one_line(cluster):
     unknown = cellsam_ray("status", "raysubmit_nosuchjob", "--address", cluster.dashboard_url)
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1

@@ -4,14 +4,14 @@ The spec is read and checked here, so a typo fails before it reaches the cluster
 ``runtime_env`` (a working folder holding ``spec.json``, with relative local paths made absolute) and
 runs there as ``cellsam-ray run spec.json``: cellsam-ray must be installed on every node. Variables
 ``CELLSAM_RAY_*`` of this shell go with it (segmenters built with no arguments read their settings from
-them); storage credentials do not: ``storage_options_env`` names variables of the cluster's nodes.
+them), but not those whose names say they hold a secret (``segmenter.segmenter_environment``), nor storage
+credentials: ``storage_options_env`` names variables of the cluster's nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -32,10 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cellsam_ray.jobclient import JobApi
     from cellsam_ray.jobspec import load_job_spec, portable_fields
+    from cellsam_ray.segmenter import segmenter_environment
 
     fields = portable_fields(load_job_spec(args.spec))
     api = JobApi(args.address)
-    env = {k: v for k, v in os.environ.items() if k.startswith("CELLSAM_RAY_")}
+    env = segmenter_environment()
     with tempfile.TemporaryDirectory(prefix="cellsam-job-") as folder:
         Path(folder, "spec.json").write_text(json.dumps(fields, indent=2))
         job_id = api.submit(entrypoint=ENTRYPOINT, submission_id=args.job_id,
