@@ -87,6 +87,34 @@ def test_missing_or_bad_weights_are_refused_before_any_actor(slide, tmp_path, ca
     assert f"checkpoint {weights} has sha256" in message and "expected 000000" in message
 
 
+class _RunsACommand:
+    """Unpickled, this would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_weights_that_would_run_code_are_refused_unrun_before_any_actor(slide, tmp_path, capsys):
+    marker = tmp_path / "it-ran"
+    weights = tmp_path / "trojan.pt"
+    torch.save({"w": torch.zeros(3), "payload": _RunsACommand(marker)}, weights)
+    base = ["segment", slide, "--nuclear", "DAPI", *SMALL]
+
+    message = refused([*base, "--weights", str(weights)], capsys)  # no_ray: refused before Ray starts
+
+    assert f"checkpoint {weights} holds more than tensors" in message and "system" in message
+    assert "nothing in it ran" in message and "weights_only" not in message  # no advice to load it unsafely
+    assert not marker.exists()
+    other = tmp_path / "other-model.pt"
+    torch.save({"w": torch.zeros(3)}, other)
+    assert f"checkpoint {other} does not fit this CellSAM config" in refused([*base, "--weights", str(other)], capsys)
+
+
 def test_what_is_not_an_ome_zarr_image_is_refused(tmp_path, capsys):
     missing = tmp_path / "nowhere.ome.zarr"
     assert f"{missing} does not exist" in refused(["segment", str(missing), "--nuclear", "DAPI", *ORACLE], capsys)

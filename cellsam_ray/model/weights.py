@@ -45,19 +45,12 @@ def load_cellsam(
     With ``inference`` the SAM branch inference does not run is dropped before the model moves to
     ``device`` (``CellSAM.drop_unused_sam``); training and checkpoint writing need the full layout.
 
-    A legacy checkpoint (no ``model_cp.*`` keys) gets ``model_cp`` = ``model``, sharing tensors, and
-    ``adv_mode = False``, as the published loader does. The network is built on the meta device and the
-    checkpoint tensors are assigned into it, so no random initialisation runs and no second copy of
+    The network is built on the meta device (``_fitted``, which also completes a legacy checkpoint) and
+    the checkpoint tensors are assigned into it, so no random initialisation runs and no second copy of
     the weights is held.
     """
-    config = load_config(config) if isinstance(config, str) else config
     state = load_checkpoint_state(uri, storage_options=storage_options, sha256=sha256, cache_dir=cache_dir)
-    adv_mode = any(key.startswith("model_cp.") for key in state)
-    if not adv_mode:
-        state |= {"model_cp." + key.removeprefix("model."): v for key, v in state.items() if key.startswith("model.")}
-    with torch.device("meta"):
-        net = build_cellsam(config)
-    check_state(net.state_dict(), state, uri)
+    net, state, adv_mode = _fitted(state, config, uri)
     state = {key: v.float() if v.is_floating_point() else v for key, v in state.items()}
     net.load_state_dict(state, strict=True, assign=True)
     net.adv_mode = adv_mode
@@ -76,11 +69,23 @@ def load_checkpoint_state(
     Only tensors are unpickled (``weights_only=True``): a checkpoint cannot run code.
     """
     path = _local_file(uri, storage_options or {}, sha256, Path(cache_dir or DEFAULT_CACHE_DIR).expanduser())
+    return _unpickled(path, uri, "cpu")
+
+
+def _unpickled(source: Path | BinaryIO, uri: str, map_location: str) -> dict[str, Tensor]:
+    """The state dict in ``source``, unpickled with ``weights_only=True``: an object other than tensors and
+    plain containers is refused before it is built, so nothing in the file runs. On ``map_location="meta"``
+    only the pickle is read, not the tensors' bytes."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        obj = torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = _unpickler_reason(err)
+        if "GLOBAL" in reason:  # a class or function to import and call: what runs code when unpickled
+            raise UserError(f"checkpoint {uri} holds more than tensors ({reason}): it was refused and nothing in "
+                            "it ran; weights must be a state dict of tensors") from None
         raise UserError(f"checkpoint {uri} is not a readable PyTorch weights file: {reason}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UserError(f"checkpoint {uri} is not a readable PyTorch weights file: {_first_line(err)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -88,13 +93,27 @@ def load_checkpoint_state(
     return dict(obj)
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to load the file unsafely."""
+    lines = (line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(err).splitlines())
+    reasons = [line for line in lines
+               if line and not any(word in line.lower() for word in ("weights only", "weights_only", "documentation"))]
+    return reasons[0].split(" Please use")[0].rstrip(".") if reasons else _first_line(err)
+
+
 # The first bytes of what torch.save writes: a zip archive (since torch 1.6), or a legacy pickle.
 _CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha256: str | None = None) -> str:
-    """Check a checkpoint before any actor loads it, without unpickling it: it exists, is readable, starts
-    like a file torch.save wrote and, if ``sha256`` is given, matches it.
+def check_checkpoint_file(uri: str, config: CellSAMConfig | str, *, storage_options: dict | None = None,
+                          sha256: str | None = None) -> str:
+    """Check a checkpoint before any actor loads it: it exists, is readable, starts like a file torch.save
+    wrote, matches ``sha256`` if given, unpickles as tensors alone (``weights_only``, on the meta device:
+    only the pickle is read again, never the tensors' bytes) and fits ``config`` key for key.
 
     Returns the file's SHA-256, read once (on the driver, for a remote file too): a run names its weights
     by content, so a checkpoint replaced under the same URL is never taken for the one a run started with,
@@ -113,9 +132,29 @@ def check_checkpoint_file(uri: str, *, storage_options: dict | None = None, sha2
                                 "nor a pickle)")
             f.seek(0)
             digest = _sha256_of(f)
-    if sha256:
-        _verify(digest, sha256, uri)
+            if sha256:
+                _verify(digest, sha256, uri)
+            f.seek(0)
+            state = _unpickled(f, uri, "meta")
+    _fitted(state, config, uri)
     return digest
+
+
+def _fitted(state: dict[str, Tensor], config: CellSAMConfig | str, uri: str) -> tuple[CellSAM, dict, bool]:
+    """A CellSAM of ``config`` on the meta device, ``state`` completed to its layout, and whether the
+    checkpoint has its own adversarial copy: a UserError if the keys or shapes do not fit.
+
+    A legacy checkpoint (no ``model_cp.*`` keys) gets ``model_cp`` = ``model``, sharing tensors, and
+    ``adv_mode = False``, as the published loader does."""
+    config = load_config(config) if isinstance(config, str) else config
+    adv_mode = any(key.startswith("model_cp.") for key in state)
+    if not adv_mode:
+        state = state | {"model_cp." + key.removeprefix("model."): v for key, v in state.items()
+                         if key.startswith("model.")}
+    with torch.device("meta"):
+        net = build_cellsam(config)
+    check_state(net.state_dict(), state, uri)
+    return net, state, adv_mode
 
 
 def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], uri: str) -> None:

@@ -153,8 +153,9 @@ def check_axes(image: NgffImage, spec: SegmentSpec) -> dict:
 
 
 def check_model(spec: SegmentSpec) -> str | None:
-    """Fail now, not in every actor: the segmenter can be imported, or the checkpoint exists, is a PyTorch
-    file and matches ``weights_sha256``. Returns the checkpoint's SHA-256 (None for another segmenter)."""
+    """Fail now, not in every actor: the segmenter can be imported, or the checkpoint exists, matches
+    ``weights_sha256``, holds tensors alone and fits the model's config. Returns the checkpoint's SHA-256
+    (None for another segmenter)."""
     if spec.segmenter:
         segmenter_factory(spec.segmenter)
         return None
@@ -162,7 +163,8 @@ def check_model(spec: SegmentSpec) -> str | None:
         raise UserError("no model: give --weights CHECKPOINT or --segmenter module:attr")
     from cellsam_ray.model.weights import check_checkpoint_file  # imports torch: only when a model runs
 
-    return check_checkpoint_file(spec.weights, storage_options=spec.storage.options(), sha256=spec.weights_sha256)
+    return check_checkpoint_file(spec.weights, spec.model_config_name, storage_options=spec.storage.options(),
+                                 sha256=spec.weights_sha256)
 
 
 def make_plan(spec: SegmentSpec) -> SlidePlan:
