@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cellsam_ray.cli import main
+from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.io.ngff import Axis, Channel, create_image, image_axes
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing import array_checksums
@@ -128,6 +129,19 @@ def test_what_is_not_an_ome_zarr_image_is_refused(tmp_path, capsys):
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").create_array("x", shape=(4, 4), dtype="u1")
     assert "is not an OME-Zarr image" in refused(["segment", str(tmp_path / "plain.zarr"), "--nuclear", "0", *ORACLE],
                                                  capsys)
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_a_label_image_or_labels_group_is_not_taken_for_the_image(tmp_path, capsys, version):
+    truth = disc_cells((96, 96), seed=3)
+    url = write_with_ome_zarr_py(str(tmp_path / "slide.ome.zarr"), fluorescence(truth, 2, np.uint16, seed=3),
+                                 version=version, channel_names=["DAPI", "CD45"], ground_truth=truth)
+    before = array_checksums(url)
+    for given, what in ((f"{url}/labels/ground_truth", "a label image"), (f"{url}/labels", "the labels group")):
+        message = refused(["segment", given, "--nuclear", "0", "--label-name", "x", *SMALL, *ORACLE], capsys)
+        assert f"{given} is {what} of {url}, not an image to segment" in message
+    assert array_checksums(url) == before
+    assert not (tmp_path / "slide.ome.zarr" / "labels" / "ground_truth" / "labels").exists()
 
 
 @pytest.mark.parametrize("axes, shape, dtype, argv, message", [

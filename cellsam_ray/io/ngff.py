@@ -28,7 +28,7 @@ import zarr
 from cellsam_ray.errors import UserError
 from cellsam_ray.io import pyramid
 from cellsam_ray.io.layouts import image_group
-from cellsam_ray.io.storage import Mode, open_group
+from cellsam_ray.io.storage import Mode, open_group, relative_url
 
 # Attribute of a label image this package writes: {"complete": bool, "run_id": str} (see NgffImage.label).
 RUN_MARKER = "cellsam_ray"
@@ -266,6 +266,23 @@ def open_image(
     A bioformats2raw root opens as its first series (``layouts``)."""
     group = url if isinstance(url, zarr.Group) else open_group(url, storage_options, mode=mode)
     return read_image(image_group(group))
+
+
+def open_slide(url: str, storage_options: dict[str, Any] | None = None) -> NgffImage:
+    """Open the image a run reads, as ``open_image`` does, refusing a label image or a ``labels`` group:
+    segmenting one would write a label group inside it, where no viewer looks. The error names the image
+    they belong to."""
+    group = image_group(open_group(url, storage_options))
+    attrs = dict(group.attrs)  # read before the version: ome-zarr-py's 0.5 labels groups have none (stack.md 4.4)
+    ome = attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
+    if isinstance(ome.get("image-label"), dict):
+        source = (ome["image-label"].get("source") or {}).get("image") or "../../"
+        raise UserError(f"{url} is a label image of {relative_url(url, source)}, not an image to segment: give "
+                        "that image")
+    if "labels" in ome and "multiscales" not in ome:
+        raise UserError(f"{url} is the labels group of {relative_url(url, '..')}, not an image to segment: give "
+                        "that image")
+    return read_image(group)
 
 
 def read_image(group: zarr.Group) -> NgffImage:

@@ -123,6 +123,14 @@ def join_url(url: str, *parts: str) -> str:
     return posixpath.join(str(url).rstrip("/"), *parts)
 
 
+def relative_url(url: str, relative: str) -> str:
+    """Where the relative path ``relative`` (e.g. ``../..``) leads from ``url``, for local paths and URLs alike."""
+    if is_local(url) and not str(url).startswith("file://"):
+        return os.path.normpath(os.path.join(str(url), relative))
+    scheme, _, path = str(url).partition("://")
+    return f"{scheme}://{posixpath.normpath(posixpath.join(path, relative))}"
+
+
 def open_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Store:
     """A zarr store rooted at ``url``; nothing is read or written yet."""
     if is_local(url):

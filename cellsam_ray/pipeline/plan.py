@@ -1,7 +1,7 @@
 """Turning a ``SegmentSpec`` into a checked, serialisable plan before any model time is spent.
 
 Everything a user can get wrong is caught here, each with a one-line ``UserError``: a path that is not
-OME-Zarr, unsupported axes or dtype, z > 1 without a chosen plane, a misspelled channel (the error lists
+OME-Zarr or is a label image, unsupported axes or dtype, z > 1 without a chosen plane, a misspelled channel (the error lists
 the available names), a level that does not exist, a tile or halo that does not fit, an existing label
 name without ``--overwrite``, weights that are missing, unreadable or fail their checksum, a segmenter
 that cannot be imported, a channel name several channels share, an image the chosen stain cannot read.
@@ -21,7 +21,7 @@ import numpy as np
 
 from cellsam_ray.errors import UserError
 from cellsam_ray.io.layouts import image_url
-from cellsam_ray.io.ngff import NgffImage, open_image
+from cellsam_ray.io.ngff import NgffImage, open_slide
 from cellsam_ray.io.pyramid import AxisMap, level_maps
 from cellsam_ray.io.storage import join_url
 from cellsam_ray.pipeline.intensity import ChannelScale, tissue_mask
@@ -171,7 +171,7 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
     # A layout that holds the image deeper (bioformats2raw's root) is planned at the image itself, so the
     # labels, the work prefix and every reader find it there.
     spec = spec.model_copy(update={"input": image_url(spec.input, spec.storage.options())})
-    image = open_image(spec.input, spec.storage.options())
+    image = open_slide(spec.input, spec.storage.options())
     axes = tuple(image.axes)
     plane = check_axes(image, spec)
     sizes = dict(zip(axes, image.levels[0].shape))
