@@ -3,12 +3,16 @@
 Every reader of image pixels (planning, the model's windows, the cell table, QC) goes through
 ``read_channels``, so what a pixel means is decided once: NaN (what float writers put where nothing was
 measured, e.g. outside a stitched scan) is background, 0, for the statistics, the model and the table
-alike, and never reaches a percentile or a model as NaN.
+alike, and never reaches a percentile or a model as NaN; and a chunk damaged in storage is named once
+(``io.damage``), whichever stage meets it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from cellsam_ray.errors import UserError
+from cellsam_ray.io.damage import damaged_chunk
 
 
 def level_selection(axes: tuple[str, ...], plane: dict, channels, ys: slice, xs: slice) -> tuple:
@@ -34,8 +38,18 @@ def _as_slice(channels: list[int]) -> slice | list[int]:
 
 
 def read_channels(array, axes, plane, channels, ys: slice, xs: slice) -> np.ndarray:
-    """Pixels (len(channels), y, x) of a level array, whatever its axis order; NaN read as 0."""
-    data = np.asarray(array.get_orthogonal_selection(level_selection(axes, plane, channels, ys, xs)))
+    """Pixels (len(channels), y, x) of a level array, whatever its axis order; NaN read as 0. A chunk that
+    cannot be decoded is a UserError naming it."""
+    selection = level_selection(axes, plane, channels, ys, xs)
+    try:
+        data = np.asarray(array.get_orthogonal_selection(selection))
+    except Exception as err:
+        chunk = damaged_chunk(array, selection)
+        if chunk is None:
+            raise
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"the input image is damaged: chunk {chunk} of {array.store} cannot be decoded "
+                        f"({type(err).__name__}: {reason}); restore it from its source") from None
     kept = [a for a in axes if a not in plane]
     if "c" not in kept:
         data, kept = data[None], ["c"] + kept
