@@ -1,7 +1,8 @@
 """Window geometry for CellSAM weights: the published 512-px windows by default, native ones on request.
 
 Checked through the plan the pipeline runs (``make_plan``), on a real slide and a real (small) PyTorch
-file standing in for the v1.2 checkpoint: planning reads only its header.
+file standing in for the v1.2 checkpoint: every key and shape of v1.2, each tensor one value broadcast to
+its shape (planning checks the keys and shapes, and reads no tensor's bytes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 
 from cellsam_ray import bundled
 from cellsam_ray.model import geometry
+from cellsam_ray.model.config import load_config
+from cellsam_ray.model.network import build_cellsam
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
@@ -23,7 +26,9 @@ def slide_and_weights(tmp_path_factory):
     url = str(folder / "slide.ome.zarr")
     write_synthetic_slide(url, size=(1200, 1000), channels=2, ngff="0.5", seed=3, chunk=128)
     weights = folder / "v12.pt"
-    torch.save({"stand_in": torch.zeros(1)}, weights)
+    with torch.device("meta"):
+        shapes = build_cellsam(load_config("v1.2")).state_dict()
+    torch.save({key: torch.zeros((), dtype=v.dtype).expand(v.shape) for key, v in shapes.items()}, weights)
     return url, str(weights)
 
 
