@@ -1,8 +1,9 @@
-"""What a model worker does when its accelerator fails: retry smaller on out of memory, die on a broken context.
+"""A model worker's accelerator: which device it runs on, and what it does when the device fails (retry smaller
+on out of memory, die on a broken context).
 
 Kept apart from the Ray code (``execution``) so that the GPU check (``gpu_check``), which runs where Ray
-is not installed, exercises the same recovery. Nothing here imports torch: a segmenter that does not use
-torch never pays for it, and torch's error types are looked up only if torch is already loaded.
+is not installed, exercises the same recovery. Nothing here imports torch at import time: a segmenter that does
+not use torch never pays for it, and torch's error types are looked up only if torch is already loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,41 @@ ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"
 BROKEN_DEVICE = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
                  "illegal instruction", "uncorrectable ECC error", "launch timed out")
 """Sticky CUDA errors: the process's CUDA context is unusable afterwards, so nothing it retries can work."""
+
+
+def resolve_device(device: str, *, gpu_holder: str | None = None) -> str:
+    """``cpu`` or ``cuda`` for a ``device`` of ``auto``, ``cpu`` or ``cuda``.
+
+    ``auto`` is CUDA where torch can use it, else the CPU; but a process that holds a GPU (``gpu_holder``
+    says which, e.g. a model actor Ray pinned to one) must use it: a torch that cannot (a build without
+    CUDA, no driver) is the node's misconfiguration, a one-line UserError naming the cause, never the
+    whole slide run on the CPU while the GPU is held.
+    """
+    import torch
+
+    from cellsam_ray.errors import UserError
+
+    if device == "cpu" or (device == "auto" and not gpu_holder and not torch.cuda.is_available()):
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    who = gpu_holder or "--device cuda"
+    raise UserError(f"{who}: torch cannot use CUDA ({cuda_problem()}); give the node torch built for CUDA and "
+                    "the NVIDIA driver, or run on CPUs with --device cpu")
+
+
+def cuda_problem() -> str:
+    """Why torch cannot use CUDA here, in a few words."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a build without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as err:  # noqa: BLE001 - torch's own words for it are the point
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"torch {torch.__version__}: {reason}"
+    return f"torch {torch.__version__} sees no CUDA device"
 
 
 def is_out_of_memory(err: BaseException) -> bool:

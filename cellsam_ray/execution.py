@@ -1,6 +1,8 @@
 """Running a slide plan on Ray: every actor, task, retry and resource request lives here.
 
-- Stage A runs in a pool of model actors (one model each; ``num_gpus`` when the cluster has GPUs). Tile
+- Stage A runs in a pool of model actors (one model each; ``num_gpus`` when the cluster has GPUs or its
+  autoscaler can add them: ``capacity``). An actor gets tiles once it has started, so a run begins with the
+  first actor ready and grows as nodes join; actors that never find room hold no tiles. Tile
   descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch is
   on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. An actor
   writes a batch's candidates to the work store itself, after releasing the model to the other batch in
@@ -40,7 +42,7 @@ from typing import Any, Callable
 
 import ray
 
-from cellsam_ray import device
+from cellsam_ray import capacity, device
 from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
@@ -60,7 +62,6 @@ ACTOR_RESTARTS = 3
 BACKUP_AFTER_S = float(os.environ.get("CELLSAM_RAY_BACKUP_AFTER_S", "120"))
 """Seconds (at least) a batch is in flight before an idle actor runs it too (see ``_ModelStage``)."""
 TASK_RETRIES = 3
-CPU_RESERVE = 0.25  # CPUs the model actors leave free on a CPU-only cluster, for Ray's own processes
 
 
 @dataclass
@@ -93,6 +94,8 @@ class RunStats:
     qc: dict | None = None  # the QC pictures written
     actor_peak_rss_mb: list = field(default_factory=list)
     nodes: list = field(default_factory=list)  # Ray node ids the model actors ran on
+    pool: capacity.Pool | None = None  # the model actors asked for, and why
+    actors: list = field(default_factory=list)  # per model actor that answered at the end: node, GPUs, device
     tasks: dict = field(default_factory=dict)  # tasks (or actor calls) per stage
     units: dict = field(default_factory=dict)  # per stage: homes reconciled, cores painted, chunks built, ...
     batches: int = 0  # model batches handed to the actors
@@ -114,7 +117,14 @@ class SegmentWorker:
 
     def __init__(self, plan: SlidePlan) -> None:
         self.plan = plan
-        self.segmenter = source.build_segmenter(plan)
+        self.gpus = [str(gpu) for gpu in ray.get_gpu_ids()]  # what Ray pinned it to (CUDA_VISIBLE_DEVICES)
+        holder = (f"the model actor on node {ray.util.get_node_ip_address()} holding GPU {', '.join(self.gpus)}"
+                  if self.gpus else None)
+        self.unusable = None  # why this node cannot run the model (no CUDA for its GPU, ...), said by started()
+        try:
+            self.segmenter = source.build_segmenter(plan, gpu_holder=holder)
+        except UserError as err:  # raised here, it would end the process with a native crash dump on the driver
+            self.segmenter, self.unusable = None, str(err)
         _use_assigned_cpus()
         self.readers = ThreadPoolExecutor(max_workers=4)
         self.model_lock = threading.Lock()
@@ -122,6 +132,8 @@ class SegmentWorker:
 
     @ray.method(retry_exceptions=True)  # a transient error (a storage hiccup) costs a retry, not the tile
     def run(self, tiles: list) -> list[tuple[str, int, float]]:
+        if self.unusable:  # restarted on a node that cannot run the model
+            raise RuntimeError(self.unusable)
         windows = source.read_windows(self.plan, tiles)
         try:
             with self.model_lock:
@@ -147,12 +159,17 @@ class SegmentWorker:
         return [([t for t, _ in part], inferred) for part, inferred in done]
 
     @ray.method(concurrency_group="control")  # answers while both batch threads are busy
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+    def started(self) -> str | None:
+        """Why it cannot run the model, or None: asked once, its answer saying that it has started (a
+        constructor that failed fails this call)."""
+        return self.unusable
 
     @ray.method(concurrency_group="control")
-    def peak_rss_mb(self) -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def facts(self) -> dict:
+        """Where it runs (node, the GPUs Ray gave it, the segmenter's device) and its peak memory so far."""
+        return dict(node=ray.get_runtime_context().get_node_id(), gpus=self.gpus,
+                    device=getattr(self.segmenter, "device", None),
+                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
 def _one_line(err: BaseException) -> str:
@@ -263,42 +280,6 @@ def _segmenter_environment() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def _actor_resources(plan: SlidePlan) -> tuple[int, dict]:
-    """How many model actors, and what each asks for: a GPU share and CPUs where GPUs exist, else CPUs.
-
-    A GPU actor does host work besides the model (reading windows, CellSAM's cleanup, the candidates), so
-    it asks for ``cpus_per_worker`` CPUs, by default half its share of the GPU nodes' CPUs (the fewest CPUs
-    per GPU among them, times ``gpus_per_worker``): the other half runs stages B–E as the tiles stream in
-    (a CPU task waits for a free CPU; with every CPU held by actors nothing streams). Without GPUs the
-    model is the bottleneck, so by default the actors share the cluster's CPUs less a reserve for small
-    I/O work (fractional CPUs are fine for Ray's scheduler) and the other stages mostly run after them;
-    no actor asks for more than the largest node has less the reserve: an actor is one process, and a
-    request no node can meet waits forever.
-    """
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return _model_actors(plan.spec, ray.cluster_resources(), nodes)
-
-
-def _model_actors(spec, cluster: dict, nodes: list[dict]) -> tuple[int, dict]:
-    """``_actor_resources`` for a cluster's total resources and its live nodes' resources."""
-    reserve = CPU_RESERVE
-    gpus = cluster.get("GPU", 0)
-    if gpus and spec.device != "cpu":
-        most = max((node.get("GPU", 0) for node in nodes), default=gpus)
-        if spec.gpus_per_worker > most:
-            raise UserError(f"--gpus-per-worker {spec.gpus_per_worker:g} is more than any node of the cluster has "
-                            f"({most:g} GPUs): an actor is one process on one node, and would wait forever")
-        workers = spec.workers or max(int(gpus // spec.gpus_per_worker), 1)
-        per_gpu = min((node.get("CPU", 1) / node["GPU"] for node in nodes if node.get("GPU")), default=1)
-        cpus = spec.cpus_per_worker or max(round(per_gpu * spec.gpus_per_worker / 2, 2), 1)
-        return workers, {"num_gpus": spec.gpus_per_worker, "num_cpus": cpus}
-    cpus = cluster.get("CPU", 1)
-    largest_node = max((node.get("CPU", 0) for node in nodes), default=cpus)
-    workers = spec.workers or 1
-    share = spec.cpus_per_worker or (cpus - reserve) / workers
-    return workers, {"num_cpus": round(min(share, largest_node - reserve), 2)}
-
-
 @dataclass
 class _Sent:
     """A batch given to the actor in ``slot``, and when."""
@@ -310,29 +291,63 @@ class _Sent:
 
 
 class _ModelStage:
-    """Stage A: every tile of ``todo`` through the model actors, two batches in flight per actor.
+    """Stage A: every tile of ``todo`` through the model actors, two batches in flight per started actor.
 
-    Once the queue is empty, an actor with room also runs a batch that another actor has held for
-    ``BACKUP_AFTER_S`` (and 3× the median batch time): an actor whose node was lost waits for room to
-    restart, forever on a cluster without any, and a straggler holds the whole run back. Whichever copy
-    finishes first counts; the other's results are the same bytes under the same keys.
+    The pool is what ``capacity`` says the cluster has or can become; an actor is given batches once it
+    has started (``started`` answered), so on a cluster that scales from zero the run begins with the
+    first node that joins. Once the queue is empty, an actor with room also runs a batch that another
+    actor has held for ``BACKUP_AFTER_S`` (and 3× the median batch time): an actor whose node was lost
+    waits for room to restart, forever on a cluster without any, and a straggler holds the whole run back.
+    Whichever copy finishes first counts; the other's results are the same bytes under the same keys.
     """
 
     def __init__(self, plan: SlidePlan, todo: list, stats: RunStats, progress: Progress) -> None:
         self.plan, self.stats, self.progress = plan, stats, progress
-        n_workers, resources = _actor_resources(plan)
+        stats.pool = capacity.plan_pool(plan.spec, len(todo))
+        print(f"model actors: {stats.pool.describe()}", file=sys.stderr, flush=True)
         self.actor_cls = ray.remote(concurrency_groups={"control": 1})(SegmentWorker).options(
             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
-            scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **resources,
+            scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **stats.pool.resources,
         )
-        # The plan itself, not its reference: an actor restarted after its node was lost needs its arguments.
-        self.actors = [self.actor_cls.remote(plan) for _ in range(min(n_workers, len(todo)))]
+        self.actors: list = [None] * min(stats.pool.count, len(todo))
+        self.starting: dict[ray.ObjectRef, int] = {}  # an actor's started() call -> its slot
+        self.ready: set[int] = set()  # slots whose actor has started
+        for slot in range(len(self.actors)):
+            self._start(slot)
         size = plan.spec.batch_size
         self.batches = deque(todo[i : i + size] for i in range(0, len(todo), size))
         self.outstanding = {t.key for t in todo}
         self.in_flight: dict[ray.ObjectRef, _Sent] = {}
         self.backed_up: set[ray.ObjectRef] = set()
         self.batch_seconds: list[float] = []
+
+    def _start(self, slot: int) -> None:
+        """A fresh actor in ``slot``, given tiles once it answers. The plan itself, not its reference: an
+        actor restarted after its node was lost needs its arguments."""
+        self.ready.discard(slot)
+        self.actors[slot] = self.actor_cls.remote(self.plan)
+        self.starting[self.actors[slot].started.remote()] = slot
+
+    def waiting(self) -> list[ray.ObjectRef]:
+        return [*self.in_flight, *self.starting]
+
+    def take(self, ref: ray.ObjectRef) -> list[str]:
+        """Take a finished batch or a started actor; returns the keys of the tiles segmented first."""
+        if ref not in self.starting:
+            return self.finished(ref)
+        slot = self.starting.pop(ref)
+        try:
+            unusable = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
+                raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
+            ray.kill(self.actors[slot])  # lost while starting, its restarts used up: a fresh one
+            self._start(slot)
+            return []
+        if unusable:
+            raise RunFailed(f"the model actors cannot start: {unusable}")
+        self.ready.add(slot)
+        return []
 
     def _late_batch(self, slot: int) -> list | None:
         """The batch held longest by another actor, if it is late and has no backup yet."""
@@ -349,11 +364,12 @@ class _ModelStage:
         return self.in_flight[ref].batch
 
     def fill(self) -> None:
-        for slot, actor in enumerate(self.actors):
+        for slot in sorted(self.ready):
             while sum(sent.slot == slot for sent in self.in_flight.values()) < 2:  # one read while one computes
                 batch = self.batches.popleft() if self.batches else self._late_batch(slot)
                 if batch is None:
                     break
+                actor = self.actors[slot]
                 self.in_flight[actor.run.remote(batch)] = _Sent(slot, actor, batch, time.monotonic())
                 self.stats.batches += 1
 
@@ -370,7 +386,7 @@ class _ModelStage:
                     raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
                 if self.actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
                     ray.kill(sent.actor)
-                    self.actors[sent.slot] = self.actor_cls.remote(self.plan)
+                    self._start(sent.slot)
             pending = [t for t in sent.batch if t.key in self.outstanding]
             if len(pending) > 1:  # retry tile by tile, to find the tile at fault
                 self.batches.extendleft([t] for t in reversed(pending))
@@ -391,36 +407,35 @@ class _ModelStage:
         return segmented
 
     def close(self) -> None:
-        _actor_facts(self.actors, self.stats)
+        _actor_facts([self.actors[slot] for slot in sorted(self.ready)], self.stats)
         self.kill()
 
     def kill(self) -> None:
-        """End every actor now, their batches in flight with them."""
+        """End every actor now, their batches in flight with them, and those still waiting for room (so
+        nothing the run asked for stays requested, and an autoscaler can scale down)."""
         for actor in self.actors:
             ray.kill(actor)
 
 
 def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
-    """Peak memory and node of every actor that answers in time: best effort, never the run's failure.
+    """Node, GPUs, device and peak memory of every actor that answers in time: best effort, never the
+    run's failure.
 
     An actor whose node was lost may be dead, restarting or unreachable by now. ``ray.wait`` counts a ref
     whose task *failed* as ready, so each answer is fetched on its own, and an actor whose answer failed
     or did not come is left out of the report's lists.
     """
-    asked = [(actor.peak_rss_mb.remote(), actor.node_id.remote()) for actor in actors]
-    refs = [ref for pair in asked for ref in pair]
-    ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0])
-    nodes = set()
-    for rss, node in asked:
-        if rss not in ready or node not in ready:
+    asked = [actor.facts.remote() for actor in actors]
+    ready = set(ray.wait(asked, num_returns=len(asked), timeout=timeout)[0])
+    for ref in asked:
+        if ref not in ready:
             continue
         try:
-            peak_rss_mb, node_id = ray.get([rss, node])
+            stats.actors.append(ray.get(ref))
         except ray.exceptions.RayError:
             continue
-        stats.actor_peak_rss_mb.append(round(peak_rss_mb, 1))
-        nodes.add(node_id)
-    stats.nodes = sorted(nodes)
+    stats.actor_peak_rss_mb = [facts["peak_rss_mb"] for facts in stats.actors]
+    stats.nodes = sorted({facts["node"] for facts in stats.actors})
 
 
 def _tasks_in_flight() -> int:
@@ -630,13 +645,13 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
             if model is not None:
                 model.fill()
             host.submit()
-            waiting = list(model.in_flight if model is not None else ()) + list(host.in_flight)
+            waiting = (model.waiting() if model is not None else []) + list(host.in_flight)
             if not waiting:
                 break
             ready, _ = ray.wait(waiting, num_returns=1, timeout=5)
             for ref in ready:
-                if model is not None and ref in model.in_flight:
-                    for key in model.finished(ref):
+                if model is not None and (ref in model.in_flight or ref in model.starting):
+                    for key in model.take(ref):
                         streams.tile_segmented(key)
                     if on_progress:
                         on_progress(progress)

@@ -6,7 +6,8 @@ asks for. The driver forwards ``CELLSAM_RAY_*`` variables to the model actors, s
 the way a user configures any segmenter built with no arguments:
 
 - ``CELLSAM_RAY_FAULT_DIR`` (required): a folder shared by the actors; each window segmented leaves
-  ``calls/<y>_<x>.<unique>``, named by the window's origin.
+  ``calls/<y>_<x>.<unique>``, named by the window's origin, holding where it ran: the Ray node and the GPU
+  ids Ray gave the actor (``window_places``).
 - ``CELLSAM_RAY_FAULT_CRASH_AT=y,x``: the actor's process dies (``os._exit``) on that window, the first time
   only (a ``crashed`` marker in the folder remembers it).
 - ``CELLSAM_RAY_FAULT_FAIL_AT=y,x``: raises on that window, every time.
@@ -15,10 +16,13 @@ the way a user configures any segmenter built with no arguments:
 - ``CELLSAM_RAY_FAULT_DELAY=s``: sleeps s seconds per window (time to kill a driver mid-run).
 - ``CELLSAM_RAY_FAULT_HOLD_AT=y,x``: on that window, leaves ``held/<pid>`` (the process holding it) and
   waits until a ``release`` file appears in the folder, so a test can act at a known point of a run.
+- ``CELLSAM_RAY_FAULT_BARRIER=n``: no window is segmented before n segmenters have been built (each leaves
+  ``built/<pid>``), so a test that counts a run's actors sees every one start before the work runs out.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -37,11 +41,28 @@ def _origin(value: str | None) -> tuple[int, int] | None:
     return (y, x)
 
 
+def window_places(folder: str | Path) -> list[dict]:
+    """Where each window segmented so far ran (with repeats): its origin, Ray node and GPU ids."""
+    calls = Path(folder, "calls")
+    files = sorted(calls.iterdir()) if calls.is_dir() else []
+    return [dict(json.loads(p.read_text()), origin=tuple(int(v) for v in p.name.split(".")[0].split("_")))
+            for p in files]
+
+
 def window_calls(folder: str | Path) -> list[tuple[int, int]]:
     """The origin of every window segmented so far (with repeats), read from ``calls/``."""
     calls = Path(folder, "calls")
     names = sorted(p.name for p in calls.iterdir()) if calls.is_dir() else []
     return [tuple(int(v) for v in name.split(".")[0].split("_")) for name in names]
+
+
+def _place() -> dict:
+    """The Ray node and GPU ids of this process (an actor), or nulls outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return dict(node=None, gpus=[])
+    return dict(node=ray.get_runtime_context().get_node_id(), gpus=[str(g) for g in ray.get_gpu_ids()])
 
 
 class FaultySegmenter:
@@ -53,8 +74,10 @@ class FaultySegmenter:
         self.oom_above = int(os.environ.get("CELLSAM_RAY_FAULT_OOM_ABOVE", "0"))
         self.delay = float(os.environ.get("CELLSAM_RAY_FAULT_DELAY", "0"))
         self.hold_at = _origin(os.environ.get("CELLSAM_RAY_FAULT_HOLD_AT"))
-        for sub in ("calls", "oom", "held"):
+        self.barrier = int(os.environ.get("CELLSAM_RAY_FAULT_BARRIER", "0"))
+        for sub in ("calls", "writing", "oom", "held", "built"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        (self.folder / "built" / str(os.getpid())).touch()
 
     def segment(self, window: np.ndarray, *, origin: tuple[int, int]) -> dict[str, Any]:
         origin = (int(origin[0]), int(origin[1]))
@@ -67,16 +90,25 @@ class FaultySegmenter:
             raise RuntimeError(f"injected failure at window {origin}")
         if origin == self.hold_at:
             self._hold()
+        if self.barrier:
+            self._wait(lambda: len(list((self.folder / "built").iterdir())) >= self.barrier,
+                       f"{self.barrier} segmenters built")
         time.sleep(self.delay)
-        (self.folder / "calls" / f"{origin[0]}_{origin[1]}.{uuid.uuid4().hex}").touch()
+        name = f"{origin[0]}_{origin[1]}.{uuid.uuid4().hex}"
+        (self.folder / "writing" / name).write_text(json.dumps(_place()))  # whole when it appears in calls/
+        os.replace(self.folder / "writing" / name, self.folder / "calls" / name)
         return self.oracle.segment(window, origin=origin)
 
-    def _hold(self, timeout: float = 300) -> None:
+    def _hold(self) -> None:
         (self.folder / "held" / str(os.getpid())).touch()
+        self._wait((self.folder / "release").exists, "released")
+
+    @staticmethod
+    def _wait(condition, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
-        while not (self.folder / "release").exists():
+        while not condition():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"held for {timeout} s and never released")
+                raise RuntimeError(f"waited {timeout} s and never {what}")
             time.sleep(0.05)
 
     def segment_batch(self, windows: list[np.ndarray], *, origins: list[tuple[int, int]]) -> list[dict[str, Any]]:

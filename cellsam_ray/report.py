@@ -102,6 +102,33 @@ class ModelInfo(_Strict):
                                        "bundled model's --cell-diameter); null when the tiling was set otherwise.")
 
 
+class ActorPool(_Strict):
+    """The model actors a run asked for, what each held, and why: the GPUs up, what the autoscaler may add."""
+
+    asked: int = Field(description="Model actors asked for.")
+    each: dict[str, float] = Field(description="What each asked for: GPU (a share below 1) and CPU.")
+    basis: str = Field(description="Why, one line: the GPUs up, the GPU nodes the autoscaler may add, or no GPU "
+                       "now or by scaling (then CPUs).")
+    growth: Literal["none", "config", "probe"] = Field(
+        description="How the autoscaler was read: 'none' (no autoscaler that adds node types), 'config' (the node "
+        "groups it reported) or 'probe' (whether it launched nodes when asked for one GPU actor).")
+    gpus_up: float = Field(description="GPUs on the nodes that were up when the run started.")
+    gpus_max: float | None = Field(description="GPUs the cluster may scale to (0: none; null: as many as its "
+                                   "autoscaler may add, which it does not say, or not asked with --device cpu).")
+    started: int = Field(description="Actors that started and answered at the end (those that never found room "
+                         "are not counted).")
+
+
+class ActorInfo(_Strict):
+    """Where one model actor ran."""
+
+    node: str = Field(description="Its Ray node id.")
+    gpus: list[str] = Field(description="The GPU ids Ray gave it (its CUDA_VISIBLE_DEVICES); empty on CPUs.")
+    device: str | None = Field(description="Where its model ran ('cuda', 'cpu'); null for a segmenter that does "
+                               "not say.")
+    peak_rss_mb: float = Field(description="Its peak memory.")
+
+
 class RunReport(_Strict):
     status: Literal["running", "succeeded", "failed", "stopped"]
     run_id: str = Field(description="This run's id (as in the label's lease and the work prefix's owner marker).")
@@ -119,6 +146,10 @@ class RunReport(_Strict):
     model_seconds: float = Field(description="Seconds spent inside the model, summed over actors.")
     actor_peak_rss_mb: list[float] = Field(default_factory=list, description="Peak memory of each model actor.")
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the model actors ran on.")
+    pool: ActorPool | None = Field(default=None, description="The model actors asked for and started (null when "
+                                   "every tile was already segmented).")
+    actors: list[ActorInfo] = Field(default_factory=list, description="Each model actor that answered at the end: "
+                                    "its node, GPUs and device.")
     cell_table: dict | None = Field(default=None, description="Where the cell table went, its rows and columns.")
     qc: dict | None = Field(default=None, description="The QC pictures written.")
     errors: list[TileFailure] = Field(default_factory=list, description="Tiles that failed on every attempt.")

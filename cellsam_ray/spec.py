@@ -77,8 +77,10 @@ class SegmentSpec(BaseModel):
                                                 "'zero' with the background (black; white glass for brightfield), "
                                                 "or 'reflect'.")
     tissue_mask: bool = Field(default=True, description="Skip tiles with no tissue (from a coarse level).")
-    workers: int | None = Field(default=None, ge=1, description="Model actors (default: one per GPU, else 1).")
-    gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per actor when GPUs exist; below 1 several "
+    workers: int | None = Field(default=None, ge=1, description="Model actors (default: one per GPU the cluster "
+                                "has or its autoscaler may add, no more than the tiles keep busy; else 1).")
+    gpus_per_worker: float = Field(default=1.0, gt=0, description="GPUs per actor when GPUs exist (or the autoscaler "
+                                   "can add them); below 1 several "
                                    "actors share a GPU, each limited to that fraction of its memory.")
     cpus_per_worker: float | None = Field(
         default=None, gt=0, description="CPUs per model actor, for its host work (reading windows, cleanup, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
@@ -142,8 +143,10 @@ class RayNodes:
     are limited to 107 bytes), so ``/tmp/ray/ray_current_cluster`` is never written for others to join.
     """
 
-    def __init__(self, cpus: tuple[int, ...] = (1, 1), env: dict[str, str] | None = None) -> None:
+    def __init__(self, cpus: tuple[int, ...] = (1, 1), env: dict[str, str] | None = None,
+                 gpus: tuple[int, ...] | None = None) -> None:
         self.cpus = cpus
+        self.gpus = gpus or (0,) * len(cpus)  # GPUs each node declares (Ray pins actors to them; none exist)
         self.env = {**os.environ, **safe_ray_environment(), **(env or {})}
         self.root = Path(tempfile.mkdtemp(prefix="crn", dir="/tmp"))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -161,19 +164,21 @@ class RayNodes:
     def start(self, timeout: float = 120) -> "RayNodes":
         self._start("head", ["ray", "start", "--block", "--disable-usage-stats", f"--temp-dir={self.root / 'head'}",
                              "--head", f"--port={self.gcs_port}", f"--num-cpus={self.cpus[0]}",
+                             f"--num-gpus={self.gpus[0]}",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
                              f"--dashboard-agent-listen-port={free_port()}"])
         self._wait_for("head", timeout)
-        for cpus in self.cpus[1:]:
-            self.add_worker(cpus, timeout)
+        for cpus, gpus in zip(self.cpus[1:], self.gpus[1:]):
+            self.add_worker(cpus, timeout, gpus=gpus)
         return self
 
-    def add_worker(self, cpus: int, timeout: float = 120) -> str:
-        """Start one more worker node with ``cpus`` CPUs; returns its name (``worker<i>``)."""
+    def add_worker(self, cpus: int, timeout: float = 120, gpus: int = 0) -> str:
+        """Start one more worker node with ``cpus`` CPUs (and ``gpus`` declared GPUs); returns its name
+        (``worker<i>``)."""
         name = f"worker{len(self.processes)}"
         self._start(name, [sys.executable, "-m", "cellsam_ray.testing", f"127.0.0.1:{self.gcs_port}", str(cpus),
-                           str(self.root / name), str(free_port())])
+                           str(self.root / name), str(free_port()), str(gpus)])
         self._wait_for(name, timeout)
         return name
 
@@ -246,6 +251,130 @@ class RayNodes:
         self.stop()
 
 
+class AutoscalingNodes:
+    """A Ray cluster whose worker nodes its autoscaler launches on demand and removes when idle, on this machine.
+
+    Ray's own fake multi-node provider (``provider.type: fake_multinode``, as Ray's
+    ``test_autoscaler_fake_multinode.py`` uses it through ``AutoscalingCluster``, which this does not use: it
+    runs ``ray stop --force``, ending every cluster on the machine). The head is ``ray start --head
+    --autoscaling-config`` with ``RAY_FAKE_CLUSTER=1``; its autoscaler (the v1 monitor, updating every second)
+    starts each node it launches as local processes, declaring the node type's resources, GPUs included,
+    which do not exist. The config is written here (the Ray wheel lacks the provider's example), with the
+    provider's ``gcs_address`` at this head's port rather than 6379. Every process of the cluster, the
+    launched nodes' too, is in the head's process session, so stopping it ends exactly this cluster.
+    """
+
+    def __init__(self, head_cpus: int, node_types: dict[str, dict], idle_timeout_s: float = 6,
+                 env: dict[str, str] | None = None) -> None:
+        self.head_cpus, self.node_types, self.idle_timeout_s = head_cpus, node_types, idle_timeout_s
+        self.env = {**os.environ, **safe_ray_environment(), "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
+                    "AUTOSCALER_UPDATE_INTERVAL_S": "1", **(env or {})}
+        self.root = Path(tempfile.mkdtemp(prefix="cas", dir="/tmp"))
+        self.port = free_port()
+        self.head: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        """The cluster config: the head (no worker of its own type) and ``node_types``."""
+        types = {"ray.head.default": {"resources": {"CPU": self.head_cpus}, "node_config": {}, "max_workers": 0},
+                 **{name: {"node_config": {}, **kind} for name, kind in self.node_types.items()}}
+        return {"cluster_name": "fake", "max_workers": sum(k.get("max_workers", 0) for k in self.node_types.values()),
+                "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                             "disable_launch_config_check": True, "gcs_address": self.address},
+                "available_node_types": types, "head_node_type": "ray.head.default",
+                "idle_timeout_minutes": self.idle_timeout_s / 60, "upscaling_speed": 1.0, "auth": {}, "docker": {},
+                **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                       "worker_setup_commands", "head_start_ray_commands",
+                                       "worker_start_ray_commands", "cluster_synced_files", "rsync_exclude",
+                                       "rsync_filter")},
+                "file_mounts": {}, "file_mounts_sync_continuously": False}
+
+    def start(self, timeout: float = 120) -> "AutoscalingNodes":
+        config = self.root / "cluster.json"
+        config.write_text(json.dumps(self.config()))
+        log = open(self.root / "head.log", "w")
+        self.head = subprocess.Popen(
+            ["ray", "start", "--head", "--block", "--disable-usage-stats", f"--port={self.port}",
+             f"--num-cpus={self.head_cpus}", f"--autoscaling-config={config}", f"--temp-dir={self.root / 'ray'}",
+             "--include-dashboard=false", f"--ray-client-server-port={free_port()}"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while "Ray runtime started" not in (self.root / "head.log").read_text():
+            if self.head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the autoscaling head did not start:\n{(self.root / 'head.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        return self
+
+    def worker_nodes(self) -> dict[str, int]:
+        """The Ray node id of every worker node the autoscaler has running, with its raylet's pid."""
+        found = {}
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if self.head is None or _session_of(proc) != self.head.pid:
+                    continue
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+                if not args[0].endswith(b"/raylet") or _parent_of(proc) == self.head.pid:  # the head's own raylet
+                    continue
+                node = next(a for a in args if a.startswith(b"--node_id=")).split(b"=", 1)[1].decode()
+                found[node] = int(proc.name)
+            except (OSError, IndexError, ValueError, StopIteration):  # ended meanwhile
+                continue
+        return found
+
+    def kill_node(self, node_id: str) -> None:
+        """SIGKILL one launched node, as when its machine is lost: its raylet, the processes it started (the
+        model actors) and those naming it (its agents)."""
+        raylet = self.worker_nodes()[node_id]
+        doomed = []  # all found before any is killed: a killed raylet's children are handed to another parent
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if _session_of(proc) != self.head.pid:
+                    continue
+                if int(proc.name) == raylet or _parent_of(proc) == raylet or node_id.encode() in (
+                        proc / "cmdline").read_bytes():
+                    doomed.append(int(proc.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+
+    def wait_for_workers(self, count: int, timeout: float = 120) -> dict[str, int]:
+        """Until exactly ``count`` worker nodes run (the autoscaler launched or removed them)."""
+        deadline = time.monotonic() + timeout
+        while len(nodes := self.worker_nodes()) != count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(nodes)} worker node(s) after {timeout:g} s, not {count}")
+            time.sleep(0.5)
+        return nodes
+
+    def stop(self) -> None:
+        if self.head is not None:
+            self.head.send_signal(signal.SIGTERM)
+            try:
+                self.head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.head.kill()
+                self.head.wait()
+            _kill_session(self.head.pid)  # the launched nodes and anything else of this cluster
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "AutoscalingNodes":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def array_checksums(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
     """SHA-256 of every array of the image's pyramid (not its labels), to prove a run left them untouched."""
     from cellsam_ray.io.ngff import open_image
@@ -306,6 +435,11 @@ def _session_of(proc: Path) -> int:
     return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
 
 
+def _parent_of(proc: Path) -> int:
+    """The parent pid of the process whose /proc folder is ``proc`` (field 4 of its stat line)."""
+    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _kill_session(session: int) -> None:
     """SIGKILL every process of a session, whatever its process group."""
     for proc in Path("/proc").glob("[0-9]*"):
@@ -323,18 +457,18 @@ def _proc_net_ip(hex_address: str) -> str:
     return str(getattr(address, "ipv4_mapped", None) or address)
 
 
-def join_cluster(gcs_address: str, num_cpus: int, temp_dir: str, agent_port: int) -> None:
+def join_cluster(gcs_address: str, num_cpus: int, temp_dir: str, agent_port: int, num_gpus: int = 0) -> None:
     """Run a worker node of the cluster at ``gcs_address`` on 127.0.0.1 until this process is stopped (see
     :class:`RayNodes` for why not ``ray start --address``)."""
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    params = RayParams(gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=num_cpus, temp_dir=temp_dir,
-                       dashboard_agent_listen_port=agent_port)
+    params = RayParams(gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=num_gpus,
+                       temp_dir=temp_dir, dashboard_agent_listen_port=agent_port)
     Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
     print("Ray runtime started.", flush=True)
     signal.pause()
 
 
 if __name__ == "__main__":
-    join_cluster(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    join_cluster(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

@@ -1,6 +1,6 @@
-"""Model actors on GPU nodes: their CPUs and GPU shares, and what they do when the device fails.
+"""Model actors on GPU nodes: how many, their CPUs and GPU shares, and what they do when the device fails.
 
-The sizing is a pure function of the cluster's resources, and the out-of-memory loop runs in a real
+The sizing is a pure function of the nodes up and what the autoscaler can add, and the out-of-memory loop runs in a real
 ``SegmentWorker`` method with a segmenter that fails the way cuBLAS does; a sticky CUDA error must end
 the process (so Ray restarts the actor), checked in a child process.
 """
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from cellsam_ray import device, execution
+from cellsam_ray import capacity, device, execution
+from cellsam_ray.capacity import Growth, NodeGroup
+from cellsam_ray.errors import UserError
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.tiling import TileGrid
 
@@ -29,10 +31,72 @@ SPEC = dict(input="s.zarr", nuclear=["DAPI"], weights="w.pt")
 def test_gpu_actors_get_their_share_of_the_nodes_cpus(gpus_per_worker, cpus_per_worker, expected):
     spec = SegmentSpec(**SPEC, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
     nodes = [{"CPU": 96.0, "GPU": 8.0}, {"CPU": 128.0, "GPU": 8.0}, {"CPU": 8.0}]  # and a CPU-only head node
-    cluster = {"CPU": 232.0, "GPU": 16.0}
-    assert execution._model_actors(spec, cluster, nodes) == expected
-    cpu_only = execution._model_actors(spec.model_copy(update={"device": "cpu"}), cluster, nodes)
-    assert cpu_only == (1, {"num_cpus": cpus_per_worker or 127.75})
+    pool = capacity.size_pool(spec, 10_000, nodes, Growth("none"))
+    assert (pool.count, pool.resources) == expected and pool.gpus_max == 16
+    cpu_only = capacity.size_pool(spec.model_copy(update={"device": "cpu"}), 10_000, nodes, Growth("none"))
+    assert (cpu_only.count, cpu_only.resources) == (1, {"num_cpus": cpus_per_worker or 127.75})
+
+
+GPU_GROUP = NodeGroup("gpu_worker", {"CPU": 8.0, "GPU": 2.0}, max_count=3)
+HEAD = [{"CPU": 4.0}]
+
+
+@pytest.mark.parametrize(("nodes", "growth", "tiles", "expected"), [
+    # No GPU up, an autoscaler that reported its groups: 3 nodes × 2 GPUs, the CPUs of that node type.
+    (HEAD, Growth("config", groups=(GPU_GROUP, NodeGroup("cpu", {"CPU": 16.0}, None))), 10_000,
+     (6, {"num_gpus": 1.0, "num_cpus": 2.0}, 6.0)),
+    # ... capped by the work: 20 tiles in batches of 4, two batches per actor.
+    (HEAD, Growth("config", groups=(GPU_GROUP,)), 20, (3, {"num_gpus": 1.0, "num_cpus": 2.0}, 6.0)),
+    # One node up of the group: the group's maximum counts it already.
+    ([*HEAD, {"CPU": 8.0, "GPU": 2.0}], Growth("config", groups=(GPU_GROUP,)), 10_000,
+     (6, {"num_gpus": 1.0, "num_cpus": 2.0}, 6.0)),
+    # An autoscaler that launched nodes for a GPU actor but does not say how many: as many as the work keeps busy.
+    (HEAD, Growth("probe", adds_gpus=True), 100, (13, {"num_gpus": 1.0, "num_cpus": 1}, None)),
+    # A group without a limit.
+    (HEAD, Growth("config", groups=(NodeGroup("g", {"CPU": 4.0, "GPU": 1.0}, None),)), 40,
+     (5, {"num_gpus": 1.0, "num_cpus": 2.0}, None)),
+])
+def test_a_cluster_that_can_add_gpus_is_asked_for_them(nodes, growth, tiles, expected):
+    pool = capacity.size_pool(SegmentSpec(**SPEC), tiles, nodes, growth)
+    assert (pool.count, pool.resources, pool.gpus_max) == expected
+    assert "GPU" in pool.describe()
+
+
+@pytest.mark.parametrize("growth", [Growth("none"), Growth("probe", note="the autoscaler launched nothing"),
+                                    Growth("config", groups=(NodeGroup("cpu", {"CPU": 16.0}, 10),
+                                                             NodeGroup("gpu", {"CPU": 8.0, "GPU": 1.0}, 0)))])
+def test_a_cluster_without_gpus_now_or_by_scaling_runs_on_cpus_and_says_so(growth):
+    pool = capacity.size_pool(SegmentSpec(**SPEC), 1000, HEAD, growth)
+    assert pool.resources == {"num_cpus": 3.75} and pool.count == 1 and pool.gpus_max == 0
+    assert "no GPU on this cluster, now or by scaling" in pool.basis
+    with pytest.raises(UserError, match="--device cuda, but the cluster has no GPU and its autoscaler cannot add one"):
+        capacity.size_pool(SegmentSpec(**SPEC, device="cuda"), 1000, HEAD, growth)
+
+
+def test_workers_and_a_gpu_share_no_node_has():
+    spec = SegmentSpec(**SPEC, workers=2)
+    assert capacity.size_pool(spec, 10_000, HEAD, Growth("config", groups=(GPU_GROUP,))).count == 2
+    with pytest.raises(UserError, match="--gpus-per-worker 4 is more than any node of the cluster has \\(2 GPUs\\)"):
+        capacity.size_pool(SegmentSpec(**SPEC, gpus_per_worker=4), 10, HEAD, Growth("config", groups=(GPU_GROUP,)))
+
+
+def test_autoscaler_v2_status_is_read_from_its_own_reply():
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.autoscaling_state.autoscaler_state_version = 7
+    reply.autoscaling_state.pending_instance_requests.add(ray_node_type_name="gpu", count=2)
+    request = reply.cluster_resource_state.cluster_resource_constraints.add().resource_requests.add()
+    request.request.resources_bundle.update({"GPU": 1.0, "CPU": 1.0})
+    seen = capacity.v2_observation(reply)
+    assert (seen.update, seen.requests, seen.launching, seen.infeasible) == (7.0, [{"GPU": 1.0, "CPU": 1.0}], 2, False)
+    reply.autoscaling_state.infeasible_cluster_resource_constraints.add()
+    assert capacity.v2_observation(reply).infeasible
+
+
+def test_what_the_nodes_up_hold():
+    assert capacity.fitting([{"CPU": 8.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 4.0}, {"CPU": 4.0}],
+                            {"GPU": 1.0, "CPU": 2.0}) == 2  # the second node lacks CPUs, the third GPUs
 
 
 @pytest.mark.parametrize(("error", "expected"), [

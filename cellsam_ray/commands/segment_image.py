@@ -15,9 +15,9 @@ from pathlib import Path, PurePosixPath
 import fsspec
 import numpy as np
 import tifffile
-import torch
 from PIL import Image, UnidentifiedImageError
 
+from cellsam_ray.device import resolve_device
 from cellsam_ray.errors import UserError, storage_errors
 from cellsam_ray.io.storage import parse_storage_options
 
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     storage_options = parse_storage_options(args.storage_options) or {}
     _check_output(args.output, storage_options, overwrite=args.overwrite)
     image = read_image(args.input, storage_options)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
+    resolve_device(args.device)  # --device cuda where torch cannot use CUDA: one line saying why
 
     from cellsam_ray import bundled
     from cellsam_ray.model.weights import load_cellsam

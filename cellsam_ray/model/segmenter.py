@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cellsam_ray.device import resolve_device
 from cellsam_ray.model import precision
 from cellsam_ray.model.fast import BOX_CHUNK, PAINT_BOXES, finish_tile, infer_tiles
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
@@ -29,12 +30,6 @@ from cellsam_ray.model.weights import load_cellsam
 
 if TYPE_CHECKING:  # the spec imports the storage layer (fsspec), which the GPU check does not have
     from cellsam_ray.spec import SegmentSpec
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class CellSAMSegmenter:
@@ -51,8 +46,10 @@ class CellSAMSegmenter:
         self.paint_boxes = PAINT_BOXES.get(kind, PAINT_BOXES["cuda"])
 
     @classmethod
-    def from_spec(cls, spec: SegmentSpec) -> "CellSAMSegmenter":
-        device = resolve_device(spec.device)
+    def from_spec(cls, spec: SegmentSpec, *, gpu_holder: str | None = None) -> "CellSAMSegmenter":
+        """The segmenter ``spec`` describes; ``gpu_holder`` names the process if it holds a GPU, which it must
+        then use (``device.resolve_device``)."""
+        device = resolve_device(spec.device, gpu_holder=gpu_holder)
         chosen = precision.configure(spec.precision, device)
         if device == "cuda" and spec.gpus_per_worker < 1:  # actors sharing a GPU share its memory too
             torch.cuda.set_per_process_memory_fraction(spec.gpus_per_worker)

@@ -48,7 +48,7 @@ from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.lease import Lease
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.workstore import OWNER
-from cellsam_ray.report import ModelInfo, RunReport, Summary
+from cellsam_ray.report import ActorPool, ModelInfo, RunReport, Summary
 
 # Spec fields that do not change the output, so a resume may differ in them.
 RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
@@ -244,9 +244,19 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float, statu
         qc=stats.qc,
         actor_peak_rss_mb=stats.actor_peak_rss_mb,
         nodes=stats.nodes,
+        pool=_pool(stats),
+        actors=stats.actors,
         errors=stats.failed,
         versions=dict(cellsam_ray=cellsam_ray.__version__, python=platform.python_version(), ray=ray.__version__),
     )
+
+
+def _pool(stats: RunStats) -> ActorPool | None:
+    pool = stats.pool
+    if pool is None:
+        return None
+    return ActorPool(asked=pool.count, each=pool.each, basis=pool.basis, growth=pool.growth, gpus_up=pool.gpus_up,
+                     gpus_max=pool.gpus_max, started=len(stats.actors))
 
 
 # ------------------------------------------------------------------------------------ work location

@@ -79,9 +79,10 @@ def _window(plan: SlidePlan, tile: Tile, raw: np.ndarray) -> np.ndarray:
                      for role, value in zip(inside, kind.background(len(inside)))])
 
 
-def build_segmenter(plan: SlidePlan) -> Segmenter:
+def build_segmenter(plan: SlidePlan, *, gpu_holder: str | None = None) -> Segmenter:
+    """The plan's segmenter; ``gpu_holder`` names this process if it holds a GPU, which CellSAM then must use."""
     if plan.spec.segmenter:
         return load_segmenter(plan.spec.segmenter)
     from cellsam_ray.model.segmenter import CellSAMSegmenter
 
-    return CellSAMSegmenter.from_spec(plan.spec)
+    return CellSAMSegmenter.from_spec(plan.spec, gpu_holder=gpu_holder)

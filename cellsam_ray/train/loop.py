@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from cellsam_ray.device import resolve_device as device_name
 from cellsam_ray.errors import UserError
 from cellsam_ray.model.config import load_config
 from cellsam_ray.model.network import CellSAM, build_cellsam
@@ -388,8 +389,4 @@ def run_steps(
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    return torch.device(device)
+    return torch.device(device_name(device))
