@@ -35,7 +35,7 @@ import statistics
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,6 +62,9 @@ ACTOR_RESTARTS = 3
 BACKUP_AFTER_S = float(os.environ.get("CELLSAM_RAY_BACKUP_AFTER_S", "120"))
 """Seconds (at least) a batch is in flight before an idle actor runs it too (see ``_ModelStage``)."""
 TASK_RETRIES = 3
+TILE_LOSSES = 3
+"""A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
+a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
 
 
 @dataclass
@@ -159,10 +162,11 @@ class SegmentWorker:
         return [([t for t, _ in part], inferred) for part, inferred in done]
 
     @ray.method(concurrency_group="control")  # answers while both batch threads are busy
-    def started(self) -> str | None:
-        """Why it cannot run the model, or None: asked once, its answer saying that it has started (a
-        constructor that failed fails this call)."""
-        return self.unusable
+    def started(self) -> dict:
+        """Its node, and why it cannot run the model (None if it can): asked when it is created, and again
+        when another actor of its node was lost, its answer saying that it runs (a constructor that failed
+        fails this call)."""
+        return dict(node=ray.get_runtime_context().get_node_id(), unusable=self.unusable)
 
     @ray.method(concurrency_group="control")
     def facts(self) -> dict:
@@ -312,6 +316,8 @@ class _ModelStage:
         self.actors: list = [None] * min(stats.pool.count, len(todo))
         self.starting: dict[ray.ObjectRef, int] = {}  # an actor's started() call -> its slot
         self.ready: set[int] = set()  # slots whose actor has started
+        self.node_of: dict[int, str] = {}  # slot -> the node its actor answered from
+        self.losses: Counter[str] = Counter()  # tile key -> actors lost while it was alone in their batch
         for slot in range(len(self.actors)):
             self._start(slot)
         size = plan.spec.batch_size
@@ -324,9 +330,20 @@ class _ModelStage:
     def _start(self, slot: int) -> None:
         """A fresh actor in ``slot``, given tiles once it answers. The plan itself, not its reference: an
         actor restarted after its node was lost needs its arguments."""
-        self.ready.discard(slot)
         self.actors[slot] = self.actor_cls.remote(self.plan)
+        self._ask(slot)
+
+    def _ask(self, slot: int) -> None:
+        """No tiles for ``slot`` until its actor answers ``started`` (again)."""
+        self.ready.discard(slot)
         self.starting[self.actors[slot].started.remote()] = slot
+
+    def _doubt_node(self, slot: int) -> None:
+        """An actor of ``slot``'s node was lost: its other actors get no tiles until they answer, so tiles are
+        not sent on to actors a lost node took with it (a node may run several: one per GPU)."""
+        node = self.node_of.get(slot)
+        for other in [s for s in self.ready if s != slot and self.node_of.get(s) == node]:
+            self._ask(other)
 
     def waiting(self) -> list[ray.ObjectRef]:
         return [*self.in_flight, *self.starting]
@@ -337,16 +354,17 @@ class _ModelStage:
             return self.finished(ref)
         slot = self.starting.pop(ref)
         try:
-            unusable = ray.get(ref)
+            answer = ray.get(ref)
         except ray.exceptions.RayError as err:
             if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
                 raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
             ray.kill(self.actors[slot])  # lost while starting, its restarts used up: a fresh one
             self._start(slot)
             return []
-        if unusable:
-            raise RunFailed(f"the model actors cannot start: {unusable}")
+        if answer["unusable"]:
+            raise RunFailed(f"the model actors cannot start: {answer['unusable']}")
         self.ready.add(slot)
+        self.node_of[slot] = answer["node"]
         return []
 
     def _late_batch(self, slot: int) -> list | None:
@@ -381,18 +399,25 @@ class _ModelStage:
             self.batch_seconds.append(time.monotonic() - sent.at)
         except ray.exceptions.RayError as err:  # retries are used up
             results = []
-            if isinstance(err, ray.exceptions.RayActorError):
+            lost = isinstance(err, ray.exceptions.RayActorError)
+            if lost:
                 if err.actor_init_failed:
                     raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
                 if self.actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
+                    self._doubt_node(sent.slot)
                     ray.kill(sent.actor)
                     self._start(sent.slot)
             pending = [t for t in sent.batch if t.key in self.outstanding]
             if len(pending) > 1:  # retry tile by tile, to find the tile at fault
                 self.batches.extendleft([t] for t in reversed(pending))
             elif pending and not any(pending[0] in other.batch for other in self.in_flight.values()):
-                self.stats.failed.append(TileFailure.of(pending[0], _one_line(err)))
-                self.outstanding.discard(pending[0].key)
+                tile = pending[0]
+                self.losses[tile.key] += lost
+                if lost and self.losses[tile.key] < TILE_LOSSES:
+                    self.batches.appendleft([tile])
+                else:
+                    self.stats.failed.append(TileFailure.of(tile, _one_line(err)))
+                    self.outstanding.discard(tile.key)
         segmented = []
         for key, n, seconds in results:
             if key not in self.outstanding:  # its backup's twin (or the original) came first

@@ -255,7 +255,10 @@ def test_a_node_lost_after_the_last_batch_does_not_fail_the_finished_job(slide, 
     spec = faults / "spec.yaml"
     spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="lost-at-end", workers=2, batch_size=2)))
     before = array_checksums(slide)
-    job = submit(spec, two_machines, CELLSAM_RAY_FAULT_HOLD_AT=origin_env(3, 3))
+    # Both actors start before any window is segmented (the barrier), so they take batches in turn, as
+    # the premise below needs: an actor gets tiles once started, and one that started alone first could
+    # take the last two batches, (3, 0)-(3, 1) stuck behind the held one until another actor backs it up.
+    job = submit(spec, two_machines, CELLSAM_RAY_FAULT_HOLD_AT=origin_env(3, 3), CELLSAM_RAY_FAULT_BARRIER="2")
     held = faults / "run1" / "held"
     deadline = time.monotonic() + 180
     # (3, 3) shares the last batch with (3, 2), whose result is written with it: 14 tiles done before.
