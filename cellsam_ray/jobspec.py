@@ -10,6 +10,7 @@ the command line; ``submit`` makes them absolute before the spec leaves this mac
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,22 @@ def refuse_inline_secrets(options: Any, source: str) -> None:
     secret = inline_secret(options)
     if secret:
         raise UserError(f"job spec {source}: {secret} holds a secret; specs must not: {HOW_TO_PASS_SECRETS}")
+
+
+def require_local_paths(spec: SegmentSpec) -> None:
+    """A UserError naming every local path of the spec that this node does not have (the work folder is
+    made when needed): the first check of a job, whose spec may have been written on another machine."""
+    paths = spec.with_local_paths_absolute().local_paths()
+    missing = {name: path for name, path in paths.items() if name != "work_dir" and not Path(path).exists()}
+    if missing:
+        raise UserError(f"the spec's local paths do not exist on this node ({socket.gethostname()}): "
+                        f"{named_paths(missing)}; a spec run on a cluster must name paths its nodes have, or URLs "
+                        "(s3://...)")
+
+
+def named_paths(paths: dict[str, str]) -> str:
+    """``local_paths`` as a user wrote them: ``input /a, config /b.json``."""
+    return ", ".join(f"{SegmentSpec.model_fields[name].alias or name} {path}" for name, path in paths.items())
 
 
 def portable_fields(spec: SegmentSpec, base: Path | None = None) -> dict:

@@ -149,18 +149,25 @@ class SegmentSpec(BaseModel):
         so the spec, and every plan that carries it to the workers, holds no credential."""
         return StorageAccess(self.storage_options, self.storage_options_env, self.storage_profile)
 
-    def with_local_paths_absolute(self, base: Path | None = None) -> "SegmentSpec":
-        """This spec with relative local paths (input, weights, work_dir, a JSON config) made absolute from
-        ``base`` (default: the current directory), as they were meant: Ray workers run elsewhere."""
-        base = (base or Path.cwd()).resolve()
-        update = {}
+    def local_paths(self) -> dict[str, str]:
+        """The fields that name a local path (input, weights, work_dir, a JSON config; not a URL, not a
+        named size such as "v1.2"), by field name: what every node of a run must reach at that path."""
+        paths = {}
         for name in ("input", "weights", "work_dir", "model_config_name"):
             value = getattr(self, name)
-            if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
+            if not isinstance(value, str) or "://" in value:
                 continue
             if name == "model_config_name" and not value.endswith(".json"):
                 continue  # a named size ("v1.2"), not a file
-            update[name] = str(base / value)
+            paths[name] = value
+        return paths
+
+    def with_local_paths_absolute(self, base: Path | None = None) -> "SegmentSpec":
+        """This spec with relative local paths (``local_paths``) made absolute from ``base`` (default: the
+        current directory), as they were meant: Ray workers run elsewhere."""
+        base = (base or Path.cwd()).resolve()
+        update = {name: str(base / value) for name, value in self.local_paths().items()
+                  if not Path(value).is_absolute()}
         return self.model_copy(update=update)
 
     @field_validator("cell_diameter", mode="before")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -92,6 +93,18 @@ def test_failed_job_gives_its_status_and_one_line_reason(cluster, tmp_path):
         done.stderr.strip().splitlines()[-1].split()[2]
     status = cellsam_ray("status", job_id, "--address", cluster.dashboard_url)
     assert status.returncode == 1 and f"{job_id} FAILED" in status.stdout  # scripts can tell
+
+
+def test_a_job_whose_local_paths_its_node_lacks_fails_first_naming_them(cluster, tmp_path):
+    """Nothing but the spec travels with a job: paths of the submitting machine must exist on the nodes."""
+    write_spec(tmp_path / "spec.yaml", input=str(tmp_path / "elsewhere.ome.zarr"), nuclear=["DAPI"],
+               weights=str(tmp_path / "model.pt"))
+
+    done = cellsam_ray("submit", str(tmp_path / "spec.yaml"), "--address", cluster.dashboard_url, "--wait")
+
+    assert done.returncode == 1 and "FAILED" in done.stderr
+    assert (f"the spec's local paths do not exist on this node ({socket.gethostname()}): input "
+            f"{tmp_path}/elsewhere.ome.zarr, weights {tmp_path}/model.pt;") in done.stdout
 
 
 def test_a_secret_in_the_shell_stays_behind(cluster, tmp_path):

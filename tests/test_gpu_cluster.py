@@ -1,7 +1,8 @@
 """GPU clusters as users run them, on this CPU machine with Ray's own facilities: nodes that declare GPUs
 (Ray pins actors to them; none exist) and Ray's fake multi-node autoscaler, which launches such nodes on
 demand and removes them when idle, as a KubeRay worker group with ``minReplicas: 0`` or a ``ray up`` node
-type with ``min_workers: 0`` would.
+type with ``min_workers: 0`` would: its node types are the GPU node types of ``deploy/aws/cluster.yaml`` and
+the GPU worker group of ``deploy/kuberay/rayjob.yaml``, with their resources.
 
 The segmenter is ``cellsam_ray.faults:FaultySegmenter`` (the ground truth, recording where each window ran),
 so no test needs CUDA, except the one proving that a GPU actor whose torch cannot use CUDA fails the run
@@ -21,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.faults import window_places
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.testing import AutoscalingNodes, RayNodes, same_up_to_relabelling
 from cellsam_ray.tiling import plan_grid
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAULTY = ["--segmenter", "cellsam_ray.faults:FaultySegmenter"]
 TILING = ["--tile", "256", "--halo", "32", "--chunk", "128", "--no-tissue-mask", "--no-cell-table",
@@ -70,16 +74,33 @@ def label_files(slide: str, name: str) -> dict[str, bytes]:
 
 
 # --------------------------------------------------------------------------------- scaling from zero
-@pytest.fixture(scope="module")
-def autoscaling():
-    """A head with 2 CPUs and no GPU; GPU nodes {CPU: 1, GPU: 1}, from 0 to 2, launched by the autoscaler."""
-    gpu_worker = {"resources": {"CPU": 1, "GPU": 1}, "min_workers": 0, "max_workers": 2}
-    with AutoscalingNodes(head_cpus=2, node_types={"gpu_worker": gpu_worker}) as cluster:
+def deployed_gpu_types(deployment: str) -> dict[str, dict]:
+    """The GPU node types of a deployment file (deploy/), as the fake autoscaler's node types: the same
+    resources and minimum, at most 2 of each (this machine runs every node)."""
+    if deployment == "aws":
+        types = yaml.safe_load((ROOT / "deploy" / "aws" / "cluster.yaml").read_text())["available_node_types"]
+        return {name: {"resources": kind["resources"], "min_workers": kind["min_workers"],
+                       "max_workers": min(kind["max_workers"], 2)}
+                for name, kind in types.items() if kind["resources"].get("GPU")}
+    manifest = yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
+    job = next(doc for doc in manifest if doc["kind"] == "RayJob")
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    return {g["groupName"]: {"resources": {"CPU": int(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])},
+                             "min_workers": g["minReplicas"], "max_workers": min(g["maxReplicas"], 2)}
+            for g in groups for limits in [g["template"]["spec"]["containers"][0]["resources"]["limits"]]}
+
+
+@pytest.fixture(scope="module", params=["aws", "kuberay"])
+def autoscaling(request):
+    """A head with 2 CPUs and no GPU, and the GPU node types of ``deploy/aws/cluster.yaml`` or of
+    ``deploy/kuberay/rayjob.yaml``'s worker group, from 0 nodes, launched by the autoscaler."""
+    with AutoscalingNodes(head_cpus=2, node_types=deployed_gpu_types(request.param)) as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="module")
-def big_slide(tmp_path_factory):
+def big_slide(autoscaling, tmp_path_factory):
+    """A slide of its own for each autoscaling cluster."""
     return slide_with_truth(tmp_path_factory.mktemp("autoscaling"), SIZE, seed=24)
 
 
@@ -98,14 +119,15 @@ def test_a_cluster_that_scales_gpus_from_zero_launches_them_and_lets_them_go(aut
     output, places = from_zero
     assert Counter(p["origin"] for p in places) == {t.origin: 1 for t in GRID.tiles()}
     assert all(p["gpus"] for p in places), output  # every window ran in an actor holding a GPU
-    assert len({p["node"] for p in places}) == 2  # on both GPU nodes the autoscaler launched
+    assert len({p["node"] for p in places}) >= 2  # on the GPU nodes the autoscaler launched
     assert same_up_to_relabelling(labels(big_slide, "cells"), labels(big_slide, "ground_truth"))
     report = report_of(big_slide, "cells")
     pool = report["pool"]
     assert pool["growth"] == "probe" and pool["gpus_up"] == 0 and pool["each"] == {"GPU": 1.0, "CPU": 1.0}
-    assert pool["asked"] == 5  # as many as 36 tiles keep busy: the autoscaler places two
-    assert pool["started"] == 2 and "the autoscaler adds GPU nodes" in pool["basis"]
-    assert {actor["gpus"][0] for actor in report["actors"]} == {"0"} and len(report["nodes"]) == 2
+    assert pool["asked"] == 5  # as many as 36 tiles keep busy: the autoscaler places what it may
+    assert pool["started"] >= 2 and "the autoscaler adds GPU nodes" in pool["basis"]
+    pinned = [(actor["node"], *actor["gpus"]) for actor in report["actors"]]
+    assert len(set(pinned)) == len(pinned) == pool["started"] and all(len(p) == 2 for p in pinned)
     assert "model actors: 5 model actor(s) of 1 GPU, 1 CPU each" in output
     # Nothing the run asked for stays requested: the idle GPU nodes are removed.
     autoscaling.wait_for_workers(0, timeout=120)
@@ -115,9 +137,9 @@ def test_a_gpu_node_lost_mid_run_costs_only_its_tiles(autoscaling, big_slide, fr
     autoscaling.wait_for_workers(0, timeout=120)  # from zero again
     work = Path(big_slide, "labels", "lost", "work", "candidates")
     job = segment(autoscaling.address, big_slide, tmp_path / "calls", *TILING, *FAULTY, "--label-name", "lost",
-                  CELLSAM_RAY_FAULT_DELAY="0.5")
+                  CELLSAM_RAY_FAULT_DELAY="1.0")
     deadline = time.monotonic() + 240
-    while not (len(autoscaling.worker_nodes()) == 2 and len(list(work.glob("*.done"))) >= 8):
+    while not (len(autoscaling.worker_nodes()) >= 2 and len(list(work.glob("*.done"))) >= 8):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
         time.sleep(0.2)
     done_before = {p.name.removesuffix(".done") for p in work.glob("*.done")}
@@ -133,9 +155,13 @@ def test_a_gpu_node_lost_mid_run_costs_only_its_tiles(autoscaling, big_slide, fr
     places = window_places(tmp_path / "calls")
     calls = Counter(p["origin"] for p in places)
     assert set(calls) == {t.origin for t in GRID.tiles()}
-    assert all(calls[t.origin] == 1 for t in GRID.tiles() if t.key in done_before), output  # not redone
+    # Only the lost node's tiles are segmented again: a tile run twice ran there first (those it held; or
+    # finished just as it went, before the driver heard); a tile finished elsewhere is never redone.
+    on_lost = {p["origin"] for p in places if p["node"] == lost}
     again = {origin for origin, n in calls.items() if n > 1}
-    assert all(any(p["node"] == lost for p in places if p["origin"] == origin) for origin in again)
+    assert again <= on_lost, output
+    assert all(calls[t.origin] == 1 for t in GRID.tiles() if t.key in done_before and t.origin not in on_lost)
+    assert len(done_before - {t.key for t in GRID.tiles() if t.origin in on_lost}) >= 1  # some work survived
     assert all(p["gpus"] for p in places)
     assert label_files(big_slide, "lost") == label_files(big_slide, "cells")  # byte-identical
     autoscaling.wait_for_workers(0, timeout=120)

@@ -89,6 +89,25 @@ def test_portable_fields_keep_what_was_set_with_absolute_local_paths(tmp_path):
                       "weights": "s3://m/w.pt", "config": "v1.2"}
 
 
+def test_local_paths_sent_to_another_machine_get_a_note_and_the_job_names_those_its_node_lacks(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("input: slides/gone.ome.zarr\nnuclear: [DAPI]\nweights: /models/w.pt\nconfig: sizes.json\n"
+                    "work_dir: /scratch/work\n")
+    # Submitting to a head elsewhere: a note before anything is sent (here the head cannot be reached).
+    assert main(["submit", str(spec), "--address", "http://gpu-head.invalid:8265"]) == 2
+    note, error = capsys.readouterr().err.strip().splitlines()
+    assert note == (f"cellsam-ray: note: the spec names local paths (input {Path.cwd()}/slides/gone.ome.zarr, "
+                    f"weights /models/w.pt, work_dir /scratch/work, config {Path.cwd()}/sizes.json): they must exist "
+                    "on the cluster's nodes (the job checks before any model starts); URLs (s3://...) reach them "
+                    "from anywhere")
+    assert "cannot reach a Ray dashboard at http://gpu-head.invalid:8265" in error
+    # The job's first check, on the node that runs it: one line naming each missing path (not the work folder).
+    assert main(["run", str(spec)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("cellsam-ray: error: the spec's local paths do not exist on this node (")
+    assert f"input {Path.cwd()}/slides/gone.ome.zarr, weights /models/w.pt, config {Path.cwd()}/sizes.json;" in line
+
+
 def test_the_local_example_runs_end_to_end_with_the_oracle(tmp_path, monkeypatch, ray_cluster, capsys):
     """What the README tells a new user to run, from a folder holding the demo slide."""
     jsonschema = pytest.importorskip("jsonschema")

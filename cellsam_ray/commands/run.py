@@ -1,7 +1,8 @@
 """``cellsam-ray run SPEC``: run a job spec (YAML or JSON, a path or URL) from here.
 
 What ``jobs/segment.py`` and ``cellsam-ray submit`` run inside a Ray job: the spec is read and checked,
-the slide is planned, and the run joins the cluster with a plain ``ray.init()`` (inside a Ray job that is
+the local paths it names are checked on this node (a spec submitted from another machine names that
+machine's paths), the slide is planned, and the run joins the cluster with a plain ``ray.init()`` (inside a Ray job that is
 the job's cluster; elsewhere ``RAY_ADDRESS`` or a new local one). Progress goes to stderr, as a bar on a
 terminal and as ``PROGRESS {json}`` lines in job logs; the summary is printed as JSON at the end.
 """
@@ -20,9 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellsam_ray.jobspec import load_job_spec
+    from cellsam_ray.jobspec import load_job_spec, require_local_paths
     from cellsam_ray.pipeline.api import segment
 
-    report = segment(load_job_spec(args.spec), progress=not args.no_progress)
+    spec = load_job_spec(args.spec)
+    require_local_paths(spec)
+    report = segment(spec, progress=not args.no_progress)
     print(json.dumps(report["summary"], indent=2), flush=True)
     return 0

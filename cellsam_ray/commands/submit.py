@@ -5,15 +5,20 @@ The spec is read and checked here, so a typo fails before it reaches the cluster
 runs there as ``cellsam-ray run spec.json``: cellsam-ray must be installed on every node. Variables
 ``CELLSAM_RAY_*`` of this shell go with it (segmenters built with no arguments read their settings from
 them), but not those whose names say they hold a secret (``segmenter.segmenter_environment``), nor storage
-credentials: ``storage_options_env`` names variables of the cluster's nodes.
+credentials: ``storage_options_env`` names variables of the cluster's nodes. Nothing else travels: the nodes
+run the image cellsam-ray is installed in (``deploy/``). Local paths in a spec sent to another machine get a
+one-line note here; the job's first check (``cellsam-ray run``) names any its node lacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cellsam_ray.jobclient import ADDRESS_HELP
 
@@ -29,12 +34,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-id", default=None, help="Submission id to use (default: Ray makes one).")
 
 
+def _on_this_machine(address: str | None) -> bool:
+    """Whether the job API at ``address`` (or the one the environment names) is on this machine."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "127.0.0.1"
+    host = urlsplit(address if "://" in address else f"http://{address}").hostname or "127.0.0.1"
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def run(args: argparse.Namespace) -> int:
     from cellsam_ray.jobclient import JobApi
-    from cellsam_ray.jobspec import load_job_spec, portable_fields
+    from cellsam_ray.jobspec import load_job_spec, named_paths, portable_fields
     from cellsam_ray.segmenter import segmenter_environment
 
-    fields = portable_fields(load_job_spec(args.spec))
+    spec = load_job_spec(args.spec)
+    fields = portable_fields(spec)
+    local = spec.with_local_paths_absolute().local_paths()
+    if local and not _on_this_machine(args.address):
+        print(f"cellsam-ray: note: the spec names local paths ({named_paths(local)}): they must exist on the "
+              "cluster's nodes (the job checks before any model starts); URLs (s3://...) reach them from anywhere",
+              file=sys.stderr, flush=True)
     api = JobApi(args.address)
     env = segmenter_environment()
     with tempfile.TemporaryDirectory(prefix="cellsam-job-") as folder:
