@@ -128,7 +128,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RayNodes:
+class _StartStop:
+    """A cluster used as a context manager: started on entry (stopped again if starting fails), stopped on exit."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _end_sessions(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM each process (each leads a session of its own), SIGKILL any still running 30 s later, then
+    whatever else of its session is alive."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in processes:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        _kill_session(p.pid)
+
+
+class RayNodes(_StartStop):
     """A real multi-node Ray cluster on this machine, every process listening on 127.0.0.1 only.
 
     The head is ``ray start --head``. Ray binds its servers to loopback only when a node's address is
@@ -226,32 +261,12 @@ class RayNodes:
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
-        nodes = list(reversed(self.processes.values()))
-        for p in nodes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in nodes:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            _kill_session(p.pid)  # anything of that node still alive
+        _end_sessions(list(reversed(self.processes.values())))
         self.processes.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "RayNodes":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class AutoscalingNodes:
+class AutoscalingNodes(_StartStop):
     """A Ray cluster whose worker nodes its autoscaler launches on demand and removes when idle, on this machine.
 
     Ray's own fake multi-node provider (``provider.type: fake_multinode``, as Ray's
@@ -355,24 +370,8 @@ class AutoscalingNodes:
 
     def stop(self) -> None:
         if self.head is not None:
-            self.head.send_signal(signal.SIGTERM)
-            try:
-                self.head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.head.kill()
-                self.head.wait()
-            _kill_session(self.head.pid)  # the launched nodes and anything else of this cluster
+            _end_sessions([self.head])  # the launched nodes are in the head's session
         shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> "AutoscalingNodes":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def array_checksums(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
