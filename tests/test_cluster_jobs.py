@@ -52,11 +52,14 @@ def test_submitted_job_runs_model_actors_on_both_nodes(cluster, tmp_path):
     write_synthetic_slide(str(slide), size=(512, 384), channels=2, ngff="0.5", seed=4, chunk=128)
     before = array_checksums(str(slide))
     # A relative input path: submit makes it absolute before the spec leaves this machine.
-    write_spec(tmp_path / "spec.yaml", input="slide.ome.zarr", nuclear=["DAPI"], segmenter=ORACLE, tile=128,
+    # The oracle (through cellsam_ray.faults), both actors built before any window is segmented: an actor
+    # gets tiles once started, and one that started alone could finish 12 tiles before the other answered.
+    write_spec(tmp_path / "spec.yaml", input="slide.ome.zarr", nuclear=["DAPI"], segmenter=SLOW_ORACLE, tile=128,
                halo=32, band=8, chunk=64, workers=2, cell_table=False, qc_images=False)
 
     done = cellsam_ray("submit", "spec.yaml", "--address", cluster.dashboard_url, "--wait", cwd=tmp_path,
-                       CELLSAM_RAY_ORACLE_LABELS=str(slide))
+                       CELLSAM_RAY_ORACLE_LABELS=str(slide), CELLSAM_RAY_FAULT_DIR=str(tmp_path / "calls"),
+                       CELLSAM_RAY_FAULT_BARRIER="2")
 
     assert done.returncode == 0, done.stdout + done.stderr
     job_id = done.stdout.splitlines()[0]
