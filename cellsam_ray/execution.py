@@ -95,10 +95,8 @@ class RunStats:
     stage_seconds: dict = field(default_factory=dict)
     cell_table: dict | None = None  # where the table went, its rows and columns
     qc: dict | None = None  # the QC pictures written
-    actor_peak_rss_mb: list = field(default_factory=list)
-    nodes: list = field(default_factory=list)  # Ray node ids the model actors ran on
     pool: capacity.Pool | None = None  # the model actors asked for, and why
-    actors: list = field(default_factory=list)  # per model actor that answered at the end: node, GPUs, device
+    actors: list = field(default_factory=list)  # per model actor that answered at the end: node, GPUs, device, memory
     tasks: dict = field(default_factory=dict)  # tasks (or actor calls) per stage
     units: dict = field(default_factory=dict)  # per stage: homes reconciled, cores painted, chunks built, ...
     batches: int = 0  # model batches handed to the actors
@@ -459,8 +457,6 @@ def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
             stats.actors.append(ray.get(ref))
         except ray.exceptions.RayError:
             continue
-    stats.actor_peak_rss_mb = [facts["peak_rss_mb"] for facts in stats.actors]
-    stats.nodes = sorted({facts["node"] for facts in stats.actors})
 
 
 def _tasks_in_flight() -> int:
