@@ -383,6 +383,22 @@ def array_checksums(url: str, storage_options: dict[str, Any] | None = None) -> 
             for i, level in enumerate(image.levels)}
 
 
+def file_checksums(folder: str | Path, skip: str | None = None) -> dict[str, str]:
+    """SHA-256 of every file below a local ``folder`` (except below the relative path ``skip``), by path: the
+    stored bytes themselves, which ``array_checksums`` cannot read where a chunk is damaged."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and not (skip and str(p.relative_to(root)).startswith(skip))}
+
+
+def label_chunk_files(slide: str, name: str) -> dict[str, bytes]:
+    """Every chunk file of every level of a local slide's labels/<name>, by path below it (metadata left
+    out): two runs' labels compared byte for byte."""
+    root = Path(slide, "labels", name)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("s*/**/*"))
+            if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs")}
+
+
 class InvalidOmeZarr(AssertionError):
     """ome-zarr-models rejected a dataset; the message is the validator's."""
 

@@ -7,7 +7,6 @@ in its report. The damaged slide itself is never written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cellsam_ray.cli import main
 from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.pipeline.pixels import read_channels
+from cellsam_ray.testing import file_checksums
 
 ORACLE = ["--segmenter", "cellsam_ray.oracle:GroundTruthSegmenter"]
 TILING = ["--tile", "128", "--halo", "32", "--chunk", "64", "--no-tissue-mask", "--no-cell-table", "--no-qc-images"]
@@ -34,13 +34,6 @@ def damaged_slide(folder: Path, version: str = "0.5") -> str:
     return url
 
 
-def stored(folder: str, skip: str | None = None) -> dict[str, str]:
-    """SHA-256 of every file below ``folder`` but those below ``skip``."""
-    root = Path(folder)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and not (skip and str(p.relative_to(root)).startswith(skip))}
-
-
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_a_damaged_chunk_is_named_when_read(tmp_path, version):
     url = damaged_slide(tmp_path, version)
@@ -55,7 +48,7 @@ def test_a_damaged_chunk_is_named_when_read(tmp_path, version):
 
 def test_a_damaged_chunk_met_while_planning_is_one_line_before_any_model(tmp_path, monkeypatch, capsys):
     url = damaged_slide(tmp_path)
-    before = stored(url)
+    before = file_checksums(url)
 
     def refuse() -> None:
         raise AssertionError("damaged input reached Ray: it must be refused while planning")
@@ -65,13 +58,13 @@ def test_a_damaged_chunk_met_while_planning_is_one_line_before_any_model(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cellsam-ray: error: the input image is damaged: "), err
     assert f"chunk {DAMAGED} of file://{url} cannot be decoded (RuntimeError: Zstd" in err
-    assert stored(url) == before
+    assert file_checksums(url) == before
 
 
 def test_a_damaged_chunk_met_while_segmenting_names_it_in_the_failed_tiles(tmp_path, ray_cluster, monkeypatch,
                                                                           capsys):
     url = damaged_slide(tmp_path)
-    before = stored(url, skip="labels/cells")
+    before = file_checksums(url, skip="labels/cells")
     monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
     # Planning reads the slide's coarser level (as it does for any slide over 2048²): the model actors are
     # the first to read the damaged chunk of the finest one.
@@ -86,4 +79,4 @@ def test_a_damaged_chunk_met_while_segmenting_names_it_in_the_failed_tiles(tmp_p
     assert report["status"] == "failed"
     assert sorted((tile["row"], tile["col"]) for tile in report["errors"]) == [(0, 0), (1, 0)]
     assert all(f"damaged: chunk {DAMAGED}" in tile["error"] for tile in report["errors"])
-    assert stored(url, skip="labels/cells") == before
+    assert file_checksums(url, skip="labels/cells") == before

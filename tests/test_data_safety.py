@@ -34,7 +34,8 @@ from cellsam_ray.pipeline.api import segment
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import array_checksums, same_up_to_relabelling, spec_storage, validate_ome_zarr
+from cellsam_ray.testing import (array_checksums, file_checksums, same_up_to_relabelling, spec_storage,
+                                 validate_ome_zarr)
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,12 +81,6 @@ def in_thread(spec: dict) -> tuple[threading.Thread, dict]:
     return thread, out
 
 
-def tree(folder: Path, skip: str | None = None) -> dict[str, str]:
-    """SHA-256 of every file below ``folder`` (except below the relative path ``skip``)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not (skip and str(p.relative_to(folder)).startswith(skip))}
-
-
 @pytest.fixture
 def slide(tmp_path, monkeypatch):
     url = str(tmp_path / "slide.ome.zarr")
@@ -104,7 +99,7 @@ def test_overwrite_keeps_the_old_labels_until_the_new_run_has_segmented_then_res
     before = array_checksums(slide)
     first = segment(dict(input=slide, label_name="cells", **SPEC), progress=False)
     old = Path(slide, "labels", "cells")
-    old_files = tree(old)
+    old_files = file_checksums(old)
     assert "cells.parquet" in old_files and "report.json" in old_files
 
     # The overwrite run segments every tile; then, before anything of the old result is touched, it finds
@@ -117,7 +112,7 @@ def test_overwrite_keeps_the_old_labels_until_the_new_run_has_segmented_then_res
     thread.join(300)
     assert isinstance(out.get("error"), RunFailed) and "lost its lease" in str(out["error"])
 
-    assert tree(old, skip="work") == old_files  # the old result, byte for byte: arrays, report, table
+    assert file_checksums(old, skip="work") == old_files  # the old result, byte for byte: arrays, report, table
     assert open_image(slide).label("cells").levels[0].chunks == (64, 64)  # still listed and complete
     failed = json.loads((old / "work" / "report.json").read_text())  # the new run's report, beside its work
     assert failed["status"] == "failed" and "lost its lease" in failed["error"]
@@ -142,13 +137,13 @@ def test_a_work_dir_that_is_or_holds_the_slide_is_refused_and_nothing_is_deleted
     parent = Path(slide).parent
     (parent / "notes.txt").write_text("a user's file beside the slide")
     work_dir = {"slide": slide, "parent": str(parent), "inside": str(Path(slide, "scratch"))}[where]
-    before = tree(parent, skip="calls")
+    before = file_checksums(parent, skip="calls")
     argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", FAULTY, "--work-dir", work_dir, "--no-progress",
             *[f"--{k}={v}" for k, v in TILING.items()]]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and ("is or holds the input slide" in error[0] or "lies inside the input slide" in error[0])
-    assert tree(parent, skip="calls") == before
+    assert file_checksums(parent, skip="calls") == before
 
 
 def test_two_slides_cannot_share_a_work_dir(slide, ray_cluster, monkeypatch, tmp_path, capsys):
@@ -161,7 +156,7 @@ def test_two_slides_cannot_share_a_work_dir(slide, ray_cluster, monkeypatch, tmp
     monkeypatch.setenv("CELLSAM_RAY_FAULT_FAIL_AT", "{},{}".format(*plan_grid(*SIZE, **TILING).tile_at(1, 1).origin))
     with pytest.raises(RunFailed, match="1 tile\\(s\\) failed"):
         segment(dict(input=slide, work_dir=str(scratch), **SPEC), progress=False)
-    kept = tree(scratch)
+    kept = file_checksums(scratch)
     assert len([k for k in kept if k.endswith(".done")]) == 15
 
     monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", other)
@@ -171,7 +166,7 @@ def test_two_slides_cannot_share_a_work_dir(slide, ray_cluster, monkeypatch, tmp
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"belongs to the unfinished run of {slide} labels/cells" in error
-    assert tree(scratch) == kept and array_checksums(other) == before
+    assert file_checksums(scratch) == kept and array_checksums(other) == before
     assert "cells" not in open_image(other).label_names
 
     # Slide A resumes from it; once done, its files are gone and the user's file is not.
@@ -179,7 +174,7 @@ def test_two_slides_cannot_share_a_work_dir(slide, ray_cluster, monkeypatch, tmp
     monkeypatch.delenv("CELLSAM_RAY_FAULT_FAIL_AT")
     report = segment(dict(input=slide, work_dir=str(scratch), **SPEC), progress=False)
     assert report["summary"]["tiles_resumed"] == 15
-    assert tree(scratch) == {"unrelated.txt": hashlib.sha256(b"kept").hexdigest()}
+    assert file_checksums(scratch) == {"unrelated.txt": hashlib.sha256(b"kept").hexdigest()}
 
 
 def test_a_second_run_on_a_label_is_refused_while_the_first_finishes(slide, ray_cluster, monkeypatch, tmp_path,

@@ -23,7 +23,7 @@ from cellsam_ray.cli import main
 from cellsam_ray.faults import window_calls
 from cellsam_ray.pipeline.api import segment
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import RayNodes, array_checksums
+from cellsam_ray.testing import RayNodes, array_checksums, label_chunk_files
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,15 +44,8 @@ def origin_env(row: int, col: int) -> str:
     return "{},{}".format(*origin(row, col))
 
 
-def label_files(slide: str, name: str) -> dict[str, bytes]:
-    """Every chunk file of every level of labels/<name>, by path below it (metadata left out)."""
-    root = Path(slide, "labels", name)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("s*/**/*"))
-            if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs")}
-
-
 def assert_same_labels(slide: str, name: str, reference: str = "clean") -> None:
-    files, expected = label_files(slide, name), label_files(slide, reference)
+    files, expected = label_chunk_files(slide, name), label_chunk_files(slide, reference)
     assert sorted(files) == sorted(expected) and len(files) > 10
     different = [path for path in files if files[path] != expected[path]]
     assert not different, f"labels/{name} differs from labels/{reference} in {different[:5]}"

@@ -27,7 +27,7 @@ import yaml
 from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.faults import window_places
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.testing import AutoscalingNodes, RayNodes, same_up_to_relabelling
+from cellsam_ray.testing import AutoscalingNodes, RayNodes, label_chunk_files, same_up_to_relabelling
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +65,6 @@ def report_of(slide: str, name: str) -> dict:
 
 def labels(slide: str, name: str) -> np.ndarray:
     return np.asarray(open_image(slide).label(name).array(0)[:])
-
-
-def label_files(slide: str, name: str) -> dict[str, bytes]:
-    root = Path(slide, "labels", name)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("s*/**/*"))
-            if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs")}
 
 
 # --------------------------------------------------------------------------------- scaling from zero
@@ -163,7 +157,7 @@ def test_a_gpu_node_lost_mid_run_costs_only_its_tiles(autoscaling, big_slide, fr
     assert all(calls[t.origin] == 1 for t in GRID.tiles() if t.key in done_before and t.origin not in on_lost)
     assert len(done_before - {t.key for t in GRID.tiles() if t.origin in on_lost}) >= 1  # some work survived
     assert all(p["gpus"] for p in places)
-    assert label_files(big_slide, "lost") == label_files(big_slide, "cells")  # byte-identical
+    assert label_chunk_files(big_slide, "lost") == label_chunk_files(big_slide, "cells")  # byte-identical
     autoscaling.wait_for_workers(0, timeout=120)
 
 
