@@ -132,11 +132,23 @@ def test_a_gpu_node_lost_mid_run_costs_only_its_tiles(autoscaling, big_slide, fr
     work = Path(big_slide, "labels", "lost", "work", "candidates")
     job = segment(autoscaling.address, big_slide, tmp_path / "calls", *TILING, *FAULTY, "--label-name", "lost",
                   CELLSAM_RAY_FAULT_DELAY="1.0")
+    key_of = {t.origin: t.key for t in GRID.tiles()}
+
+    def finished_by_node() -> dict[str, set[str]]:
+        done = {p.name.removesuffix(".done") for p in work.glob("*.done")}
+        by_node: dict[str, set[str]] = {}
+        for place in window_places(tmp_path / "calls"):
+            if key_of[place["origin"]] in done:
+                by_node.setdefault(place["node"], set()).add(key_of[place["origin"]])
+        return by_node
+
+    # Wait until both GPU nodes have finished tiles (one actor may start well before the other).
     deadline = time.monotonic() + 240
-    while not (len(autoscaling.worker_nodes()) >= 2 and len(list(work.glob("*.done"))) >= 8):
+    while not (len(autoscaling.worker_nodes()) >= 2 and len(by_node := finished_by_node()) >= 2
+               and sum(map(len, by_node.values())) >= 8):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
         time.sleep(0.2)
-    done_before = {p.name.removesuffix(".done") for p in work.glob("*.done")}
+    done_before = set().union(*by_node.values())
     busy = Counter(p["node"] for p in window_places(tmp_path / "calls"))
     lost = max(autoscaling.worker_nodes(), key=lambda node: busy[node])
 
