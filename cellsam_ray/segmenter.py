@@ -14,7 +14,7 @@ A segmenter is an object with ``segment(window, *, origin) -> dict``:
 A segmenter may also have ``infer_batch(windows, *, origins)`` returning one callable per window that
 gives its result: the model actors call ``infer_batch`` under their model lock and the callables after
 releasing it, so a segmenter's host-only post-processing overlaps the next batch's model time
-(``cellsam_ray.model.segmenter`` does). ``--segmenter module:attr`` names a class or factory that builds
+(``cellsam_ray.model.cellsam`` does). ``--segmenter module:attr`` names a class or factory that builds
 one with no arguments. The merge treats every segmenter the same way, CellSAM included.
 """
 

@@ -12,7 +12,8 @@ import re
 
 import pytest
 
-from cellsam_ray.testing import LocalS3, safe_aws_environment, safe_ray_environment, start_local_ray
+from cellsam_ray.testing.cluster import safe_ray_environment, start_local_ray
+from cellsam_ray.testing.s3 import LocalS3, safe_aws_environment
 
 for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
     os.environ.pop(_name, None)

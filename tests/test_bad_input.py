@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from cellsam_ray.cli import main
-from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.io.ngff import Axis, Channel, create_image, image_axes
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import array_checksums
+from cellsam_ray.testing.checks import array_checksums
+from cellsam_ray.testing.ecosystem import disc_cells, fluorescence, write_with_ome_zarr_py
 
-ORACLE = ["--segmenter", "cellsam_ray.oracle:GroundTruthSegmenter"]
+ORACLE = ["--segmenter", "cellsam_ray.testing.oracle:GroundTruthSegmenter"]
 SMALL = ["--tile", "128", "--halo", "32", "--chunk", "64"]
 
 
@@ -29,7 +29,7 @@ def no_ray(monkeypatch):
     def refuse() -> None:
         raise AssertionError("bad input reached Ray: it must be refused while planning")
 
-    monkeypatch.setattr("cellsam_ray.pipeline.api.ensure_ray", refuse)
+    monkeypatch.setattr("cellsam_ray.driver.api.ensure_ray", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def image_with(tmp_path, axes, shape, dtype="uint16", channels=1) -> str:
     (["--nuclear", "DAPI", "--tile", "100"], "--tile 100 must be a positive multiple of the label chunk size 64"),
     (["--nuclear", "DAPI", "--halo", "60"], "--tile 128 is too small for --halo 60"),
     (["--nuclear", "DAPI", "--segmenter", "no_such_module:Model"], "cannot import 'no_such_module'"),
-    (["--nuclear", "DAPI", "--segmenter", "cellsam_ray.oracle:NoSuchClass"], "has no attribute 'NoSuchClass'"),
+    (["--nuclear", "DAPI", "--segmenter", "cellsam_ray.testing.oracle:NoSuchClass"], "has no attribute 'NoSuchClass'"),
     (["--nuclear", "DAPI", "--storage-options-env", '{"secret": "CELLSAM_TEST_UNSET"}'],
      "storage_options_env.secret names the environment variable CELLSAM_TEST_UNSET, which is not set here"),
 ])

@@ -17,10 +17,10 @@ import re
 import numpy as np
 import pytest
 
-from cellsam_ray import bundled
 from cellsam_ray.cli import main
 from cellsam_ray.errors import UserError
 from cellsam_ray.evaluate import score_arrays
+from cellsam_ray.model import bundled
 from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.pipeline.intensity import channel_scales, combine_roles
 from cellsam_ray.spec import SegmentSpec

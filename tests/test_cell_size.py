@@ -11,19 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_ray import bundled
 from cellsam_ray.cli import main
-from cellsam_ray.ecosystem_fixtures import write_with_ome_zarr_py
+from cellsam_ray.driver import cell_size
+from cellsam_ray.driver.api import segment
+from cellsam_ray.driver.lifecycle import LabelRun
 from cellsam_ray.errors import UserError
 from cellsam_ray.evaluate import score_zarr
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.pipeline import cell_size
-from cellsam_ray.pipeline.api import segment
-from cellsam_ray.pipeline.lifecycle import LabelRun
+from cellsam_ray.model import bundled
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.report import CellSize
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth.styles import render_style
+from cellsam_ray.testing.ecosystem import write_with_ome_zarr_py
 from cellsam_ray.tiling import plan_grid
 
 LARGE_SEED, SMALL_SEED = 61, 65  # 65: the first seed from 62 on whose lymphocytes are 11 px or less
@@ -76,7 +76,7 @@ def test_the_bundled_model_measures_by_default_and_takes_a_given_diameter():
 
 @pytest.mark.parametrize("fields, message", [
     (dict(cell_diameter=40, halo=48), "give --cell-diameter or --halo, not both"),
-    (dict(cell_diameter="auto", segmenter="cellsam_ray.oracle:GroundTruthSegmenter"), "another --segmenter"),
+    (dict(cell_diameter="auto", segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter"), "another --segmenter"),
     (dict(cell_diameter=40, weights="w.pt"), "for these weights choose --scale or --tile/--halo"),
 ])
 def test_a_diameter_that_cannot_size_the_windows_is_refused(fields, message):

@@ -19,10 +19,11 @@ import pytest
 
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import RayNodes, array_checksums
+from cellsam_ray.testing.checks import array_checksums
+from cellsam_ray.testing.cluster import RayNodes
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
-SLOW_ORACLE = "cellsam_ray.faults:FaultySegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
+SLOW_ORACLE = "cellsam_ray.testing.faults:FaultySegmenter"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_submitted_job_runs_model_actors_on_both_nodes(cluster, tmp_path):
     write_synthetic_slide(str(slide), size=(512, 384), channels=2, ngff="0.5", seed=4, chunk=128)
     before = array_checksums(str(slide))
     # A relative input path: submit makes it absolute before the spec leaves this machine.
-    # The oracle (through cellsam_ray.faults), both actors built before any window is segmented: an actor
+    # The oracle (through cellsam_ray.testing.faults), both actors built before any window is segmented: an actor
     # gets tiles once started, and one that started alone could finish 12 tiles before the other answered.
     write_spec(tmp_path / "spec.yaml", input="slide.ome.zarr", nuclear=["DAPI"], segmenter=SLOW_ORACLE, tile=128,
                halo=32, band=8, chunk=64, workers=2, cell_table=False, qc_images=False)
@@ -152,7 +153,7 @@ def test_client_errors_are_one_line(cluster):
 def test_a_stopped_job_resumes_when_its_spec_is_submitted_again(cluster, tmp_path):
     slide = tmp_path / "slide.ome.zarr"
     write_synthetic_slide(str(slide), size=(512, 512), channels=2, ngff="0.5", seed=6, chunk=128)
-    # The oracle, slowed down (cellsam_ray.faults), so that the job is still running when it is stopped.
+    # The oracle, slowed down (cellsam_ray.testing.faults), so that the job is still running when it is stopped.
     write_spec(tmp_path / "spec.yaml", input=str(slide), nuclear=["DAPI"], segmenter=SLOW_ORACLE, tile=128,
                halo=32, band=8, chunk=64, workers=2, batch_size=2, tissue_mask=False, cell_table=False,
                qc_images=False)

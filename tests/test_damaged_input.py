@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from cellsam_ray.cli import main
-from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.pipeline.pixels import read_channels
-from cellsam_ray.testing import file_checksums
+from cellsam_ray.testing.checks import file_checksums
+from cellsam_ray.testing.ecosystem import disc_cells, fluorescence, write_with_ome_zarr_py
 
-ORACLE = ["--segmenter", "cellsam_ray.oracle:GroundTruthSegmenter"]
+ORACLE = ["--segmenter", "cellsam_ray.testing.oracle:GroundTruthSegmenter"]
 TILING = ["--tile", "128", "--halo", "32", "--chunk", "64", "--no-tissue-mask", "--no-cell-table", "--no-qc-images"]
 DAMAGED = "s0/c/0/1/0"  # DAPI, rows 64..127, columns 0..63: in the windows of the tiles of column 0
 
@@ -53,7 +53,7 @@ def test_a_damaged_chunk_met_while_planning_is_one_line_before_any_model(tmp_pat
     def refuse() -> None:
         raise AssertionError("damaged input reached Ray: it must be refused while planning")
 
-    monkeypatch.setattr("cellsam_ray.pipeline.api.ensure_ray", refuse)
+    monkeypatch.setattr("cellsam_ray.driver.api.ensure_ray", refuse)
     assert main(["segment", url, "--nuclear", "DAPI", *TILING, *ORACLE]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cellsam-ray: error: the input image is damaged: "), err

@@ -3,7 +3,7 @@ runs (a local Ray cluster, the real S3 server). Every test checks that the input
 
 Faults are real: a run's lease file removed under it (the run must find out before it writes, as when
 another run has taken the label over), a driver SIGKILLed, a tile that fails on every attempt, a
-checkpoint replaced under the same URL. ``cellsam_ray.faults:FaultySegmenter`` holds a chosen tile until
+checkpoint replaced under the same URL. ``cellsam_ray.testing.faults:FaultySegmenter`` holds a chosen tile until
 the test releases it, so each fault lands at a known point of the run.
 """
 
@@ -25,21 +25,21 @@ import numpy as np
 import pytest
 import torch
 
-from cellsam_ray import bundled
 from cellsam_ray.cli import main
+from cellsam_ray.driver.api import segment
 from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.io.storage import open_group
-from cellsam_ray.pipeline.api import segment
+from cellsam_ray.model import bundled
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import (array_checksums, file_checksums, same_up_to_relabelling, spec_storage,
-                                 validate_ome_zarr)
+from cellsam_ray.testing.checks import array_checksums, file_checksums, same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing.s3 import spec_storage
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULTY = "cellsam_ray.faults:FaultySegmenter"
+FAULTY = "cellsam_ray.testing.faults:FaultySegmenter"
 SIZE = (512, 512)
 TILING = dict(tile=128, halo=32, band=8, chunk=64)  # 16 tiles
 SPEC = dict(nuclear=["DAPI"], segmenter=FAULTY, tissue_mask=False, batch_size=2, workers=1, qc_images=False,
@@ -295,7 +295,7 @@ def test_credentials_never_travel_in_a_plan(s3_prefix, storage_options, monkeypa
     assert plan.spec.storage.options()["secret"] == secret
     assert secret.encode() not in pickle.dumps(plan)
 
-    from cellsam_ray.execution import _segmenter_environment
+    from cellsam_ray.driver.execution import _segmenter_environment
 
     monkeypatch.setenv("CELLSAM_RAY_SLIDE_TOKEN", secret)
     monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", "/some/where")

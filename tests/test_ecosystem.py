@@ -14,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_ray.ecosystem_fixtures import (brightfield, disc_cells, fluorescence, write_bioformats2raw,
-                                            write_with_ome_zarr_py)
+from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.pipeline.api import segment
-from cellsam_ray.testing import array_checksums, same_up_to_relabelling, spec_storage, validate_ome_zarr
+from cellsam_ray.testing.checks import array_checksums, same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing.ecosystem import (brightfield, disc_cells, fluorescence, write_bioformats2raw,
+                                            write_with_ome_zarr_py)
+from cellsam_ray.testing.s3 import spec_storage
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 TILING = dict(tile=256, halo=64, band=16, chunk=64)
 
 
@@ -192,7 +193,7 @@ def cyclic(tmp_path_factory):
 def test_repeated_channel_names_are_refused_with_their_indices(cyclic, capsys, monkeypatch):
     from cellsam_ray.cli import main
 
-    monkeypatch.setattr("cellsam_ray.pipeline.api.ensure_ray", lambda: pytest.fail("reached Ray"))
+    monkeypatch.setattr("cellsam_ray.driver.api.ensure_ray", lambda: pytest.fail("reached Ray"))
     url, _ = cyclic
     assert main(["segment", url, "--nuclear", "DAPI", "--segmenter", ORACLE, "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention
 
+from cellsam_ray.evaluate import label_agreement
 from cellsam_ray.model import fast, paint
+from cellsam_ray.model.config import CellSAMConfig
 from cellsam_ray.model.decoder import decode
 from cellsam_ray.model.encoders import attention
-from cellsam_ray.model.config import CellSAMConfig
 from cellsam_ray.model.network import build_cellsam
 from cellsam_ray.model.postprocess import paint_masks
 from cellsam_ray.model.reference import segment_tile_reference
 from cellsam_ray.model.weights import load_cellsam
-from cellsam_ray.testing import label_agreement, reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 GOLDEN = reference_dir() / "golden"
 CASES = json.loads((GOLDEN / "cases.json").read_text())

@@ -2,7 +2,7 @@
 driver is SIGKILLed, a tile fails on every attempt, CUDA runs out of memory. Each run's label image must be
 byte-identical to a clean run's, and tiles finished before a fault must not be segmented again.
 
-The segmenter is ``cellsam_ray.faults:FaultySegmenter`` (the ground-truth oracle plus injected faults and
+The segmenter is ``cellsam_ray.testing.faults:FaultySegmenter`` (the ground-truth oracle plus injected faults and
 a file per window segmented, configured through ``CELLSAM_RAY_FAULT_*``).
 """
 
@@ -20,14 +20,15 @@ from pathlib import Path
 import pytest
 
 from cellsam_ray.cli import main
-from cellsam_ray.faults import window_calls
-from cellsam_ray.pipeline.api import segment
+from cellsam_ray.driver.api import segment
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import RayNodes, array_checksums, label_chunk_files
+from cellsam_ray.testing.checks import array_checksums, label_chunk_files
+from cellsam_ray.testing.cluster import RayNodes
+from cellsam_ray.testing.faults import window_calls
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
-FAULTY = "cellsam_ray.faults:FaultySegmenter"
+FAULTY = "cellsam_ray.testing.faults:FaultySegmenter"
 # A 4×4 grid of 16 tiles; no tissue mask, so every tile is segmented; batches of 4.
 SIZE = (512, 512)
 TILING = dict(tile=128, halo=32, band=8, chunk=64)
@@ -171,7 +172,7 @@ def test_cuda_out_of_memory_halves_the_batch_down_to_what_fits(slide, faults, mo
 
 def test_a_segmenter_that_cannot_be_built_fails_the_run_at_once(slide, monkeypatch, capsys):
     monkeypatch.delenv("CELLSAM_RAY_ORACLE_LABELS", raising=False)  # the oracle cannot know its cells
-    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", "cellsam_ray.oracle:GroundTruthSegmenter",
+    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", "cellsam_ray.testing.oracle:GroundTruthSegmenter",
             "--label-name", "unbuilt", "--tile", "128", "--halo", "32", "--chunk", "64", "--no-progress"]
 
     assert main(argv) == 1

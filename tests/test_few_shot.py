@@ -21,9 +21,9 @@ import json
 
 import numpy as np
 
-from cellsam_ray import bundled
 from cellsam_ray.cli import main
 from cellsam_ray.commands.finetune import DEFAULTS
+from cellsam_ray.model import bundled
 from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.synth.styles import TRAINING_STYLES, render_style
 from cellsam_ray.train.data import LabelledImage

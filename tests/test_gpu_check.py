@@ -31,7 +31,7 @@ class Absent(importlib.abc.MetaPathFinder):  # the usual finders, except that th
 
 sys.meta_path[:] = [Absent(list(sys.meta_path))]
 sys.argv = ["gpu_check", "--device", "cpu", "--tiny"]
-runpy.run_module("cellsam_ray.gpu_check", run_name="__main__")
+runpy.run_module("cellsam_ray.bench.gpu_check", run_name="__main__")
 """
 
 

@@ -4,7 +4,7 @@ demand and removes them when idle, as a KubeRay worker group with ``minReplicas:
 type with ``min_workers: 0`` would: its node types are the GPU node types of ``deploy/aws/cluster.yaml`` and
 the GPU worker group of ``deploy/kuberay/rayjob.yaml``, with their resources.
 
-The segmenter is ``cellsam_ray.faults:FaultySegmenter`` (the ground truth, recording where each window ran),
+The segmenter is ``cellsam_ray.testing.faults:FaultySegmenter`` (the ground truth, recording where each window ran),
 so no test needs CUDA, except the one proving that a GPU actor whose torch cannot use CUDA fails the run
 before any tile. Every run is ``cellsam-ray segment`` in a subprocess, joined to the cluster by
 ``RAY_ADDRESS``, as a job's driver would be.
@@ -24,15 +24,16 @@ import numpy as np
 import pytest
 import yaml
 
-from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
-from cellsam_ray.faults import window_places
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.testing import AutoscalingNodes, RayNodes, label_chunk_files, same_up_to_relabelling
+from cellsam_ray.testing.checks import label_chunk_files, same_up_to_relabelling
+from cellsam_ray.testing.cluster import AutoscalingNodes, RayNodes
+from cellsam_ray.testing.ecosystem import disc_cells, fluorescence, write_with_ome_zarr_py
+from cellsam_ray.testing.faults import window_places
 from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAULTY = ["--segmenter", "cellsam_ray.faults:FaultySegmenter"]
+FAULTY = ["--segmenter", "cellsam_ray.testing.faults:FaultySegmenter"]
 TILING = ["--tile", "256", "--halo", "32", "--chunk", "128", "--no-tissue-mask", "--no-cell-table",
           "--no-qc-images"]
 SIZE = (1536, 1536)

@@ -17,7 +17,7 @@ from cellsam_ray.io.ngff import open_image
 from cellsam_ray.jobspec import load_job_spec, portable_fields
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import array_checksums
+from cellsam_ray.testing.checks import array_checksums
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "jobs" / "examples").glob("*.yaml"))
@@ -53,7 +53,7 @@ def test_the_multiplexed_example_names_channels_a_multiplexed_slide_has(tmp_path
     assert len(spec.whole_cell) >= 3
     url = str(tmp_path / "codex.ome.zarr")
     write_synthetic_slide(url, size=(256, 256), channels=11, ngff="0.5", seed=1, chunk=128)
-    local = spec.model_copy(update=dict(input=url, weights=None, segmenter="cellsam_ray.oracle:GroundTruthSegmenter",
+    local = spec.model_copy(update=dict(input=url, weights=None, segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter",
                                         storage_profile=None, tile=128, halo=32, chunk=64))
     plan = make_plan(local)
     assert len(plan.channels) == 1 + len(spec.whole_cell)  # every marker found, each read once

@@ -10,10 +10,10 @@ import sys
 import fsspec
 import pytest
 
+from cellsam_ray.driver.lease import Holder, Lease
 from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.io.storage import StorageAccess
-from cellsam_ray.pipeline.lease import Holder, Lease
-from cellsam_ray.testing import spec_storage
+from cellsam_ray.testing.s3 import spec_storage
 
 
 @pytest.fixture(params=["local", "s3"])

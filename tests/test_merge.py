@@ -10,9 +10,9 @@ from cellsam_ray.merge.candidates import tile_candidates
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.merge.reconcile import global_offsets, reconcile_home
-from cellsam_ray.oracle import GroundTruthSegmenter
 from cellsam_ray.segmenter import check_detections
-from cellsam_ray.testing import same_up_to_relabelling
+from cellsam_ray.testing.checks import same_up_to_relabelling
+from cellsam_ray.testing.oracle import GroundTruthSegmenter
 from cellsam_ray.tiling import plan_grid
 
 

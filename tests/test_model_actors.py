@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from cellsam_ray import capacity, device, execution
-from cellsam_ray.capacity import Growth, NodeGroup
+from cellsam_ray import device
+from cellsam_ray.driver import capacity, execution
+from cellsam_ray.driver.capacity import Growth, NodeGroup
 from cellsam_ray.errors import UserError
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.tiling import TileGrid

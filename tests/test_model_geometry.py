@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellsam_ray import bundled
+from cellsam_ray.model import bundled
 from cellsam_ray.model import geometry
 from cellsam_ray.model.config import load_config
 from cellsam_ray.model.network import build_cellsam

@@ -14,7 +14,7 @@ from cellsam_ray.model import rcda
 from cellsam_ray.model.cellfinder import detector_topk
 from cellsam_ray.model.config import CellSAMConfig, load_config
 from cellsam_ray.model.network import build_cellsam
-from cellsam_ray.testing import reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"

@@ -9,7 +9,7 @@ import zarr
 from cellsam_ray.errors import UserError
 from cellsam_ray.io import ngff
 from cellsam_ray.io.storage import open_group
-from cellsam_ray.testing import InvalidOmeZarr, validate_ome_zarr
+from cellsam_ray.testing.checks import InvalidOmeZarr, validate_ome_zarr
 
 CHANNELS = [ngff.Channel("DAPI", "0000FF", (100, 2000)), ngff.Channel("CD45", "FFFF00")]
 

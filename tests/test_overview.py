@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import zarr
 
-from cellsam_ray.ecosystem_fixtures import disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.pipeline import overview as overview_module
 from cellsam_ray.pipeline import plan as plan_module
 from cellsam_ray.pipeline.overview import overview
 from cellsam_ray.spec import SegmentSpec
+from cellsam_ray.testing.ecosystem import disc_cells, fluorescence, write_with_ome_zarr_py
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 
 
 def block_means(pixels: np.ndarray, s: int) -> np.ndarray:

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import zarr
 
+from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.pipeline.api import segment
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import same_up_to_relabelling, spec_storage, validate_ome_zarr
+from cellsam_ray.testing.checks import same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing.s3 import spec_storage
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 # Small tiles so a 512² slide has a 4×4 grid with 9 interior seams; the halo holds the largest cells.
 TILING = dict(tile=128, halo=40, band=8, chunk=64)
 

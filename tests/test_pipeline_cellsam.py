@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.model.segmenter import CellSAMSegmenter, cellsam_layout
+from cellsam_ray.model.cellsam import CellSAMSegmenter, cellsam_layout
 from cellsam_ray.model.weights import load_cellsam
-from cellsam_ray.pipeline.api import segment
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import reference_dir, validate_ome_zarr
+from cellsam_ray.testing.checks import reference_dir, validate_ome_zarr
 
 GOLDEN = reference_dir() / "golden"
 

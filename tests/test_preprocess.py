@@ -22,7 +22,7 @@ from cellsam_ray.model.preprocess import (
     resize_to_model,
     sam_pixel_normalize,
 )
-from cellsam_ray.testing import reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"

@@ -11,16 +11,16 @@ import pytest
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.pipeline.api import segment
 from cellsam_ray.pipeline.intensity import ChannelScale
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.qc import render, views
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import spec_storage
+from cellsam_ray.testing.s3 import spec_storage
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 TILING = dict(tile=128, halo=40, band=8, chunk=64)
 WHITE, YELLOW = render.OUTLINE, render.SEAM
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from scipy.ndimage import binary_fill_holes, find_objects
 
+from cellsam_ray.evaluate import label_agreement
 from cellsam_ray.model.boxes import box_score_threshold, boxes_to_input_pixels, confident_boxes, sklearn_centres
 from cellsam_ray.model.postprocess import fill_holes_and_remove_small_masks, paint_masks
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
 from cellsam_ray.model.two_means import two_means_centres
 from cellsam_ray.model.weights import load_cellsam
-from cellsam_ray.testing import label_agreement, reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 DIGESTS = Path(__file__).parent / "data" / "digests" / "outputs.json"
 GOLDEN = reference_dir() / "golden"
@@ -59,14 +59,14 @@ def output_digests(slide: str, name: str = "cells") -> dict[str, str]:
 
 
 def run(case: str, folder: Path) -> dict[str, str]:
-    from cellsam_ray.pipeline.api import segment
+    from cellsam_ray.driver.api import segment
 
     slide = str(folder / "slide.ome.zarr")
     write_synthetic_slide(slide, ngff="0.5", **RUNS[case]["slide"])
     spec = dict(RUNS[case]["spec"], input=slide)
     if spec.get("segmenter") == "ORACLE":
         os.environ["CELLSAM_RAY_ORACLE_LABELS"] = slide
-        spec["segmenter"] = "cellsam_ray.oracle:GroundTruthSegmenter"
+        spec["segmenter"] = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
     try:
         segment(spec, progress=False)
     finally:

@@ -12,7 +12,7 @@ from PIL import Image
 
 import cellsam_ray.model.weights
 from cellsam_ray.cli import main
-from cellsam_ray.testing import reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 REFERENCE = reference_dir()
 GOLDEN = REFERENCE / "golden"

@@ -8,14 +8,13 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from cellsam_ray.ecosystem_fixtures import write_sparse_bioformats2raw
+from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.pipeline.api import segment
-from cellsam_ray.testing import same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing.checks import same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing.ecosystem import write_sparse_bioformats2raw
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 SIZE = (40_000, 40_000)
 TISSUE = (20_100, 12_300, 1_500, 1_500)  # y0, x0, h, w
 TILE, HALO, CHUNK = 1024, 128, 256

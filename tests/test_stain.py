@@ -7,19 +7,19 @@ import pytest
 from skimage.color import rgb2gray
 
 from cellsam_ray.cli import main
-from cellsam_ray.ecosystem_fixtures import brightfield, disc_cells, fluorescence, write_with_ome_zarr_py
 from cellsam_ray.pipeline.intensity import tissue_mask
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.pipeline.source import read_window
 from cellsam_ray.pipeline.stain import BRIGHTFIELD, FLUORESCENCE
 from cellsam_ray.spec import SegmentSpec
+from cellsam_ray.testing.ecosystem import brightfield, disc_cells, fluorescence, write_with_ome_zarr_py
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 
 
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
-    monkeypatch.setattr("cellsam_ray.pipeline.api.ensure_ray", lambda: pytest.fail("reached Ray"))
+    monkeypatch.setattr("cellsam_ray.driver.api.ensure_ray", lambda: pytest.fail("reached Ray"))
 
 
 def test_grey_is_skimage_rgb2gray_and_transparent_pixels_are_glass():
@@ -38,7 +38,7 @@ def test_brightfield_window_is_the_published_grey_layout():
     """CellSAM's own ``format_image_shape`` puts a grey image in the whole-cell slot with the nuclear one
     blank; the brightfield window is (blank, grey), which ``cellsam_layout`` turns into exactly that."""
     from cellsam_ray.model.preprocess import format_image_shape
-    from cellsam_ray.model.segmenter import cellsam_layout
+    from cellsam_ray.model.cellsam import cellsam_layout
 
     tissue = np.ones((64, 64), bool)
     rgb = brightfield(disc_cells((64, 64), seed=1), tissue, seed=1)

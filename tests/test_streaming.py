@@ -2,7 +2,7 @@
 model, the regions that do not need it are reconciled, painted, pyramided and given their table rows; the
 finished run is the same as ever (the ground truth, ids in raster order).
 
-The segmenter is ``cellsam_ray.faults:FaultySegmenter`` holding the last tile until the test releases it,
+The segmenter is ``cellsam_ray.testing.faults:FaultySegmenter`` holding the last tile until the test releases it,
 so "before the last tile" is a fact the test observes, not a race it hopes to win.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.pipeline.api import segment
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.testing import same_up_to_relabelling
+from cellsam_ray.testing.checks import same_up_to_relabelling
 from cellsam_ray.tiling import plan_grid
 
 SIZE = (512, 512)
@@ -41,7 +41,7 @@ def test_rows_are_written_and_pyramided_while_the_last_tile_is_on_the_model(tmp_
     monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(faults))
     monkeypatch.setenv("CELLSAM_RAY_FAULT_HOLD_AT", "{},{}".format(*last.origin))
     # One actor on half a CPU of the 2-CPU test cluster: a CPU is free for stages B–E meanwhile.
-    spec = dict(input=slide, label_name="streamed", nuclear=["DAPI"], segmenter="cellsam_ray.faults:FaultySegmenter",
+    spec = dict(input=slide, label_name="streamed", nuclear=["DAPI"], segmenter="cellsam_ray.testing.faults:FaultySegmenter",
                 tissue_mask=False, batch_size=1, workers=1, cpus_per_worker=0.5, qc_images=False, **TILING)
     outcome: dict = {}
     run = threading.Thread(target=lambda: outcome.update(report=segment(spec, progress=False)))
@@ -82,7 +82,7 @@ def test_rows_are_written_and_pyramided_while_the_last_tile_is_on_the_model(tmp_
 
 
 def test_a_task_takes_neighbours_of_one_row_at_most_four_at_a_time():
-    from cellsam_ray.execution import _chunk_runs, _runs
+    from cellsam_ray.driver.execution import _chunk_runs, _runs
 
     homes = [(1, 0), (0, 5), (0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 7), (1, 1)]
     assert _runs(homes, 4) == [[(0, 0), (0, 1), (0, 2), (0, 3)], [(0, 4), (0, 5)], [(0, 7)], [(1, 0), (1, 1)]]

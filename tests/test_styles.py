@@ -11,7 +11,7 @@ from cellsam_ray.cli import main
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.synth.styles import STYLES, TRAINING_STYLES, borders, grayscale, render_style
-from cellsam_ray.testing import validate_ome_zarr
+from cellsam_ray.testing.checks import validate_ome_zarr
 from cellsam_ray.train.synthetic import LAYOUTS, scaled_roles, style_windows
 
 SHAPE = (512, 512)

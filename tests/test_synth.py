@@ -17,7 +17,7 @@ from cellsam_ray.io.ngff import count_levels, open_image
 from cellsam_ray.synth import LABEL_NAME, TissueModel, write_synthetic_slide
 from cellsam_ray.synth.cells import MAX_RADIUS, MAX_WARP
 from cellsam_ray.synth.tissue import OFFSET
-from cellsam_ray.testing import validate_ome_zarr
+from cellsam_ray.testing.checks import validate_ome_zarr
 
 SIZE = (384, 512)
 

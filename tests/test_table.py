@@ -11,16 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 from skimage.measure import regionprops
 
+from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.merge.objects import META_COLUMNS, CellSet
-from cellsam_ray.pipeline.api import segment
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.table.columns import cell_columns
 from cellsam_ray.table.measure import CellSums, combine, measure_core
 from cellsam_ray.table.schema import TableLayout, channel_columns
 
 ROOT = Path(__file__).resolve().parents[1]
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 TILE = 128
 TILING = dict(tile=TILE, halo=40, band=8, chunk=64)
 

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from cellsam_ray.model.cellfinder import sine_embedding_1d
 from cellsam_ray.model.config import CellSAMConfig
 from cellsam_ray.model.weights import load_cellsam, load_checkpoint_state
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.train.box_ops import generalized_box_iou
 from cellsam_ray.train.checkpoint import save_checkpoint
-from cellsam_ray.train.data import DataSpec, load_images, make_batch, prepare_tile
+from cellsam_ray.train.data import DataSpec, make_batch, prepare_tile
 from cellsam_ray.train.fit import fit
-from cellsam_ray.train.losses import box_regions, detection_losses, mask_losses, sigmoid_focal_loss
 from cellsam_ray.train.loop import Objective, TrainSettings, anchor_points, freeze_parts, initial_model
-from cellsam_ray.model.cellfinder import sine_embedding_1d
+from cellsam_ray.train.losses import box_regions, detection_losses, mask_losses, sigmoid_focal_loss
 from cellsam_ray.train.matcher import MatchCosts, hungarian_match
+from cellsam_ray.train.sources import load_images
 
 # A CellSAM small enough to train for a few steps in a test: 64² input, 8² grid, 30 queries.
 TINY = dict(

@@ -12,7 +12,7 @@ import torch
 from cellsam_ray.errors import UserError
 from cellsam_ray.model.config import CellSAMConfig
 from cellsam_ray.model.weights import load_cellsam, load_checkpoint_state
-from cellsam_ray.testing import reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 GOLDEN = reference_dir() / "golden"
 CHECKPOINT = GOLDEN / "tiny_cellsam.pt"

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellsam_ray.bench import run_bench
+    from cellsam_ray.bench.pipeline import run_bench
 
     result = run_bench(args.sizes, args.config, args.weights, tile=args.tile, halo=args.halo,
                        batch_size=args.batch_size, out=args.out)

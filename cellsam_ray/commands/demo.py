@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 HELP = "Segment a synthetic slide end to end on a local Ray cluster, and score it against its ground truth."
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cellsam_ray.evaluate import score_zarr
     from cellsam_ray.io.ngff import open_image
-    from cellsam_ray.pipeline.api import segment
+    from cellsam_ray.driver.api import segment
     from cellsam_ray.synth import write_synthetic_slide
 
     out = Path(args.out).resolve()
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         spec.update(weights=args.weights, config=args.config)
         print(f"2/3 segmenting with CellSAM ({args.weights}) on a local Ray cluster")
     else:
-        from cellsam_ray import bundled
+        from cellsam_ray.model import bundled
 
         print(f"2/3 segmenting on a local Ray cluster with {bundled.DESCRIPTION}")
     report = segment(spec)

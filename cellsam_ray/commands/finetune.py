@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellsam_ray import bundled
+    from cellsam_ray.model import bundled
     from cellsam_ray.train.loop import TrainSettings
 
     init = args.init or str(bundled.WEIGHTS)

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cellsam_ray.jobspec import load_job_spec, require_local_paths
-    from cellsam_ray.pipeline.api import segment
+    from cellsam_ray.driver.api import segment
 
     spec = load_job_spec(args.spec)
     require_local_paths(spec)

@@ -68,8 +68,8 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cellsam_ray import bundled
-    from cellsam_ray.pipeline.api import segment
+    from cellsam_ray.model import bundled
+    from cellsam_ray.driver.api import segment
 
     spec = spec_from_args(args)
     if not (spec.weights or spec.segmenter):

@@ -268,6 +268,11 @@ def open_image(
     return read_image(image_group(group))
 
 
+def open_labels(url: str, name: str = "cells", storage_options: dict[str, Any] | None = None) -> NgffImage:
+    """The complete label image ``labels/<name>`` of the image at ``url``: what a run wrote."""
+    return open_image(url, storage_options).label(name)
+
+
 def open_slide(url: str, storage_options: dict[str, Any] | None = None) -> NgffImage:
     """Open the image a run reads, as ``open_image`` does, refusing a label image or a ``labels`` group:
     segmenting one would write a label group inside it, where no viewer looks. The error names the image

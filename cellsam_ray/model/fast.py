@@ -50,7 +50,7 @@ TILE_BATCH = 4
 BOX_CHUNK = {"cpu": 4, "cuda": 128}
 """Boxes per mask-decoder call by device type. At v1.2 sizes a box's decoder activations take ~30 MB; on
 a CPU larger chunks fall out of cache and get slower per box (4: 102 ms, 32: 140 ms on 1 Zen 4 core); on a
-GPU small chunks are launch-bound (``python -m cellsam_ray.gpu_check`` times 16..512)."""
+GPU small chunks are launch-bound (``python -m cellsam_ray.bench.gpu_check`` times 16..512)."""
 PAINT_BOXES = {"cpu": 0, "cuda": 1024}
 """Boxes whose low-res masks (256 KB each) are kept to be painted together, one host sync per paint call;
 0: paint every decoder chunk (a CPU has no sync to save, and keeps its cache)."""

@@ -14,7 +14,7 @@ The functions work on a batch (B, 3, S, S) where the published code works on one
 image of the batch on its own, so a batched caller gets exactly the per-tile numbers. Steps 3 on are
 tensor ops that run on the model's device without a host sync; on the CPU they are the published
 NumPy/scikit-image numbers bit for bit (``tests/test_preprocess.py``). On a GPU the antialiased resize is
-CUDA's own kernel, whose last bits may differ (``python -m cellsam_ray.gpu_check`` measures how much).
+CUDA's own kernel, whose last bits may differ (``python -m cellsam_ray.bench.gpu_check`` measures how much).
 """
 
 from __future__ import annotations

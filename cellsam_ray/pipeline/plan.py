@@ -26,7 +26,6 @@ from cellsam_ray.io.pyramid import AxisMap, level_maps
 from cellsam_ray.io.storage import join_url
 from cellsam_ray.pipeline.intensity import ChannelScale, tissue_mask
 from cellsam_ray.pipeline.overview import overview
-from cellsam_ray.pipeline.pixels import level_selection, read_channels  # noqa: F401 - the stages import them from here
 from cellsam_ray.pipeline.stain import stain
 from cellsam_ray.pipeline.workstore import WorkStore
 from cellsam_ray.report import CellSize

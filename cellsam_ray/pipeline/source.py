@@ -83,6 +83,6 @@ def build_segmenter(plan: SlidePlan, *, gpu_holder: str | None = None) -> Segmen
     """The plan's segmenter; ``gpu_holder`` names this process if it holds a GPU, which CellSAM then must use."""
     if plan.spec.segmenter:
         return load_segmenter(plan.spec.segmenter)
-    from cellsam_ray.model.segmenter import CellSAMSegmenter
+    from cellsam_ray.model.cellsam import CellSAMSegmenter
 
     return CellSAMSegmenter.from_spec(plan.spec, gpu_holder=gpu_holder)

@@ -20,7 +20,8 @@ import numpy as np
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.intensity import ChannelScale, channel_scales
-from cellsam_ray.pipeline.plan import SlidePlan, read_channels
+from cellsam_ray.pipeline.pixels import read_channels
+from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.qc import render
 from cellsam_ray.tiling import TileGrid
 

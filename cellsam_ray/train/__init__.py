@@ -1,7 +1,8 @@
 """Training and fine-tuning CellSAM: the code the published release does not ship.
 
-- ``data``: labelled tiles from OME-Zarr slides (with a label image), folders of image + label pairs or
-  synthetic tissue, prepared with the published preprocessing; batches with their targets.
+- ``sources``: labelled images from OME-Zarr slides (with a label image), folders of image + label pairs or
+  synthetic tissue (``synthetic``: drawn in the named styles).
+- ``data``: those images prepared with the published preprocessing; batches with their targets.
 - ``box_ops``: box formats and generalised IoU.
 - ``matcher``: Hungarian matching of CellFinder's queries to the true cells.
 - ``losses``: the DETR objective (focal classification, L1 and GIoU boxes) and the mask-decoder losses.

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cellsam_ray.train.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, save_checkpoint
-from cellsam_ray.train.data import DataSpec, load_images, prepare_tile
+from cellsam_ray.train.data import DataSpec, prepare_tile
 from cellsam_ray.train.fit import LOG_NAME, format_losses, materialise
 from cellsam_ray.train.loop import Objective, TrainSettings, freeze_parts, initial_model, run_steps
+from cellsam_ray.train.sources import load_images
 
 
 def fit_distributed(
@@ -43,7 +44,7 @@ def fit_distributed(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cellsam_ray.pipeline.api import ensure_ray
+    from cellsam_ray.driver.api import ensure_ray
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

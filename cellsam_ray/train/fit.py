@@ -15,7 +15,7 @@ import torch
 
 from cellsam_ray.model.network import CellSAM
 from cellsam_ray.train.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from cellsam_ray.train.data import DataSpec, compact, load_images, prepare_tile, synthetic_slides
+from cellsam_ray.train.data import DataSpec, compact, prepare_tile
 from cellsam_ray.train.loop import (
     Objective,
     TrainSettings,
@@ -24,6 +24,7 @@ from cellsam_ray.train.loop import (
     resolve_device,
     run_steps,
 )
+from cellsam_ray.train.sources import load_images, synthetic_slides
 from cellsam_ray.train.validate import score_tiles
 
 LOG_NAME = "losses.jsonl"

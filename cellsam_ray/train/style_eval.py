@@ -42,7 +42,7 @@ def score_slide(style: str, seed: int, size: int, folder: Path, weights: str | N
     from cellsam_ray.io.ngff import open_image
     from cellsam_ray.synth import write_synthetic_slide
 
-    from cellsam_ray.pipeline.api import segment
+    from cellsam_ray.driver.api import segment
 
     url = str(folder / f"{style}-{seed}-{size}.ome.zarr")
     drawn = render_style(style, (size, size), seed)
@@ -64,7 +64,7 @@ def score_real(image_path: str, mask_path: str, folder: Path, weights: str | Non
 
     from cellsam_ray.evaluate import score_zarr
     from cellsam_ray.io import ngff as ngff_io
-    from cellsam_ray.pipeline.api import segment
+    from cellsam_ray.driver.api import segment
 
     pixels, truth = tifffile.imread(image_path), tifffile.imread(mask_path)
     url = str(folder / (Path(image_path).stem + ".ome.zarr"))

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from cellsam_ray.evaluate import PairCounts, Score
+from cellsam_ray.model.network import CellSAM
 from cellsam_ray.model.postprocess import MIN_SIZE
 from cellsam_ray.model.reference import segment_tile_reference
-from cellsam_ray.model.network import CellSAM
 from cellsam_ray.train.data import LabelledImage
 
 

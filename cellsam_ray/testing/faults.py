@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cellsam_ray.oracle import GroundTruthSegmenter
+from cellsam_ray.testing.oracle import GroundTruthSegmenter
 
 
 def _origin(value: str | None) -> tuple[int, int] | None:

@@ -21,8 +21,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from cellsam_ray import bundled
-from cellsam_ray.pipeline.lifecycle import fingerprint
+from cellsam_ray.driver.lifecycle import fingerprint
+from cellsam_ray.model import bundled
 from cellsam_ray.pipeline.plan import SlidePlan, make_plan
 from cellsam_ray.pipeline.source import read_windows
 from cellsam_ray.report import CellSize
@@ -73,7 +73,7 @@ def measure(plan: SlidePlan, segmenter, window: int) -> CellSize:
 
 def _cpu_segmenter(plan: SlidePlan):
     """The plan's model in this process, on the CPU: the first look must not wait for (or hold) a GPU."""
-    from cellsam_ray.model.segmenter import CellSAMSegmenter  # imports torch
+    from cellsam_ray.model.cellsam import CellSAMSegmenter  # imports torch
 
     return CellSAMSegmenter.from_spec(plan.spec.model_copy(update=dict(device="cpu", mode="fast")))
 

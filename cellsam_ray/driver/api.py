@@ -13,12 +13,12 @@ from contextlib import contextmanager
 
 import ray
 
-from cellsam_ray import bundled
+from cellsam_ray.driver import cell_size
+from cellsam_ray.driver.execution import Progress, RunStats, run_plan
+from cellsam_ray.driver.lifecycle import LabelRun, build_report
 from cellsam_ray.errors import RunFailed, RunStopped, UserError
-from cellsam_ray.execution import Progress, RunStats, run_plan
+from cellsam_ray.model import bundled
 from cellsam_ray.model import geometry
-from cellsam_ray.pipeline import cell_size, labels_out
-from cellsam_ray.pipeline.lifecycle import LabelRun, build_report
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.table.write import require_anndata

@@ -1,4 +1,4 @@
-"""Time reference vs fast CellSAM inference per tile: ``python -m cellsam_ray.bench_model``.
+"""Time reference vs fast CellSAM inference per tile: ``python -m cellsam_ray.bench.model``.
 
 Two models: the golden tiny checkpoint on the golden tiles (real detections, default thresholds), and
 the v1.2 sizes with random weights. Random weights detect nothing useful, so for v1.2 the box score
@@ -11,7 +11,7 @@ time is the best of ``--repeats`` runs. Wall time is what a user waits for; CPU 
 this process) is also printed because it barely moves when other processes share the cores, so the
 ratio of the two modes stays meaningful on a busy machine.
 
-``--host-profile`` instead measures the host work around the networks (``cellsam_ray.bench_host``), and
+``--host-profile`` instead measures the host work around the networks (``cellsam_ray.bench.host``), and
 ``--json`` prints that as one JSON line.
 """
 
@@ -37,14 +37,14 @@ from cellsam_ray.model.network import CellSAM, build_cellsam
 from cellsam_ray.model.preprocess import detector_input, format_image_shape, normalize_image, resize_to_model
 from cellsam_ray.model.reference import segment_tile_reference
 from cellsam_ray.model.weights import load_cellsam
-from cellsam_ray.testing import reference_dir
+from cellsam_ray.testing.checks import reference_dir
 
 NOTHING_PASSES = 2.0
 """A ``bbox_threshold`` above any score's reach (the cut is 0.66·threshold + 0.33·mean of centres)."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench.model", description=__doc__.splitlines()[0])
     parser.add_argument("--golden", default=None,
                         help="golden data (default: $CELLSAM_REFERENCE_DIR/golden, else ../shared/reference/golden)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available, and cpu)")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.host_profile:
-        from cellsam_ray.bench_host import host_profile
+        from cellsam_ray.bench.host import host_profile
 
         result = host_profile(cells=args.cells, window=args.window, repeats=args.repeats)
         print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

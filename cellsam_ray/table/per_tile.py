@@ -19,7 +19,8 @@ import pyarrow as pa
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.pipeline import source
-from cellsam_ray.pipeline.plan import SlidePlan, read_channels
+from cellsam_ray.pipeline.pixels import read_channels
+from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.table.columns import cell_columns
 from cellsam_ray.table.measure import CellSums, combine, measure_core
 from cellsam_ray.table.schema import TableLayout, channel_columns

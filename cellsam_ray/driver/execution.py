@@ -42,17 +42,18 @@ from typing import Any, Callable
 
 import ray
 
-from cellsam_ray import capacity, device
+from cellsam_ray import device
+from cellsam_ray.driver import capacity
+from cellsam_ray.driver.streaming import Streams
 from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
-from cellsam_ray.pipeline.streaming import Streams
 from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
 from cellsam_ray.report import TileFailure
 from cellsam_ray.segmenter import segmenter_environment
-from cellsam_ray.table import stage as table_stage
+from cellsam_ray.table import per_tile
 from cellsam_ray.table.measure import CellSums
 from cellsam_ray.table.schema import TableLayout
 from cellsam_ray.table.write import ParquetStream
@@ -253,13 +254,13 @@ def _write_cores(plan: SlidePlan, homes: list[tuple[int, int]], near: list[tuple
         if written[-1]:
             labels_out.write_core(plan, tile, labels)
         if plan.spec.cell_table:
-            sums.extend(table_stage.measure_tile(plan, tile, labels, CellSet.concat(cells)))
+            sums.extend(per_tile.measure_tile(plan, tile, labels, CellSet.concat(cells)))
     return (written, *sums) if sums else written
 
 
 @ray.remote(max_retries=TASK_RETRIES)
 def _cell_rows(layout: TableLayout, homes: list[tuple[int, int]], pieces_per_home: list[int], *sums: CellSums):
-    return table_stage.rows_of_homes(layout, homes, pieces_per_home, list(sums))
+    return per_tile.rows_of_homes(layout, homes, pieces_per_home, list(sums))
 
 
 @ray.remote(max_retries=TASK_RETRIES)
@@ -531,7 +532,7 @@ class _HostStages:
     def _start_table(self) -> tuple:
         """The table's one writer; it creates the file beside the labels, so only once writes may start."""
         plan = self.plan
-        layout = table_stage.table_layout(plan)
+        layout = per_tile.table_layout(plan)
         h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
         # No CPU reserved: its work is small, and for the run's whole length a fractional reservation would
         # keep a whole CPU task from every node it sits on.

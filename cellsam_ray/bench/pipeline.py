@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from cellsam_ray.driver.api import ensure_ray, segment
+from cellsam_ray.model.cellsam import CellSAMSegmenter
 from cellsam_ray.model.config import load_config
 from cellsam_ray.model.network import build_cellsam
-from cellsam_ray.model.segmenter import CellSAMSegmenter
-from cellsam_ray.pipeline.api import ensure_ray, segment
 from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.pipeline.source import read_window
 from cellsam_ray.spec import SegmentSpec

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from cellsam_ray.pipeline import extent, labels_out
+from cellsam_ray.driver import extent
+from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.plan import SlidePlan
 
 Home = tuple[int, int]

@@ -1,17 +1,12 @@
-"""Real parts for tests and demos: a local S3 server, a local Ray cluster, the OME-Zarr validator, and the
-shared reference data (golden checkpoint, inputs and the published code's outputs).
-
-No mocks: the S3 server is moto's real HTTP server on 127.0.0.1, the cluster is a real Ray node, and
-validation is ome-zarr-models, the reference validator. moto and ome-zarr-models come with the ``test``
-extra, so they are imported only when used.
-"""
+"""Real local Ray clusters for tests: one node, several nodes joined on 127.0.0.1, or a head with Ray's fake
+multi-node autoscaler launching GPU node types on demand. Each is started in its own session and temp
+folder on free ports, and only its own processes are ended (never ``ray stop``, which ends every cluster
+on the machine). ``python -m cellsam_ray.testing.cluster GCS CPUS TEMP PORT GPUS`` runs one worker node."""
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
-import logging
 import os
 import shutil
 import signal
@@ -20,98 +15,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import zarr
-
-from cellsam_ray.evaluate import label_agreement  # noqa: F401 - the golden tolerance, re-exported for tests
-from cellsam_ray.io.storage import join_url, open_group
-
-TEST_CREDENTIALS = {"key": "testing", "secret": "testing"}
-# Where boto/s3fs go before a local server is known: a closed local port, so nothing can reach AWS.
-NOWHERE = "http://127.0.0.1:9"
-
-
-def safe_aws_environment(endpoint_url: str = NOWHERE) -> dict[str, str]:
-    """Environment that keeps every AWS client (boto, s3fs, ome-zarr-py's bare ``s3://``) on ``endpoint_url``
-    with fake credentials; ``os.environ.update`` it before anything creates a client."""
-    return {
-        "AWS_ENDPOINT_URL": endpoint_url,
-        "AWS_ACCESS_KEY_ID": TEST_CREDENTIALS["key"],
-        "AWS_SECRET_ACCESS_KEY": TEST_CREDENTIALS["secret"],
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        "AWS_CONFIG_FILE": os.devnull,
-    }
-
-
-def spec_storage(storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """Spec fields that reach the storage ``storage_options`` reach, as a user must write them: the plain
-    options inline, the credentials named as environment variables (``safe_aws_environment`` sets them,
-    and every process of the run reads them from its own environment)."""
-    if not storage_options:
-        return {}
-    plain = {k: v for k, v in storage_options.items() if k not in TEST_CREDENTIALS}
-    return {"storage_options": plain or None,
-            "storage_options_env": {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}}
 
 
 def safe_ray_environment() -> dict[str, str]:
     """Environment for a local Ray node that listens on loopback only and phones nowhere (stack.md 5.3)."""
     return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-class LocalS3:
-    """A moto S3 server on 127.0.0.1 (a free port) with one bucket; use as a context manager.
-
-    Everything is kept in the server's memory, so use one per test session or demo (stack.md 3.3).
-    The bucket is created without a region (a LocationConstraint is refused: stack.md 3.2).
-    """
-
-    def __init__(self, bucket: str = "test-bucket") -> None:
-        self.bucket = bucket
-        self._server: Any = None
-        self.endpoint_url = ""
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        """fsspec/s3fs options that reach this server."""
-        return {**TEST_CREDENTIALS, "endpoint_url": self.endpoint_url}
-
-    def url(self, *parts: str) -> str:
-        """``s3://<bucket>/<parts...>``."""
-        return join_url(f"s3://{self.bucket}", *parts)
-
-    def unique_url(self, name: str = "data") -> str:
-        """A fresh prefix nobody else writes to."""
-        return self.url(f"{name}-{uuid.uuid4().hex[:8]}")
-
-    def start(self) -> LocalS3:
-        import s3fs
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self._server.start()
-        host, port = self._server.get_host_and_port()
-        self.endpoint_url = f"http://{host}:{port}"
-        s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True).mkdir(self.bucket)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> LocalS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def start_local_ray(num_cpus: int = 2) -> None:
@@ -212,7 +123,7 @@ class RayNodes(_StartStop):
         """Start one more worker node with ``cpus`` CPUs (and ``gpus`` declared GPUs); returns its name
         (``worker<i>``)."""
         name = f"worker{len(self.processes)}"
-        self._start(name, [sys.executable, "-m", "cellsam_ray.testing", f"127.0.0.1:{self.gcs_port}", str(cpus),
+        self._start(name, [sys.executable, "-m", "cellsam_ray.testing.cluster", f"127.0.0.1:{self.gcs_port}", str(cpus),
                            str(self.root / name), str(free_port()), str(gpus)])
         self._wait_for(name, timeout)
         return name
@@ -372,77 +283,6 @@ class AutoscalingNodes(_StartStop):
         if self.head is not None:
             _end_sessions([self.head])  # the launched nodes are in the head's session
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def array_checksums(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
-    """SHA-256 of every array of the image's pyramid (not its labels), to prove a run left them untouched."""
-    from cellsam_ray.io.ngff import open_image
-
-    image = open_image(url, storage_options)
-    return {level.path: hashlib.sha256(image.array(i)[:].tobytes()).hexdigest()
-            for i, level in enumerate(image.levels)}
-
-
-def file_checksums(folder: str | Path, skip: str | None = None) -> dict[str, str]:
-    """SHA-256 of every file below a local ``folder`` (except below the relative path ``skip``), by path: the
-    stored bytes themselves, which ``array_checksums`` cannot read where a chunk is damaged."""
-    root = Path(folder)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and not (skip and str(p.relative_to(root)).startswith(skip))}
-
-
-def label_chunk_files(slide: str, name: str) -> dict[str, bytes]:
-    """Every chunk file of every level of a local slide's labels/<name>, by path below it (metadata left
-    out): two runs' labels compared byte for byte."""
-    root = Path(slide, "labels", name)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("s*/**/*"))
-            if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs")}
-
-
-class InvalidOmeZarr(AssertionError):
-    """ome-zarr-models rejected a dataset; the message is the validator's."""
-
-
-def validate_ome_zarr(url_or_group: str | zarr.Group, storage_options: dict[str, Any] | None = None) -> Any:
-    """Validate an OME-Zarr image (with its ``labels/``) or label image with ome-zarr-models.
-
-    Returns the validated model (``v04.Image``, ``v05.ImageLabel``, ...); raises InvalidOmeZarr with the
-    validator's message otherwise. The NGFF version is taken from the zarr format (0.4 = v2, 0.5 = v3).
-    """
-    from ome_zarr_models import v04, v05
-
-    if isinstance(url_or_group, zarr.Group):
-        group, where = url_or_group, str(url_or_group.store)
-    else:
-        group, where = open_group(url_or_group, storage_options, mode="r"), url_or_group
-    models = v04 if group.metadata.zarr_format == 2 else v05
-    attrs = dict(group.attrs)
-    ome = attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
-    model = models.ImageLabel if "image-label" in ome else models.Image
-    try:
-        return model.from_zarr(group)
-    except Exception as err:  # noqa: BLE001 - pydantic, ValueError, RuntimeError: all mean "invalid"
-        raise InvalidOmeZarr(f"{where} is not a valid {model.__module__}.{model.__name__}: {err}") from err
-
-
-def reference_dir() -> Path:
-    """The shared reference material: ``$CELLSAM_REFERENCE_DIR``, else ``../shared/reference`` beside the
-    repository checkout (where the project keeps it). Missing data is an error, not a reason to skip: the
-    golden tests are what proves the model reproduces the published one."""
-    configured = os.environ.get("CELLSAM_REFERENCE_DIR")
-    folder = Path(configured) if configured else Path(__file__).resolve().parents[2] / "shared" / "reference"
-    if not (folder / "golden" / "cases.json").is_file():
-        raise FileNotFoundError(f"no reference data at {folder} (expected golden/cases.json there); "
-                                "set CELLSAM_REFERENCE_DIR to the folder holding golden/")
-    return folder
-
-
-def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two label images hold the same cells, each possibly under another id."""
-    if a.shape != b.shape or not np.array_equal(a > 0, b > 0):
-        return False
-    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
-    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
 
 
 def _session_of(proc: Path) -> int:

@@ -15,10 +15,10 @@ Three measurements (numbers and machines in ``notes/pipeline.md``):
   (``git worktree add ../old <commit>``) on the same slide, each in a fresh process and cluster. The VM's
   speed drifts by tens of percent over minutes, so a change is measured only by runs side by side.
 
-    python -m cellsam_ray.bench_merge --sparse 100000 --tissue 3000
-    python -m cellsam_ray.bench_merge --dense 8192 16384 --repeat 3
-    python -m cellsam_ray.bench_merge --stages   # the stage functions alone, in one process
-    python -m cellsam_ray.bench_merge --dense 8192 --repeat 3 --against ../old   # this tree against another
+    python -m cellsam_ray.bench.merge --sparse 100000 --tissue 3000
+    python -m cellsam_ray.bench.merge --dense 8192 16384 --repeat 3
+    python -m cellsam_ray.bench.merge --stages   # the stage functions alone, in one process
+    python -m cellsam_ray.bench.merge --dense 8192 --repeat 3 --against ../old   # this tree against another
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cellsam_ray.oracle import GroundTruthSegmenter
-from cellsam_ray.pipeline.api import ensure_ray, segment
+from cellsam_ray.driver.api import ensure_ray, segment
+from cellsam_ray.testing.oracle import GroundTruthSegmenter
 
-ORACLE = "cellsam_ray.oracle:GroundTruthSegmenter"
-TIMED_ORACLE = "cellsam_ray.bench_merge:TimedOracle"
+ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
+TIMED_ORACLE = "cellsam_ray.bench.merge:TimedOracle"
 DENSE_ROLES = dict(nuclear=["DAPI"], whole_cell=["E-cadherin"])  # the dense slides' two channels (``_dense_slide``)
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -129,7 +129,7 @@ def _rss_mb() -> float:
 
 
 def sparse(size: int, tissue: int, folder: Path) -> dict:
-    from cellsam_ray.ecosystem_fixtures import write_sparse_bioformats2raw
+    from cellsam_ray.testing.ecosystem import write_sparse_bioformats2raw
 
     box = (size // 2, size // 3, tissue, tissue)
     root = folder / "sparse.ome.zarr"
@@ -229,12 +229,13 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
     from cellsam_ray.merge.objects import CellSet
     from cellsam_ray.merge.rasterise import rasterise_core
     from cellsam_ray.merge.reconcile import global_offsets
-    from cellsam_ray.pipeline import extent, labels_out, source
-    from cellsam_ray.pipeline.lifecycle import LabelRun
+    from cellsam_ray.driver import extent
+    from cellsam_ray.pipeline import labels_out, source
+    from cellsam_ray.driver.lifecycle import LabelRun
     from cellsam_ray.pipeline.plan import make_plan
     from cellsam_ray.pipeline.stages import finish_tiles, infer_tiles, reconcile_tile, with_ids
     from cellsam_ray.spec import SegmentSpec
-    from cellsam_ray.table import stage as table_stage
+    from cellsam_ray.table import per_tile
 
     url, info, truth = _dense_slide(folder, size, "profile")
     os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
@@ -267,7 +268,7 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
         numbered = [with_ids(kept[rc], offsets[rc]) for rc in grid.neighbourhood(*home)]
         labels = timed("D paint", rasterise_core, tile, numbered)
         timed("D write the core", labels_out.write_core, plan, tile, labels)
-        timed("D cell-table sums", table_stage.measure_tile, plan, tile, labels, CellSet.concat(numbered))
+        timed("D cell-table sums", per_tile.measure_tile, plan, tile, labels, CellSet.concat(numbered))
     chunks = 0
     for level in labels_out.build_order(plan):
         for index in labels_out.chunk_indices(plan, level):
@@ -279,7 +280,7 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench_merge", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sparse", type=int, help="Side of a sparse slide (e.g. 100000).")
     parser.add_argument("--tissue", type=int, default=3000, help="Side of its tissue box (default 3000).")
     parser.add_argument("--dense", type=int, nargs="*", default=[], help="Sides of dense slides (e.g. 8192 16384).")

@@ -1,4 +1,4 @@
-"""Host work per tile around CellSAM's networks: ``python -m cellsam_ray.bench_model --host-profile --json``.
+"""Host work per tile around CellSAM's networks: ``python -m cellsam_ray.bench.model --host-profile --json``.
 
 A GPU waits whenever the host is busy between its calls, so the host work on that path has to be small
 next to the networks (on an H100 both encoders of a 1024² tile take a few ms). This profile measures
@@ -39,9 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cellsam_ray.merge.candidates import tile_candidates
 from cellsam_ray.model import fast, preprocess
+from cellsam_ray.model.cellsam import cells_of
 from cellsam_ray.model.config import CellSAMConfig
 from cellsam_ray.model.network import build_cellsam
-from cellsam_ray.model.segmenter import cells_of
 from cellsam_ray.segmenter import check_detections
 from cellsam_ray.tiling import TileGrid
 

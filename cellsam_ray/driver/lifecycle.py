@@ -29,9 +29,9 @@ from pathlib import Path
 import fsspec
 import ray
 
-import cellsam_ray
+from cellsam_ray.driver.execution import RunStats
+from cellsam_ray.driver.lease import Lease
 from cellsam_ray.errors import UserError
-from cellsam_ray.execution import RunStats
 from cellsam_ray.io.ngff import (
     RUN_MARKER,
     NgffImage,
@@ -45,10 +45,10 @@ from cellsam_ray.io.storage import is_local, join_url, local_path
 from cellsam_ray.model import geometry
 from cellsam_ray.model.config import load_config
 from cellsam_ray.pipeline import labels_out
-from cellsam_ray.pipeline.lease import Lease
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.workstore import OWNER
 from cellsam_ray.report import ActorPool, ModelInfo, RunReport, Summary
+from cellsam_ray.version import __version__
 
 # Spec fields that do not change the output, so a resume may differ in them.
 RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
@@ -62,7 +62,7 @@ def fingerprint(plan: SlidePlan) -> dict:
     """Everything that decides a tile's result, so only a run it matches may resume the finished tiles."""
     spec = plan.spec.model_dump(mode="json", by_alias=True, exclude=RUN_ONLY_FIELDS)
     return {**{f"spec.{k}": v for k, v in spec.items()}, "weights_sha256": plan.weights_sha256,
-            "cellsam_ray": cellsam_ray.__version__, "input": plan.input_fingerprint}
+            "cellsam_ray": __version__, "input": plan.input_fingerprint}
 
 
 def differences(old: object, new: dict) -> list[str]:
@@ -247,7 +247,7 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float, statu
         pool=_pool(stats),
         actors=stats.actors,
         errors=stats.failed,
-        versions=dict(cellsam_ray=cellsam_ray.__version__, python=platform.python_version(), ray=ray.__version__),
+        versions=dict(cellsam_ray=__version__, python=platform.python_version(), ray=ray.__version__),
     )
 
 

@@ -1,4 +1,4 @@
-"""One prepared run of everything a GPU has to show: ``python -m cellsam_ray.gpu_check [--device cuda]``.
+"""One prepared run of everything a GPU has to show: ``python -m cellsam_ray.bench.gpu_check [--device cuda]``.
 
 Prints one JSON line (and writes it to ``--out``). It needs only torch, numpy, scipy, scikit-image,
 segment-anything and pydantic: the GPU machines have no Ray, zarr or fsspec (a test runs it with those
@@ -44,11 +44,11 @@ from cellsam_ray.evaluate import label_agreement, score_arrays
 from cellsam_ray.model import fast, precision
 from cellsam_ray.model.boxes import box_score_threshold
 from cellsam_ray.model.cellfinder import detector_topk
+from cellsam_ray.model.cellsam import CellSAMSegmenter, cells_of
 from cellsam_ray.model.config import CellSAMConfig, load_config
 from cellsam_ray.model.decoder import decode, prompt_positions
 from cellsam_ray.model.network import build_cellsam
 from cellsam_ray.model.preprocess import detector_input, embedding_input, model_tensor, resize_to_model
-from cellsam_ray.model.segmenter import CellSAMSegmenter, cells_of
 from cellsam_ray.model.weights import load_cellsam
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -59,7 +59,7 @@ TINY = dict(batches=(1, 2), chunks=(2, 8), boxes=50, tile=128, tiles=2, repeats=
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cellsam_ray.bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tiny", action="store_true", help="small sizes: the dry run for CI")
     parser.add_argument("--golden", help="golden data folder (default: $CELLSAM_REFERENCE_DIR/golden, else "
