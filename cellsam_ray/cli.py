@@ -12,7 +12,7 @@ import importlib
 import sys
 import traceback
 
-from cellsam_ray.errors import RunFailed, RunStopped, UserError
+from cellsam_ray.errors import RunFailed, RunStopped, UserError, one_line
 
 # subcommand name -> module under cellsam_ray.commands
 COMMANDS: dict[str, str] = {
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a user sees one line, never a traceback, unless they ask
         if args.debug:
             traceback.print_exc()
-        text = str(err).strip().splitlines()
-        print(f"cellsam-ray: unexpected error: {type(err).__name__}{': ' + text[0] if text else ''} (rerun with "
+        print(f"cellsam-ray: unexpected error: {one_line(err)} (rerun with "
               "--debug for the traceback; a segment run's report.json says how far it came)", file=sys.stderr)
         return 1
 

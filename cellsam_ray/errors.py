@@ -39,3 +39,10 @@ def storage_errors(*, refused: str, unreachable: str) -> Iterator[None]:
         raise UserError(f"{refused} ({err}): check the credentials") from None
     except Exception as err:  # noqa: BLE001 - any failure to reach the storage is the user's to fix
         raise UserError(f"{unreachable}: {type(err).__name__}: {err}") from None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line, ``"<type>: <first line of its message>"`` (the type alone without a
+    message), for messages and reports that must stay one line whatever the exception printed."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

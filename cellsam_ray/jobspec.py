@@ -3,8 +3,9 @@
 A spec file is submitted to clusters, kept beside results and shared, so it must never hold a secret:
 storage credentials are named, not written (``storage_options_env`` names environment variables of the
 machine the run starts on, ``storage_profile`` an AWS profile), and a spec with an inline key, secret,
-token or password is refused. Relative local paths in a spec are relative to the current directory, as on
-the command line; ``submit`` makes them absolute before the spec leaves this machine.
+token or password is refused (by ``SegmentSpec`` itself, as from the command line or the Python API).
+Relative local paths in a spec are relative to the current directory, as on the command line; ``submit``
+makes them absolute before the spec leaves this machine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import fsspec
 import yaml
 
 from cellsam_ray.errors import UserError
-from cellsam_ray.io.storage import HOW_TO_PASS_SECRETS, inline_secret, is_local, local_path
+from cellsam_ray.io.storage import is_local, local_path
 from cellsam_ray.spec import SegmentSpec, validate_spec
 
 
@@ -57,15 +58,7 @@ def spec_from_mapping(data: Any, source: str) -> SegmentSpec:
     if not isinstance(data, dict):
         raise UserError(f"job spec {source} must be a mapping of fields (input, nuclear, ...), "
                         f"not {type(data).__name__}")
-    refuse_inline_secrets(data.get("storage_options"), source)
     return validate_spec(data, lambda where: f"job spec {source}: {where}")
-
-
-def refuse_inline_secrets(options: Any, source: str) -> None:
-    """A UserError for any credential written into the spec, however deeply nested."""
-    secret = inline_secret(options)
-    if secret:
-        raise UserError(f"job spec {source}: {secret} holds a secret; specs must not: {HOW_TO_PASS_SECRETS}")
 
 
 def require_local_paths(spec: SegmentSpec) -> None:

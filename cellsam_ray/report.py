@@ -59,7 +59,7 @@ class TileFailure(_Strict):
 
 
 class CellSize(_Strict):
-    """How the windows were sized to the cells (``cell_diameter``; ``pipeline.cell_size``)."""
+    """How the windows were sized to the cells (``cell_diameter``; ``driver.cell_size``)."""
 
     diameter: float | None = Field(default=None, description="The cells' typical diameter the windows were sized "
                                    "for, px of the segmented level: given, or the median of those measured; null "
@@ -90,7 +90,7 @@ class ModelInfo(_Strict):
         description="The checkpoint's SHA-256: as given, or computed for a local file; null for a remote "
         "checkpoint given without one."
     )
-    config: str = Field(description="Model sizes ('v1.2' or a JSON config).")
+    config: str | None = Field(description="Model sizes ('v1.2' or a JSON config); null for another segmenter.")
     mode: str = Field(description="CellSAM inference mechanics.")
     precision: str | None = Field(default=None, description="Network arithmetic asked for (auto: tf32 on CUDA, "
                                   "fp32 on a CPU).")

@@ -15,13 +15,16 @@ A segmenter may also have ``infer_batch(windows, *, origins)`` returning one cal
 gives its result: the model actors call ``infer_batch`` under their model lock and the callables after
 releasing it, so a segmenter's host-only post-processing overlaps the next batch's model time
 (``cellsam_ray.model.cellsam`` does). ``--segmenter module:attr`` names a class or factory that builds
-one with no arguments. The merge treats every segmenter the same way, CellSAM included.
+one, called with the spec's ``segmenter_options`` (``--segmenter-option KEY=VALUE``) as keyword arguments:
+its settings travel in the spec to every model actor, and enter the resume fingerprint, so a run with other
+settings never resumes tiles made with the old ones. The merge treats every segmenter the same way, CellSAM
+included.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
+import inspect
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,9 +81,10 @@ def check_detections(result: dict[str, Any], source: str) -> Detections:
     return Detections(boxes=boxes, scores=scores, ious=ious, masks=checked)
 
 
-def segmenter_factory(spec: str) -> Any:
-    """The class or factory named ``module:attr``, not yet called: the plan checks it exists before any
-    actor starts, and each actor builds its own segmenter from it."""
+def segmenter_factory(spec: str, options: dict[str, Any]) -> Any:
+    """The class or factory named ``module:attr``, not yet called, once ``options`` are known to fit it: the
+    plan checks both before any actor starts (a misspelt option would otherwise fail every actor), and each
+    actor builds its own segmenter from it."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"--segmenter must look like module:attr, got {spec!r}")
@@ -91,24 +95,23 @@ def segmenter_factory(spec: str) -> Any:
     factory = getattr(module, attr, None)
     if factory is None:
         raise UserError(f"--segmenter {spec}: module {module_name!r} has no attribute {attr!r}")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (a builtin): a wrong option fails in the actors
+        return factory
+    try:
+        signature.bind(**options)
+    except TypeError as err:
+        takes = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise UserError(f"--segmenter {spec}: its options do not fit it: {err} (it takes: "
+                        f"{', '.join(takes) or 'no options'})") from None
     return factory
 
 
-# Words in a variable's name that say it holds a secret: such a variable is never forwarded, since a
-# runtime_env is kept by Ray and shown by its dashboard to anyone who can reach it.
-SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
-
-
-def segmenter_environment() -> dict[str, str]:
-    """This process's ``CELLSAM_RAY_*`` variables, which segmenters built with no arguments read, less any
-    whose name says it holds a secret (each node has its own): what a job or an actor takes along."""
-    return {name: value for name, value in os.environ.items()
-            if name.startswith("CELLSAM_RAY_") and not any(word in name.upper() for word in SECRET_WORDS)}
-
-
-def load_segmenter(spec: str) -> Segmenter:
-    """Build the segmenter named ``module:attr`` (a class or factory called with no arguments)."""
-    segmenter = segmenter_factory(spec)()
+def load_segmenter(spec: str, options: dict[str, Any]) -> Segmenter:
+    """Build the segmenter named ``module:attr``: its class or factory called with ``options`` as keyword
+    arguments."""
+    segmenter = segmenter_factory(spec, options)(**options)
     if not callable(getattr(segmenter, "segment", None)):
         raise UserError(f"--segmenter {spec}: the object it builds has no segment(window, *, origin) method")
     return segmenter

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from cellsam_ray.errors import UserError
-from cellsam_ray.io.storage import HOW_TO_PASS_SECRETS, StorageAccess, inline_secret
+from cellsam_ray.io.storage import HOW_TO_PASS_SECRETS, SECRET_OPTIONS, StorageAccess, inline_secret
 
 
 class SegmentSpec(BaseModel):
@@ -36,11 +36,17 @@ class SegmentSpec(BaseModel):
     )
     weights: str | None = Field(default=None, description="CellSAM checkpoint: local path or fsspec URL.")
     weights_sha256: str | None = Field(default=None, description="Expected SHA-256 of the checkpoint file.")
-    model_config_name: str = Field(
-        default="v1.2", alias="config", description="Model sizes: 'v1.2' or a path to a JSON config."
+    model_config_name: str | None = Field(
+        default=None, alias="config", description="Model sizes of --weights: 'v1.2' (the default with --weights) "
+        "or a path to a JSON config."
     )
     segmenter: str | None = Field(
         default=None, description="module:attr of another segmenter (then weights are not needed)."
+    )
+    segmenter_options: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="Keyword arguments for --segmenter's factory: option name -> a string, "
+        "number, true, false or null (on the command line --segmenter-option KEY=VALUE, repeated). No secrets "
+        "(refused): a segmenter that needs one reads it from its node's environment."
     )
     mode: Literal["fast", "reference"] = Field(default="fast", description="CellSAM inference mechanics.")
     precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
@@ -66,13 +72,15 @@ class SegmentSpec(BaseModel):
     )
     t: int = Field(default=0, ge=0, description="Time point, for images with a t axis.")
     z: int | None = Field(default=None, ge=0, description="Plane, for images with a z axis of size > 1.")
-    tile: int = Field(default=768, gt=0, description="Tile core size in pixels (a multiple of --chunk); for CellSAM "
-                      "weights the default follows --scale (v1.2: 384 published, 768 native).")
-    halo: int = Field(default=128, ge=0, description="Context added on each side of a core (v1.2: 64 published, "
-                      "128 native).")
+    tile: int | None = Field(default=None, gt=0, description="Tile core size in pixels (a multiple of --chunk). "
+                             "Default: from the model (CellSAM weights: --scale, v1.2: 384 published, 768 native; "
+                             "the bundled model: the cells' size; another segmenter: 768).")
+    halo: int | None = Field(default=None, ge=0, description="Context added on each side of a core. Default: from "
+                             "the model (v1.2: 64 published, 128 native; another segmenter: 128).")
     band: int = Field(default=16, ge=0, description="Seam band: detections this far outside a core are reconciled.")
-    chunk: int = Field(default=256, gt=0, description="Label chunk size at level 0 of the labels (for CellSAM "
-                       "weights the largest divisor of the tile up to 512; v1.2: 384 for both scales).")
+    chunk: int | None = Field(default=None, gt=0, description="Label chunk size at level 0 of the labels. Default: "
+                              "from the model (CellSAM weights: the largest divisor of the tile up to 512, v1.2: "
+                              "384 for both scales; another segmenter: 256).")
     padding: Literal["zero", "reflect"] = Field(default="zero", description="How windows are padded past borders: "
                                                 "'zero' with the background (black; white glass for brightfield), "
                                                 "or 'reflect'.")
@@ -126,6 +134,11 @@ class SegmentSpec(BaseModel):
         default=600, ge=1, description="Seconds without a heartbeat after which a run's lease on its label "
         "counts as stale (the running driver renews it every lease_timeout_s / 10)."
     )
+    backup_after_s: float = Field(
+        default=120, gt=0, description="Once no tiles wait, a batch one model actor has held this long (and 3x "
+        "the median batch time) is run by an idle actor too: a lost node's actor may never restart, and a "
+        "straggler holds the whole run back."
+    )
 
     @field_validator("nuclear")
     @classmethod
@@ -164,10 +177,16 @@ class SegmentSpec(BaseModel):
 
     def with_local_paths_absolute(self, base: Path | None = None) -> "SegmentSpec":
         """This spec with relative local paths (``local_paths``) made absolute from ``base`` (default: the
-        current directory), as they were meant: Ray workers run elsewhere."""
+        current directory), as they were meant: Ray workers run elsewhere. So is a segmenter option that
+        names a file or folder under ``base`` by a relative path (the oracle's labels): options are the
+        segmenter's, so only what exists here is taken for a path."""
         base = (base or Path.cwd()).resolve()
-        update = {name: str(base / value) for name, value in self.local_paths().items()
-                  if not Path(value).is_absolute()}
+        update: dict[str, Any] = {name: str(base / value) for name, value in self.local_paths().items()
+                                  if not Path(value).is_absolute()}
+        options = {name: str(base / value) if _relative_path_under(base, value) else value
+                   for name, value in self.segmenter_options.items()}
+        if options != self.segmenter_options:
+            update["segmenter_options"] = options
         return self.model_copy(update=update)
 
     @field_validator("cell_diameter", mode="before")
@@ -189,12 +208,30 @@ class SegmentSpec(BaseModel):
             raise ValueError("give --level or --pixel-size, not both")
         return self
 
+    @field_validator("segmenter_options", mode="before")
+    @classmethod
+    def _options_for_a_segmenter(cls, value: object, info: ValidationInfo) -> object:
+        # ``segmenter`` is declared first, so it is in ``info.data``.
+        if value and not info.data.get("segmenter"):
+            raise PydanticCustomError("segmenter_options", "options are keyword arguments for --segmenter's "
+                                      "factory: name the segmenter too (--segmenter module:attr)")
+        for name, option in value.items() if isinstance(value, dict) else ():
+            if not isinstance(option, (str, int, float, bool, type(None))):
+                raise PydanticCustomError("segmenter_options", "option {name} is {kind}: an option is a string, "
+                                          "a number, true, false or null", dict(name=name, kind=type(option).__name__))
+            if str(name).lower() in SECRET_OPTIONS and option not in (None, ""):
+                raise PydanticCustomError("segmenter_options", "option {name} holds a secret, which a spec must "
+                                          "not: a segmenter that needs one reads it from its node's environment",
+                                          dict(name=name))
+        return value
+
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, value: dict | None) -> dict | None:
         secret = inline_secret(value)
-        if secret:
-            raise ValueError(f"{secret} holds a secret, which a spec must not: {HOW_TO_PASS_SECRETS}")
+        if secret:  # the one check, whatever wrote the spec: the command line, a job spec file, the Python API
+            raise PydanticCustomError("storage_options", "{secret} holds a secret, which a spec must not: {how}",
+                                      dict(secret=secret, how=HOW_TO_PASS_SECRETS))
         return value
 
     @model_validator(mode="after")
@@ -202,6 +239,13 @@ class SegmentSpec(BaseModel):
         if self.cell_table_h5ad and not self.cell_table:
             raise ValueError("--cell-table-h5ad needs the cell table: drop --no-cell-table")
         return self
+
+
+def _relative_path_under(base: Path, value: object) -> bool:
+    """Whether ``value`` is a relative path (not a URL) of something that exists under ``base``."""
+    if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+        return False
+    return (base / value).exists()
 
 
 def validate_spec(values: dict[str, Any], describe: Callable[[str], str]) -> SegmentSpec:

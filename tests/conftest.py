@@ -53,3 +53,24 @@ def ray_cluster(s3):
     start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def plan_with_labels():
+    """``plan_with_labels(url, **fields)``: the ground-truth segmenter's plan over a local slide (channel
+    DAPI, every tile kept), with its label arrays made empty, as a run's start makes them: what the stage
+    modules that run without Ray (``pipeline.stages``, ``pipeline.labels_out``, ``driver.extent``,
+    ``driver.streaming``) need."""
+    from cellsam_ray.io.ngff import create_labels, open_image
+    from cellsam_ray.pipeline.plan import make_plan, survey_slide
+    from cellsam_ray.spec import SegmentSpec
+
+    def make(url: str, **fields):
+        spec = SegmentSpec(input=url, nuclear=["DAPI"], segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter",
+                           segmenter_options=dict(labels=url), tissue_mask=False, qc_images=False, **fields)
+        plan = make_plan(spec, survey_slide(spec))
+        chunks = [plan.spec.chunk if a in ("y", "x") else 1 for a in plan.axes if a != "c"]
+        create_labels(open_image(url, mode="r+"), plan.spec.label_name, chunks=chunks, run_id=plan.run_id)
+        return plan
+
+    return make

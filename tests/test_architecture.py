@@ -5,6 +5,8 @@ of a module (an import inside a function counts as much as one at the top)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cellsam_ray"
@@ -111,3 +113,14 @@ def test_no_import_circle_between_files():
             visit(v)
     assert circles == []
 
+
+
+def test_the_face_imports_its_names_on_first_use():
+    """``import cellsam_ray`` costs nothing (the model's code runs where Ray and zarr are missing); its three
+    names are the API's own."""
+    code = ("import sys, cellsam_ray; import cellsam_ray.model.geometry; "
+            "assert not {'ray', 'zarr', 'torch'} & set(sys.modules), sorted(sys.modules); "
+            "from cellsam_ray import SegmentSpec, open_labels, segment; "
+            "from cellsam_ray.driver.api import segment as api; assert segment is api; "
+            "assert SegmentSpec.__module__ == 'cellsam_ray.spec' and open_labels.__module__ == 'cellsam_ray.io.ngff'")
+    subprocess.run([sys.executable, "-c", code], check=True)

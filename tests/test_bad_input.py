@@ -9,18 +9,22 @@ of GPU time.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from cellsam_ray.cli import main
+from cellsam_ray.cli import build_parser, main
+from cellsam_ray.commands.segment import spec_from_args
 from cellsam_ray.io.ngff import Axis, Channel, create_image, image_axes
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import array_checksums
 from cellsam_ray.testing.ecosystem import disc_cells, fluorescence, write_with_ome_zarr_py
 
-ORACLE = ["--segmenter", "cellsam_ray.testing.oracle:GroundTruthSegmenter"]
+# The oracle is never built here (no Ray): its labels only need naming, as planning checks that its options fit.
+ORACLE = ["--segmenter", "cellsam_ray.testing.oracle:GroundTruthSegmenter", "--segmenter-option", "labels=truth.npy"]
 SMALL = ["--tile", "128", "--halo", "32", "--chunk", "64"]
 
 
@@ -67,11 +71,46 @@ def image_with(tmp_path, axes, shape, dtype="uint16", channels=1) -> str:
     (["--nuclear", "DAPI", "--segmenter", "cellsam_ray.testing.oracle:NoSuchClass"], "has no attribute 'NoSuchClass'"),
     (["--nuclear", "DAPI", "--storage-options-env", '{"secret": "CELLSAM_TEST_UNSET"}'],
      "storage_options_env.secret names the environment variable CELLSAM_TEST_UNSET, which is not set here"),
+    (["--nuclear", "DAPI", "--segmenter-option", "level"], "--segmenter-option 'level' must look like KEY=VALUE"),
+    (["--nuclear", "DAPI", "--segmenter-option", "level=[1, 2]"],
+     "--segmenter-option: option level is list: an option is a string, a number, true, false or null"),
+    (["--nuclear", "DAPI", "--segmenter-option", "token=abc"], "--segmenter-option: option token holds a secret"),
+    (["--nuclear", "DAPI", "--segmenter", "cellsam_ray.testing.faults:FaultySegmenter"],
+     "--segmenter cellsam_ray.testing.faults:FaultySegmenter: its options do not fit it: missing a required argument: "
+     "'folder' (it takes: labels, folder, crash_at, fail_at, oom_above, delay, hold_at, barrier)"),
 ])
 def test_a_wrong_option_is_one_line_before_any_model(slide, capsys, argv, message):
     before = array_checksums(slide)
     assert message in refused(["segment", slide, *SMALL, *ORACLE, *argv], capsys)  # the last of a repeated option wins
     assert array_checksums(slide) == before
+
+
+def test_an_option_the_segmenter_does_not_take_is_one_line_from_the_command(slide):
+    """Found while planning, before Ray starts: in a subprocess, as a user meets it (no traceback)."""
+    done = subprocess.run([sys.executable, "-m", "cellsam_ray.cli", "segment", slide, "--nuclear", "DAPI", *SMALL,
+                           *ORACLE, "--segmenter-option", "lables=truth.npy", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("cellsam-ray: error: --segmenter cellsam_ray.testing.oracle:GroundTruthSegmenter: "
+                                  "its options do not fit it: got an unexpected keyword argument 'lables'")
+
+
+def test_segmenter_options_without_a_segmenter_are_refused(slide, capsys):
+    message = refused(["segment", slide, "--nuclear", "DAPI", *SMALL, "--segmenter-option", "level=1"], capsys)
+    assert message == ("cellsam-ray: error: --segmenter-option: options are keyword arguments for --segmenter's "
+                       "factory: name the segmenter too (--segmenter module:attr)")
+
+
+def test_a_segmenter_option_is_json_where_it_parses_else_a_string():
+    args = build_parser("segment").parse_args([
+        "segment", "slide.ome.zarr", "--nuclear", "DAPI", *ORACLE, "--segmenter-option", "level=1",
+        "--segmenter-option", "jitter=0.5", "--segmenter-option", "exact=true", "--segmenter-option", "none=null",
+        "--segmenter-option", 'name="5"', "--segmenter-option", "at=224,96", "--segmenter-option", "url=s3://b/k=v",
+        "--segmenter-option", "empty="])
+    assert spec_from_args(args).segmenter_options == dict(labels="truth.npy", level=1, jitter=0.5, exact=True,
+                                                          none=None, name="5", at="224,96", url="s3://b/k=v",
+                                                          empty="")
 
 
 def test_missing_or_bad_weights_are_refused_before_any_actor(slide, tmp_path, capsys):

@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 
 from cellsam_ray.cli import main
-from cellsam_ray.errors import UserError
 from cellsam_ray.evaluate import score_arrays
 from cellsam_ray.model import bundled
 from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.pipeline.intensity import channel_scales, combine_roles
-from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import TissueModel
 from cellsam_ray.synth.styles import render_style
 from cellsam_ray.train.synthetic import scaled_roles
@@ -38,16 +36,6 @@ def test_bundled_model_loads_strictly_and_fits_its_tiling():
     assert net.adv_mode and net.config.image_size == bundled.TILE + 2 * bundled.HALO
     assert bundled.WEIGHTS.stat().st_size < 30e6
     assert bundled.MODEL_CARD.is_file()
-
-
-def test_without_weights_segment_takes_the_bundled_model_and_its_tiling():
-    spec = bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"], halo=48))
-    assert (spec.weights, spec.model_config_name) == (str(bundled.WEIGHTS), str(bundled.CONFIG))
-    assert (spec.tile, spec.halo, spec.chunk) == (bundled.TILE, 48, bundled.CHUNK)  # an explicit halo stays
-    chosen = SegmentSpec(input="s.zarr", nuclear=["DAPI"], weights="w.pt")
-    assert bundled.resolve_spec(chosen) is chosen and chosen.tile == 768
-    with pytest.raises(UserError, match="--config gives the sizes of --weights"):
-        bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"], config="v1.2"))
 
 
 def test_demo_segments_an_unseen_slide_with_the_bundled_model(ray_cluster, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The bundled model's windows follow the cells' size: a given --cell-diameter, or one measured by a first
 look at a few windows (the default), and a rerun of an unfinished run keeps the tiling it chose.
 
-The slides are written by ome-zarr-py's own writer (``ecosystem_fixtures.write_with_ome_zarr_py``) from
+The slides are written by ome-zarr-py's own writer (``testing.ecosystem.write_with_ome_zarr_py``) from
 synthetic styles (``synth.styles``) whose ground truth is known, with seeds no training or evaluation
 run uses.
 """
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from cellsam_ray.cli import main
-from cellsam_ray.driver import cell_size
+from cellsam_ray.driver import cell_size, windows
 from cellsam_ray.driver.api import segment
 from cellsam_ray.driver.lifecycle import LabelRun
-from cellsam_ray.errors import UserError
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.evaluate import score_zarr
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.model import bundled
-from cellsam_ray.pipeline.plan import make_plan
+from cellsam_ray.pipeline.plan import make_plan, survey_slide
 from cellsam_ray.report import CellSize
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth.styles import render_style
@@ -62,28 +62,6 @@ def test_the_finest_look_is_trusted_until_its_cells_look_too_large():
     assert cell_size.best_look(too_few) is too_few[1]
 
 
-def test_the_bundled_model_measures_by_default_and_takes_a_given_diameter():
-    auto = bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"]))
-    assert auto.cell_diameter == "auto" and (auto.tile, auto.halo, auto.chunk) == (192, 32, 64)
-    given = bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"], cell_diameter=30))
-    assert (given.tile, given.halo, given.chunk) == bundled.tiling_for(30) == (288, 48, 96)
-    tiled = bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"], tile=384))
-    assert tiled.cell_diameter is None and (tiled.tile, tiled.halo) == (384, bundled.HALO)
-    tuned = bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"], weights="tuned.pt",
-                                             config=str(bundled.CONFIG), cell_diameter="auto"))
-    assert tuned.weights == "tuned.pt" and (tuned.tile, tuned.halo) == (192, 32)
-
-
-@pytest.mark.parametrize("fields, message", [
-    (dict(cell_diameter=40, halo=48), "give --cell-diameter or --halo, not both"),
-    (dict(cell_diameter="auto", segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter"), "another --segmenter"),
-    (dict(cell_diameter=40, weights="w.pt"), "for these weights choose --scale or --tile/--halo"),
-])
-def test_a_diameter_that_cannot_size_the_windows_is_refused(fields, message):
-    with pytest.raises(UserError, match=message):
-        bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"], **fields))
-
-
 @pytest.mark.parametrize("value", ["0", "-4", "abc", "nan"])
 def test_a_bad_diameter_is_one_line_before_anything_runs(value, tmp_path, capsys):
     assert main(["segment", str(tmp_path / "none.ome.zarr"), "--nuclear", "DAPI", "--cell-diameter", value]) != 0
@@ -114,16 +92,18 @@ def test_windows_sized_to_the_cells_find_them_better_than_the_models_own(style, 
 
 def test_a_rerun_of_an_unfinished_run_keeps_its_tiling_without_looking_again(ray_cluster, tmp_path):
     url, fields = slide_of("lymphocytes", SMALL_SEED, tmp_path)  # small cells: a first look says < 256
-    spec = bundled.resolve_spec(SegmentSpec.model_validate(fields | dict(label_name="cells", cell_diameter="auto")))
-    unfinished = make_plan(spec.model_copy(update=dict(zip(cell_size.TILING, bundled.tiling_for(48)))))
+    spec, _ = windows.choose_model(SegmentSpec.model_validate(fields | dict(label_name="cells")))
+    assert spec.cell_diameter == "auto"
+    survey = survey_slide(spec)
+    unfinished = make_plan(spec.model_copy(update=dict(zip(windows.TILING, bundled.tiling_for(48)))), survey)
     run = LabelRun(unfinished)
     run.start()  # what a run that then died leaves: its owner marker in the work prefix, a running report
     run.lease.release()
 
-    again = cell_size.fit_windows(make_plan(spec))
+    again = plan_run(spec)
     assert again.cell_size.source == "unfinished run"
     assert (again.spec.tile, again.spec.halo, again.spec.chunk) == bundled.tiling_for(48)
     report = segment(fields | dict(label_name="cells"), progress=False)  # and the run goes on with it
     assert report["model"]["window"] == 512 and report["model"]["cell_size"]["source"] == "unfinished run"
-    other = cell_size.fit_windows(make_plan(spec.model_copy(update=dict(label_name="other"))))
+    other = plan_run(spec.model_copy(update=dict(label_name="other")))
     assert other.cell_size.source == "measured" and other.grid.window_size < 256  # no unfinished run there

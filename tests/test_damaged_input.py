@@ -54,7 +54,7 @@ def test_a_damaged_chunk_met_while_planning_is_one_line_before_any_model(tmp_pat
         raise AssertionError("damaged input reached Ray: it must be refused while planning")
 
     monkeypatch.setattr("cellsam_ray.driver.api.ensure_ray", refuse)
-    assert main(["segment", url, "--nuclear", "DAPI", *TILING, *ORACLE]) == 2
+    assert main(["segment", url, "--nuclear", "DAPI", *TILING, *ORACLE, "--segmenter-option", f"labels={url}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cellsam-ray: error: the input image is damaged: "), err
     assert f"chunk {DAMAGED} of file://{url} cannot be decoded (RuntimeError: Zstd" in err
@@ -65,12 +65,11 @@ def test_a_damaged_chunk_met_while_segmenting_names_it_in_the_failed_tiles(tmp_p
                                                                           capsys):
     url = damaged_slide(tmp_path)
     before = file_checksums(url, skip="labels/cells")
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
     # Planning reads the slide's coarser level (as it does for any slide over 2048²): the model actors are
     # the first to read the damaged chunk of the finest one.
     monkeypatch.setattr("cellsam_ray.pipeline.plan.COARSE_PIXELS", 128 * 128)
 
-    assert main(["segment", url, "--nuclear", "DAPI", *TILING, *ORACLE]) == 1
+    assert main(["segment", url, "--nuclear", "DAPI", *TILING, *ORACLE, "--segmenter-option", f"labels={url}"]) == 1
 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("cellsam-ray: failed: 2 tile(s) failed on every attempt: tile r0000"), err

@@ -27,11 +27,11 @@ import torch
 
 from cellsam_ray.cli import main
 from cellsam_ray.driver.api import segment
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.errors import RunFailed, UserError
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.io.storage import open_group
 from cellsam_ray.model import bundled
-from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import array_checksums, file_checksums, same_up_to_relabelling, validate_ome_zarr
@@ -47,11 +47,21 @@ SPEC = dict(nuclear=["DAPI"], segmenter=FAULTY, tissue_mask=False, batch_size=2,
 LAST = plan_grid(*SIZE, **TILING).tile_at(3, 3).origin
 
 
-def hold_last_tile(monkeypatch, folder: Path) -> Path:
-    """The next run holds its last tile until ``folder/release`` exists; returns the folder."""
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(folder))
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_HOLD_AT", "{},{}".format(*LAST))
-    return folder
+def faulty(slide: str, folder: Path, **faults) -> dict:
+    """The spec fields of a FaultySegmenter answering ``slide``'s ground truth, leaving its files in
+    ``folder``, with ``faults``."""
+    return dict(SPEC, segmenter_options=dict(labels=slide, folder=str(folder), **faults))
+
+
+def faulty_args(slide: str, folder: Path) -> list[str]:
+    """``faulty`` on the command line, without faults."""
+    return ["--segmenter", FAULTY, "--segmenter-option", f"labels={slide}", "--segmenter-option", f"folder={folder}"]
+
+
+def hold_last_tile(slide: str, folder: Path) -> dict:
+    """The spec fields of a run that holds its last tile until ``folder/release`` exists (and, once it does,
+    of the same run again: the options are part of what a resume must match)."""
+    return faulty(slide, folder, hold_at="{},{}".format(*LAST))
 
 
 def wait_for(condition, what: str, timeout: float = 180) -> None:
@@ -82,11 +92,9 @@ def in_thread(spec: dict) -> tuple[threading.Thread, dict]:
 
 
 @pytest.fixture
-def slide(tmp_path, monkeypatch):
+def slide(tmp_path):
     url = str(tmp_path / "slide.ome.zarr")
     write_synthetic_slide(url, size=SIZE, channels=2, ngff="0.5", seed=31, chunk=128)
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(tmp_path / "calls"))
     return url
 
 
@@ -95,17 +103,18 @@ def truth(url: str) -> np.ndarray:
 
 
 def test_overwrite_keeps_the_old_labels_until_the_new_run_has_segmented_then_resumes_and_replaces(
-        slide, ray_cluster, monkeypatch, tmp_path):
+        slide, ray_cluster, tmp_path):
     before = array_checksums(slide)
-    first = segment(dict(input=slide, label_name="cells", **SPEC), progress=False)
+    first = segment(dict(input=slide, label_name="cells", **faulty(slide, tmp_path / "calls")), progress=False)
     old = Path(slide, "labels", "cells")
     old_files = file_checksums(old)
     assert "cells.parquet" in old_files and "report.json" in old_files
 
     # The overwrite run segments every tile; then, before anything of the old result is touched, it finds
     # its lease gone (removed under it, as another run's take-over would): it must write nothing more.
-    calls = hold_last_tile(monkeypatch, tmp_path / "hold")
-    thread, out = in_thread(dict(input=slide, label_name="cells", overwrite=True, **{**SPEC, "chunk": 32}))
+    calls = tmp_path / "hold"
+    held_spec = dict(input=slide, label_name="cells", overwrite=True, **{**hold_last_tile(slide, calls), "chunk": 32})
+    thread, out = in_thread(held_spec)
     wait_for(lambda: held(calls), "the last tile to be held")
     Path(slide, "labels", "cells.lease.json").unlink()
     (calls / "release").touch()
@@ -119,8 +128,7 @@ def test_overwrite_keeps_the_old_labels_until_the_new_run_has_segmented_then_res
     assert len(list((old / "work" / "candidates").glob("*.done"))) == 16
 
     # The same overwrite spec again resumes its own unfinished run (nothing segmented twice), then replaces.
-    monkeypatch.delenv("CELLSAM_RAY_FAULT_HOLD_AT")
-    report = segment(dict(input=slide, label_name="cells", overwrite=True, **{**SPEC, "chunk": 32}), progress=False)
+    report = segment(held_spec, progress=False)  # released: the hold no longer holds
     assert report["summary"]["tiles_resumed"] == 16 and report["summary"]["tiles_segmented"] == 0
     assert report["run_id"] not in (first["run_id"], failed["run_id"])
     labels = open_image(slide).label("cells")
@@ -133,36 +141,36 @@ def test_overwrite_keeps_the_old_labels_until_the_new_run_has_segmented_then_res
 
 
 @pytest.mark.parametrize("where", ["slide", "parent", "inside"])
-def test_a_work_dir_that_is_or_holds_the_slide_is_refused_and_nothing_is_deleted(slide, capsys, where):
+def test_a_work_dir_that_is_or_holds_the_slide_is_refused_and_nothing_is_deleted(slide, tmp_path, capsys, where):
     parent = Path(slide).parent
     (parent / "notes.txt").write_text("a user's file beside the slide")
     work_dir = {"slide": slide, "parent": str(parent), "inside": str(Path(slide, "scratch"))}[where]
     before = file_checksums(parent, skip="calls")
-    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", FAULTY, "--work-dir", work_dir, "--no-progress",
-            *[f"--{k}={v}" for k, v in TILING.items()]]
+    argv = ["segment", slide, "--nuclear", "DAPI", *faulty_args(slide, tmp_path / "calls"), "--work-dir", work_dir,
+            "--no-progress", *[f"--{k}={v}" for k, v in TILING.items()]]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and ("is or holds the input slide" in error[0] or "lies inside the input slide" in error[0])
     assert file_checksums(parent, skip="calls") == before
 
 
-def test_two_slides_cannot_share_a_work_dir(slide, ray_cluster, monkeypatch, tmp_path, capsys):
+def test_two_slides_cannot_share_a_work_dir(slide, ray_cluster, tmp_path, capsys):
     other = str(tmp_path / "other.ome.zarr")
     write_synthetic_slide(other, size=SIZE, channels=2, ngff="0.5", seed=32, chunk=128)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     (scratch / "unrelated.txt").write_text("kept")
     # Slide A's run fails on one tile: its finished tiles stay in the shared scratch folder.
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_FAIL_AT", "{},{}".format(*plan_grid(*SIZE, **TILING).tile_at(1, 1).origin))
+    fail_at = "{},{}".format(*plan_grid(*SIZE, **TILING).tile_at(1, 1).origin)
+    failing = dict(input=slide, work_dir=str(scratch), **faulty(slide, tmp_path / "calls", fail_at=fail_at))
     with pytest.raises(RunFailed, match="1 tile\\(s\\) failed"):
-        segment(dict(input=slide, work_dir=str(scratch), **SPEC), progress=False)
+        segment(failing, progress=False)
     kept = file_checksums(scratch)
     assert len([k for k in kept if k.endswith(".done")]) == 15
 
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", other)
     before = array_checksums(other)
-    argv = ["segment", other, "--nuclear", "DAPI", "--segmenter", FAULTY, "--work-dir", str(scratch), "--no-progress",
-            "--no-tissue-mask", *[f"--{k}={v}" for k, v in TILING.items()]]
+    argv = ["segment", other, "--nuclear", "DAPI", *faulty_args(other, tmp_path / "calls"), "--work-dir", str(scratch),
+            "--no-progress", "--no-tissue-mask", *[f"--{k}={v}" for k, v in TILING.items()]]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"belongs to the unfinished run of {slide} labels/cells" in error
@@ -170,23 +178,21 @@ def test_two_slides_cannot_share_a_work_dir(slide, ray_cluster, monkeypatch, tmp
     assert "cells" not in open_image(other).label_names
 
     # Slide A resumes from it; once done, its files are gone and the user's file is not.
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", slide)
-    monkeypatch.delenv("CELLSAM_RAY_FAULT_FAIL_AT")
-    report = segment(dict(input=slide, work_dir=str(scratch), **SPEC), progress=False)
+    (tmp_path / "calls" / "mended").touch()  # the cause gone, the same spec
+    report = segment(failing, progress=False)
     assert report["summary"]["tiles_resumed"] == 15
     assert file_checksums(scratch) == {"unrelated.txt": hashlib.sha256(b"kept").hexdigest()}
 
 
-def test_a_second_run_on_a_label_is_refused_while_the_first_finishes(slide, ray_cluster, monkeypatch, tmp_path,
-                                                                    capsys):
+def test_a_second_run_on_a_label_is_refused_while_the_first_finishes(slide, ray_cluster, tmp_path, capsys):
     before = array_checksums(slide)
-    calls = hold_last_tile(monkeypatch, tmp_path / "hold")
-    thread, out = in_thread(dict(input=slide, **SPEC))
+    calls = tmp_path / "hold"
+    thread, out = in_thread(dict(input=slide, **hold_last_tile(slide, calls)))
     wait_for(lambda: held(calls), "the last tile to be held")
     first_id = json.loads(Path(slide, "labels", "cells", "report.json").read_text())["run_id"]
 
-    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", FAULTY, "--overwrite", "--no-progress",
-            *[f"--{k}={v}" for k, v in TILING.items()]]
+    argv = ["segment", slide, "--nuclear", "DAPI", *faulty_args(slide, tmp_path / "calls"), "--overwrite",
+            "--no-progress", *[f"--{k}={v}" for k, v in TILING.items()]]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"labels/cells of {slide} is being written by run {first_id}" in error
@@ -200,11 +206,11 @@ def test_a_second_run_on_a_label_is_refused_while_the_first_finishes(slide, ray_
 
 
 def test_a_killed_run_leaves_its_report_running_and_no_reader_takes_its_label_for_complete(
-        slide, ray_cluster, monkeypatch, tmp_path, capsys):
+        slide, ray_cluster, tmp_path, capsys):
     before = array_checksums(slide)
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(dict(input=slide, label_name="killed", **SPEC)))
-    calls = hold_last_tile(monkeypatch, tmp_path / "hold")
+    calls = tmp_path / "hold"
+    spec.write_text(json.dumps(dict(input=slide, label_name="killed", **hold_last_tile(slide, calls))))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "segment.py"), str(spec), "--no-progress"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -222,7 +228,6 @@ def test_a_killed_run_leaves_its_report_running_and_no_reader_takes_its_label_fo
 
     # Its lease names a process that is gone from this host: the same spec takes it and resumes at once.
     (calls / "release").touch()
-    monkeypatch.delenv("CELLSAM_RAY_FAULT_HOLD_AT")
     assert main(["run", str(spec), "--no-progress"]) == 0
     report = json.loads(Path(slide, "labels", "killed", "report.json").read_text())
     assert report["status"] == "succeeded" and report["summary"]["tiles_resumed"] >= 14
@@ -267,13 +272,33 @@ def test_a_checkpoint_changed_under_the_same_url_is_not_resumed_into_the_old_til
     assert array_checksums(slide, storage_options) == before
 
 
+def test_a_changed_segmenter_option_is_not_resumed_into_the_old_tiles(slide, ray_cluster, tmp_path):
+    """A segmenter's options decide its tiles as weights do: a run whose options differ is told so, and
+    with overwrite starts afresh instead of mixing its tiles with the old run's."""
+    before = array_checksums(slide)
+    fail_at = "{},{}".format(*plan_grid(*SIZE, **TILING).tile_at(2, 2).origin)
+    first = dict(input=slide, **faulty(slide, tmp_path / "calls", fail_at=fail_at))
+    with pytest.raises(RunFailed, match="1 tile\\(s\\) failed"):
+        segment(first, progress=False)
+    assert len(list(Path(slide, "labels", "cells", "work", "candidates").glob("*.done"))) == 15
+
+    changed = dict(input=slide, **faulty(slide, tmp_path / "calls"))  # no failing tile: another option set
+    with pytest.raises(UserError, match="has an unfinished run that differs from this one in segmenter_options:"):
+        segment(changed, progress=False)
+    report = segment({**changed, "overwrite": True}, progress=False)
+    assert report["status"] == "succeeded"
+    assert report["summary"]["tiles_resumed"] == 0 and report["summary"]["tiles_segmented"] == 16
+    assert report["spec"]["segmenter_options"] == dict(labels=slide, folder=str(tmp_path / "calls"))
+    assert array_checksums(slide) == before
+
+
 @pytest.mark.parametrize("listing", ["ground_truth", ["ground_truth", 7]])
-def test_a_malformed_labels_list_is_refused_and_left_unchanged(slide, capsys, listing):
+def test_a_malformed_labels_list_is_refused_and_left_unchanged(slide, tmp_path, capsys, listing):
     group = open_group(slide, mode="r+")["labels"]
     group.attrs["ome"] = {**dict(group.attrs["ome"]), "labels": listing}
     metadata = Path(slide, "labels", "zarr.json")
     text, before = metadata.read_bytes(), array_checksums(slide)
-    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", FAULTY, "--no-progress",
+    argv = ["segment", slide, "--nuclear", "DAPI", *faulty_args(slide, tmp_path / "calls"), "--no-progress",
             *[f"--{k}={v}" for k, v in TILING.items()]]
     assert main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -282,22 +307,16 @@ def test_a_malformed_labels_list_is_refused_and_left_unchanged(slide, capsys, li
     assert not Path(slide, "labels", "cells").exists()
 
 
-def test_credentials_never_travel_in_a_plan(s3_prefix, storage_options, monkeypatch):
+def test_credentials_never_travel_in_a_plan(s3_prefix, storage_options, monkeypatch, tmp_path):
     slide = f"{s3_prefix}/slide.ome.zarr"
     write_synthetic_slide(slide, size=(128, 128), channels=2, ngff="0.5", seed=34, chunk=64,
                           storage_options=storage_options)
     secret = "s3cr3t-" + os.urandom(6).hex()
     monkeypatch.setenv("CELLSAM_TEST_SLIDE_SECRET", secret)
     spec = SegmentSpec(input=slide, nuclear=["DAPI"], segmenter=FAULTY, tile=64, halo=16, chunk=64, band=8,
+                       segmenter_options=dict(labels=slide, folder=str(tmp_path / "calls")),
                        storage_options={"endpoint_url": storage_options["endpoint_url"]},
                        storage_options_env={"key": "AWS_ACCESS_KEY_ID", "secret": "CELLSAM_TEST_SLIDE_SECRET"})
-    plan = make_plan(spec)  # reads the slide with the secret, resolved here
+    plan = plan_run(spec)  # reads the slide with the secret, resolved here
     assert plan.spec.storage.options()["secret"] == secret
     assert secret.encode() not in pickle.dumps(plan)
-
-    from cellsam_ray.driver.execution import _segmenter_environment
-
-    monkeypatch.setenv("CELLSAM_RAY_SLIDE_TOKEN", secret)
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", "/some/where")
-    forwarded = _segmenter_environment()["env_vars"]
-    assert forwarded["CELLSAM_RAY_ORACLE_LABELS"] == "/some/where" and "CELLSAM_RAY_SLIDE_TOKEN" not in forwarded

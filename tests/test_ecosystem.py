@@ -25,12 +25,12 @@ ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 TILING = dict(tile=256, halo=64, band=16, chunk=64)
 
 
-def run_oracle(url, truth, monkeypatch, tmp_path, storage_options=None, **spec):
+def run_oracle(url, truth, tmp_path, storage_options=None, **spec):
     """Segment ``url`` with the oracle answering ``truth`` (a (y, x) array at the segmented level)."""
     path = tmp_path / f"truth-{spec.get('label_name', 'cells')}.npy"
     np.save(path, truth)
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", str(path))
-    values = dict(input=url, segmenter=ORACLE, **spec_storage(storage_options), **{**TILING, **spec})
+    values = dict(input=url, segmenter=ORACLE, segmenter_options=dict(labels=str(path)),
+                  **spec_storage(storage_options), **{**TILING, **spec})
     return segment(values, progress=False)
 
 
@@ -83,10 +83,10 @@ def floor_pyramid(tmp_path_factory):
     return url, truth
 
 
-def test_ome_zarr_py_default_floor_pyramid(floor_pyramid, ray_cluster, monkeypatch, tmp_path):
+def test_ome_zarr_py_default_floor_pyramid(floor_pyramid, ray_cluster, tmp_path):
     url, truth = floor_pyramid
     before = array_checksums(url)
-    report = run_oracle(url, truth, monkeypatch, tmp_path, nuclear=["DAPI"], whole_cell=["CD45"])
+    report = run_oracle(url, truth, tmp_path, nuclear=["DAPI"], whole_cell=["CD45"])
     assert [lv.shape[1:] for lv in open_image(url).levels] == [(601, 803), (300, 401), (150, 200), (75, 100),
                                                                 (37, 50)]
     check_labels(url, truth)
@@ -95,13 +95,12 @@ def test_ome_zarr_py_default_floor_pyramid(floor_pyramid, ray_cluster, monkeypat
     assert array_checksums(url) == before
 
 
-def test_a_coarser_level_segmented_fills_the_finer_floor_halved_one(floor_pyramid, ray_cluster, monkeypatch,
-                                                                     tmp_path):
+def test_a_coarser_level_segmented_fills_the_finer_floor_halved_one(floor_pyramid, ray_cluster, tmp_path):
     """Level 1 (300 × 401) segmented, level 0 (601 × 803) is built from it: each pixel takes the level-1
     pixel under its centre, and the row and column a floor-halving writer dropped repeat the last ones."""
     url, _ = floor_pyramid
     truth1 = np.asarray(open_image(url).label("ground_truth").array(1)[:])
-    run_oracle(url, truth1, monkeypatch, tmp_path, nuclear=["DAPI"], level=1, label_name="coarse",
+    run_oracle(url, truth1, tmp_path, nuclear=["DAPI"], level=1, label_name="coarse",
                tile=128, halo=32, band=8, chunk=32)
     coarse = check_labels(url, truth1, name="coarse", level=1)
     level0 = np.asarray(open_image(url).label("coarse").array(0)[:])
@@ -109,7 +108,7 @@ def test_a_coarser_level_segmented_fills_the_finer_floor_halved_one(floor_pyrami
     assert np.array_equal(level0, coarse[np.ix_(rows, cols)])
 
 
-def test_sharded_v05_factor_three_uint8_on_s3(s3_prefix, storage_options, ray_cluster, monkeypatch, tmp_path):
+def test_sharded_v05_factor_three_uint8_on_s3(s3_prefix, storage_options, ray_cluster, tmp_path):
     """NGFF 0.5, sharded arrays (shards of 2×2 chunks), a factor-3 pyramid (301 → 100 → 33), uint8."""
     truth = disc_cells((301, 403), seed=2)
     url = f"{s3_prefix}/sharded.ome.zarr"
@@ -121,14 +120,14 @@ def test_sharded_v05_factor_three_uint8_on_s3(s3_prefix, storage_options, ray_cl
     assert image.array(0).shards == (1, 128, 128)
     assert [lv.shape[1:] for lv in image.levels] == [(301, 403), (100, 134), (33, 44)]
     before = array_checksums(url, storage_options)
-    run_oracle(url, truth, monkeypatch, tmp_path, storage_options, nuclear=["DAPI"], whole_cell=["CD45"],
+    run_oracle(url, truth, tmp_path, storage_options, nuclear=["DAPI"], whole_cell=["CD45"],
                cell_table=False, qc_images=False)  # both are covered elsewhere; S3 runs are slow
     check_labels(url, truth, storage_options)
     read_back_with_ome_zarr_py(url, "0.5", 3)  # through AWS_ENDPOINT_URL, as ome-zarr-py opens s3:// itself
     assert array_checksums(url, storage_options) == before
 
 
-def test_anisotropic_float32_with_nan_and_no_omero(tmp_path, ray_cluster, monkeypatch):
+def test_anisotropic_float32_with_nan_and_no_omero(tmp_path, ray_cluster):
     """x halved twice as fast as y, float32 pixels with NaN where nothing was scanned, no channel names:
     channels by index, NaN read as background, a cell table without NaN."""
     import pyarrow.parquet as pq
@@ -144,7 +143,7 @@ def test_anisotropic_float32_with_nan_and_no_omero(tmp_path, ray_cluster, monkey
     image = open_image(url)
     assert image.channel_names == ()
     assert [lv.shape[1:] for lv in image.levels] == [(300, 512), (150, 128), (75, 32)]
-    report = run_oracle(url, truth, monkeypatch, tmp_path, nuclear=["0"], whole_cell=["1"])
+    report = run_oracle(url, truth, tmp_path, nuclear=["0"], whole_cell=["1"])
     check_labels(url, truth)
     read_back_with_ome_zarr_py(url, "0.5", 3)
     table = pq.read_table(report["summary"]["cell_table"]).to_pandas()
@@ -152,7 +151,7 @@ def test_anisotropic_float32_with_nan_and_no_omero(tmp_path, ray_cluster, monkey
 
 
 # -------------------------------------------------------------------------------- bioformats2raw
-def test_bioformats2raw_layout_on_s3_by_its_root(s3_prefix, storage_options, ray_cluster, monkeypatch, tmp_path):
+def test_bioformats2raw_layout_on_s3_by_its_root(s3_prefix, storage_options, ray_cluster, tmp_path):
     """The root of a bioformats2raw conversion (5-D tczyx, "/" chunk keys, floor-halved levels, int16):
     the labels go into series 0, next to its levels, and nothing of the conversion is rewritten."""
     import fsspec
@@ -168,7 +167,7 @@ def test_bioformats2raw_layout_on_s3_by_its_root(s3_prefix, storage_options, ray
     fs = fsspec.filesystem("s3", **storage_options)
     xml = fs.cat_file(f"{root[5:]}/OME/METADATA.ome.xml")
     before = array_checksums(root, storage_options)
-    report = run_oracle(root, truth, monkeypatch, tmp_path, storage_options, nuclear=["DAPI"],
+    report = run_oracle(root, truth, tmp_path, storage_options, nuclear=["DAPI"],
                         whole_cell=["CD45", "PanCK"], cell_table=False, qc_images=False)
     assert report["summary"]["labels"] == f"{series}/labels/cells"
     check_labels(series, truth, storage_options)
@@ -202,14 +201,14 @@ def test_repeated_channel_names_are_refused_with_their_indices(cyclic, capsys, m
     assert "choose one or more by index, e.g. --nuclear 0" in err
 
 
-def test_cyclic_immunofluorescence_single_level(cyclic, ray_cluster, monkeypatch, tmp_path):
+def test_cyclic_immunofluorescence_single_level(cyclic, ray_cluster, tmp_path):
     """The second cycle's DAPI by index and a marker by name, from a single-level image (planning reads an
     overview chunk by chunk); the cell table has a column for each of the 42 channels."""
     import pyarrow.parquet as pq
 
     url, truth = cyclic
     assert len(open_image(url).levels) == 1
-    report = run_oracle(url, truth, monkeypatch, tmp_path, nuclear=["3"], whole_cell=["M1a"])
+    report = run_oracle(url, truth, tmp_path, nuclear=["3"], whole_cell=["M1a"])
     check_labels(url, truth)
     read_back_with_ome_zarr_py(url, "0.4", 1)
     columns = pq.read_schema(report["summary"]["cell_table"]).names
@@ -217,7 +216,7 @@ def test_cyclic_immunofluorescence_single_level(cyclic, ray_cluster, monkeypatch
 
 
 # ------------------------------------------------------------------------------------- brightfield
-def test_brightfield_rgb_end_to_end(tmp_path, ray_cluster, monkeypatch):
+def test_brightfield_rgb_end_to_end(tmp_path, ray_cluster):
     """An H&E-like RGB slide: no channels named, tissue found where the slide is darker than glass (the
     glass tiles are skipped), every nucleus in the tissue segmented."""
     yy, xx = np.mgrid[0:512, 0:640]
@@ -227,7 +226,7 @@ def test_brightfield_rgb_end_to_end(tmp_path, ray_cluster, monkeypatch):
     write_with_ome_zarr_py(url, brightfield(truth, tissue, seed=6), version="0.5", channel_names=["R", "G", "B"],
                            chunks=(1, 128, 128), ground_truth=truth)
     before = array_checksums(url)
-    report = run_oracle(url, truth, monkeypatch, tmp_path, stain="brightfield", tile=128, halo=32, band=8)
+    report = run_oracle(url, truth, tmp_path, stain="brightfield", tile=128, halo=32, band=8)
     assert report["summary"]["tiles_skipped_no_tissue"] >= 4
     check_labels(url, truth)
     read_back_with_ome_zarr_py(url, "0.5", len(open_image(url).levels))

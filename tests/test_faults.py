@@ -3,7 +3,7 @@ driver is SIGKILLed, a tile fails on every attempt, CUDA runs out of memory. Eac
 byte-identical to a clean run's, and tiles finished before a fault must not be segmented again.
 
 The segmenter is ``cellsam_ray.testing.faults:FaultySegmenter`` (the ground-truth oracle plus injected faults and
-a file per window segmented, configured through ``CELLSAM_RAY_FAULT_*``).
+a file per window segmented, configured by its ``segmenter_options``).
 """
 
 from __future__ import annotations
@@ -41,8 +41,20 @@ def origin(row: int, col: int) -> tuple[int, int]:
     return GRID.tile_at(row, col).origin
 
 
-def origin_env(row: int, col: int) -> str:
+def origin_option(row: int, col: int) -> str:
     return "{},{}".format(*origin(row, col))
+
+
+def faulty(slide: str, folder: Path, **faults) -> dict:
+    """The spec fields of a FaultySegmenter run: the oracle answering ``slide``'s ground truth, its files in
+    ``folder``, and ``faults``."""
+    return dict(SPEC, segmenter_options=dict(labels=slide, folder=str(folder), **faults))
+
+
+def calls_since(folder: Path, before: list) -> Counter:
+    """The windows segmented since ``before`` (an earlier ``window_calls``): the options, and so the folder,
+    stay the same when a run is resumed."""
+    return Counter(window_calls(folder)) - Counter(before)
 
 
 def assert_same_labels(slide: str, name: str, reference: str = "clean") -> None:
@@ -62,28 +74,23 @@ def slide(tmp_path_factory, ray_cluster):
     folder = tmp_path_factory.mktemp("faults")
     url = str(folder / "slide.ome.zarr")
     write_synthetic_slide(url, size=SIZE, channels=2, ngff="0.5", seed=21, chunk=128)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
-        env.setenv("CELLSAM_RAY_FAULT_DIR", str(folder / "clean-calls"))
-        report = segment(dict(input=url, label_name="clean", **SPEC), progress=False)
+    report = segment(dict(input=url, label_name="clean", **faulty(url, folder / "clean-calls")), progress=False)
     assert report["summary"]["tiles_segmented"] == len(GRID) == 16
     assert Counter(window_calls(folder / "clean-calls")) == {t.origin: 1 for t in GRID.tiles()}
     return url
 
 
 @pytest.fixture
-def faults(slide, monkeypatch, tmp_path):
-    """The fault folder for one test; the oracle reads the slide's ground truth."""
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", slide)
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(tmp_path / "run1"))
+def faults(slide, tmp_path):
+    """The folder of one test: its runs' files are in ``run1``."""
     return tmp_path
 
 
-def test_a_model_actor_killed_mid_run_is_restarted_and_the_output_is_unchanged(slide, faults, monkeypatch):
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_CRASH_AT", origin_env(1, 2))
+def test_a_model_actor_killed_mid_run_is_restarted_and_the_output_is_unchanged(slide, faults):
     before = array_checksums(slide)
 
-    report = segment(dict(input=slide, label_name="crashed", **SPEC), progress=False)
+    report = segment(dict(input=slide, label_name="crashed", **faulty(slide, faults / "run1",
+                                                                      crash_at=origin_option(1, 2))), progress=False)
 
     assert (faults / "run1" / "crashed").exists()  # the actor's process really died on that window
     assert origin(1, 2) in window_calls(faults / "run1")  # and the restarted actor segmented it
@@ -92,13 +99,13 @@ def test_a_model_actor_killed_mid_run_is_restarted_and_the_output_is_unchanged(s
     assert array_checksums(slide) == before
 
 
-def test_a_killed_driver_is_resumed_by_rerunning_the_same_spec(slide, faults, monkeypatch, ray_cluster):
+def test_a_killed_driver_is_resumed_by_rerunning_the_same_spec(slide, faults, ray_cluster):
     spec = faults / "spec.yaml"
-    spec.write_text(json.dumps(dict(input=slide, label_name="killed", **SPEC)))  # JSON is YAML too
+    # Slowly (time to kill the driver mid-run); JSON is YAML too.
+    spec.write_text(json.dumps(dict(input=slide, label_name="killed", **faulty(slide, faults / "run1", delay=0.4))))
     before = array_checksums(slide)
-    # The driver runs the job entrypoint in its own process, joined to the test's Ray cluster, slowly.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-           "CELLSAM_RAY_FAULT_DELAY": "0.4"}
+    # The driver runs the job entrypoint in its own process, joined to the test's Ray cluster.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "segment.py"), str(spec), "--no-progress"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
@@ -113,7 +120,6 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_spec(slide, faults, mo
     first_run = window_calls(faults / "run1")
 
     # The same spec again, without --overwrite: it resumes.
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(faults / "run2"))
     assert main(["run", str(spec), "--no-progress"]) == 0
 
     report = json.loads(Path(slide, "labels", "killed", "report.json").read_text())
@@ -121,7 +127,7 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_spec(slide, faults, mo
     assert report["summary"]["tiles_segmented"] == 16 - len(finished)
     finished_origins = {t.origin for t in GRID.tiles() if t.key in finished}
     assert finished_origins <= set(first_run)
-    second_run = Counter(window_calls(faults / "run2"))
+    second_run = calls_since(faults / "run1", first_run)
     assert set(second_run) == {t.origin for t in GRID.tiles()} - finished_origins  # nothing finished redone
     assert set(second_run.values()) == {1}
     assert_same_labels(slide, "killed")
@@ -129,11 +135,11 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_same_spec(slide, faults, mo
     assert array_checksums(slide) == before
 
 
-def test_a_tile_that_always_fails_fails_the_run_with_its_coordinates_then_resumes(slide, faults, monkeypatch,
-                                                                                  capsys):
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_FAIL_AT", origin_env(2, 1))
+def test_a_tile_that_always_fails_fails_the_run_with_its_coordinates_then_resumes(slide, faults, capsys):
     before = array_checksums(slide)
-    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", FAULTY, "--label-name", "failing",
+    argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", FAULTY, "--segmenter-option", f"labels={slide}",
+            "--segmenter-option", f"folder={faults / 'run1'}", "--segmenter-option", f"fail_at={origin_option(2, 1)}",
+            "--label-name", "failing",
             "--tile", "128", "--halo", "32", "--band", "8", "--chunk", "64", "--batch-size", "4", "--workers", "1",
             "--no-tissue-mask", "--no-cell-table", "--no-qc-images", "--no-progress"]
 
@@ -148,19 +154,17 @@ def test_a_tile_that_always_fails_fails_the_run_with_its_coordinates_then_resume
     assert array_checksums(slide) == before
 
     # Once the cause is gone, the same command retries that tile alone.
-    monkeypatch.delenv("CELLSAM_RAY_FAULT_FAIL_AT")
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_DIR", str(faults / "run2"))
+    first_run = window_calls(faults / "run1")
+    (faults / "run1" / "mended").touch()
     assert main(argv) == 0
     report = json.loads(Path(slide, "labels", "failing", "report.json").read_text())
     assert report["status"] == "succeeded" and report["summary"]["tiles_resumed"] == 15
-    assert window_calls(faults / "run2") == [origin(2, 1)]
+    assert calls_since(faults / "run1", first_run) == {origin(2, 1): 1}
     assert_same_labels(slide, "failing")
 
 
-def test_cuda_out_of_memory_halves_the_batch_down_to_what_fits(slide, faults, monkeypatch):
-    monkeypatch.setenv("CELLSAM_RAY_FAULT_OOM_ABOVE", "1")
-
-    report = segment(dict(input=slide, label_name="oom", **SPEC), progress=False)
+def test_cuda_out_of_memory_halves_the_batch_down_to_what_fits(slide, faults):
+    report = segment(dict(input=slide, label_name="oom", **faulty(slide, faults / "run1", oom_above=1)), progress=False)
 
     # One actor: its first batch of 4 ran out of memory, then 2; every later batch went one tile at a time.
     oom = sorted(int(p.name.split(".")[0]) for p in (faults / "run1" / "oom").iterdir())
@@ -170,14 +174,16 @@ def test_cuda_out_of_memory_halves_the_batch_down_to_what_fits(slide, faults, mo
     assert_same_labels(slide, "oom")
 
 
-def test_a_segmenter_that_cannot_be_built_fails_the_run_at_once(slide, monkeypatch, capsys):
-    monkeypatch.delenv("CELLSAM_RAY_ORACLE_LABELS", raising=False)  # the oracle cannot know its cells
+def test_a_segmenter_that_cannot_be_built_fails_the_run_at_once(slide, tmp_path, capsys):
+    nowhere = tmp_path / "no-such-truth.npy"  # the oracle cannot know its cells
     argv = ["segment", slide, "--nuclear", "DAPI", "--segmenter", "cellsam_ray.testing.oracle:GroundTruthSegmenter",
-            "--label-name", "unbuilt", "--tile", "128", "--halo", "32", "--chunk", "64", "--no-progress"]
+            "--segmenter-option", f"labels={nowhere}", "--label-name", "unbuilt", "--tile", "128", "--halo", "32",
+            "--chunk", "64", "--no-progress"]
 
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error == "cellsam-ray: failed: the model actors cannot start: KeyError: 'CELLSAM_RAY_ORACLE_LABELS'"
+    assert error.startswith("cellsam-ray: failed: the model actors cannot start: FileNotFoundError: "), error
+    assert str(nowhere) in error
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +193,16 @@ def two_machines():
         yield nodes
 
 
-def submit(spec: Path, cluster: RayNodes, **env: str) -> subprocess.Popen:
+def submit(spec: Path, cluster: RayNodes) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cellsam_ray.cli", "submit", str(spec), "--address",
-                             cluster.dashboard_url, "--wait"], env={**os.environ, "RAY_AUTH_MODE": "token", **env},
+                             cluster.dashboard_url, "--wait"], env={**os.environ, "RAY_AUTH_MODE": "token"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_a_model_actor_asks_for_no_more_cpus_than_one_node_has(slide, faults, two_machines):
     """Two CPUs in the cluster, one per node: one actor asking for all of them would wait forever."""
     spec = faults / "spec.yaml"
-    spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="one-actor", workers=1)))
+    spec.write_text(json.dumps(dict(faulty(slide, faults / "run1"), input=slide, label_name="one-actor", workers=1)))
     job = submit(spec, two_machines)
     output = job.communicate(timeout=240)[0]
     assert job.returncode == 0, output
@@ -205,9 +211,10 @@ def test_a_model_actor_asks_for_no_more_cpus_than_one_node_has(slide, faults, tw
 
 def test_a_lost_worker_node_costs_only_its_tiles(slide, faults, two_machines):
     spec = faults / "spec.yaml"
-    spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="lost", workers=2, batch_size=2)))
+    spec.write_text(json.dumps(dict(faulty(slide, faults / "run1", delay=0.5), input=slide, label_name="lost",
+                                    workers=2, batch_size=2)))
     before = array_checksums(slide)
-    job = submit(spec, two_machines, CELLSAM_RAY_FAULT_DELAY="0.5")
+    job = submit(spec, two_machines)
     deadline = time.monotonic() + 180
     while len(done_tiles(slide, "lost")) < 4 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -247,12 +254,13 @@ def test_a_node_lost_after_the_last_batch_does_not_fail_the_finished_job(slide, 
     """
     workers = two_running_workers(two_machines)
     spec = faults / "spec.yaml"
-    spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="lost-at-end", workers=2, batch_size=2)))
+    spec.write_text(json.dumps(dict(faulty(slide, faults / "run1", hold_at=origin_option(3, 3), barrier=2), input=slide,
+                                    label_name="lost-at-end", workers=2, batch_size=2)))
     before = array_checksums(slide)
     # Both actors start before any window is segmented (the barrier), so they take batches in turn, as
     # the premise below needs: an actor gets tiles once started, and one that started alone first could
     # take the last two batches, (3, 0)-(3, 1) stuck behind the held one until another actor backs it up.
-    job = submit(spec, two_machines, CELLSAM_RAY_FAULT_HOLD_AT=origin_env(3, 3), CELLSAM_RAY_FAULT_BARRIER="2")
+    job = submit(spec, two_machines)
     held = faults / "run1" / "held"
     deadline = time.monotonic() + 180
     # (3, 3) shares the last batch with (3, 2), whose result is written with it: 14 tiles done before.
@@ -277,11 +285,12 @@ def test_a_node_lost_after_the_last_batch_does_not_fail_the_finished_job(slide, 
 
 def test_a_lost_worker_node_without_replacement_costs_time_not_the_run(slide, faults, two_machines):
     """No room to restart the lost node's actor: once the queue is empty, the surviving actor also runs
-    the batches the lost one held (after CELLSAM_RAY_BACKUP_AFTER_S), instead of the job waiting forever."""
+    the batches the lost one held (after the spec's backup_after_s), instead of the job waiting forever."""
     two_running_workers(two_machines)
     spec = faults / "spec.yaml"
-    spec.write_text(json.dumps(dict(SPEC, input=slide, label_name="lost-for-good", workers=2, batch_size=2)))
-    job = submit(spec, two_machines, CELLSAM_RAY_FAULT_DELAY="0.5", CELLSAM_RAY_BACKUP_AFTER_S="5")
+    spec.write_text(json.dumps(dict(faulty(slide, faults / "run1", delay=0.5), input=slide, label_name="lost-for-good",
+                                    workers=2, batch_size=2, backup_after_s=5)))
+    job = submit(spec, two_machines)
     deadline = time.monotonic() + 180
     while len(done_tiles(slide, "lost-for-good")) < 4 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -33,7 +33,6 @@ from cellsam_ray.tiling import plan_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAULTY = ["--segmenter", "cellsam_ray.testing.faults:FaultySegmenter"]
 TILING = ["--tile", "256", "--halo", "32", "--chunk", "128", "--no-tissue-mask", "--no-cell-table",
           "--no-qc-images"]
 SIZE = (1536, 1536)
@@ -47,9 +46,15 @@ def slide_with_truth(folder: Path, size: tuple[int, int], seed: int) -> str:
                                   ground_truth=truth)
 
 
-def segment(address: str, slide: str, calls: Path, *args: str, **env: str) -> subprocess.Popen:
-    environment = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled",
-                   "CELLSAM_RAY_ORACLE_LABELS": slide, "CELLSAM_RAY_FAULT_DIR": str(calls), **env}
+def faulty(slide: str, calls: Path, **faults) -> list[str]:
+    """The options that make the FaultySegmenter segment ``slide``, recording its windows in ``calls``."""
+    options = dict(labels=slide, folder=str(calls), **faults)
+    return ["--segmenter", "cellsam_ray.testing.faults:FaultySegmenter",
+            *[f"--segmenter-option={name}={value}" for name, value in options.items()]]
+
+
+def segment(address: str, slide: str, *args: str) -> subprocess.Popen:
+    environment = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "cellsam_ray.cli", "segment", slide, "--nuclear", "DAPI",
                              *args], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -105,8 +110,7 @@ def from_zero(autoscaling, big_slide, tmp_path_factory):
     labels/cells is also the uninterrupted run that the run losing a node must reproduce."""
     assert autoscaling.worker_nodes() == {}  # no GPU node up: ray.cluster_resources() has no GPU
     calls = tmp_path_factory.mktemp("from-zero") / "calls"
-    output = finished(segment(autoscaling.address, big_slide, str(calls), *TILING, *FAULTY,
-                              CELLSAM_RAY_FAULT_DELAY="0.3"))
+    output = finished(segment(autoscaling.address, big_slide, *TILING, *faulty(big_slide, calls, delay=0.3)))
     return output, window_places(calls)
 
 
@@ -131,8 +135,8 @@ def test_a_cluster_that_scales_gpus_from_zero_launches_them_and_lets_them_go(aut
 def test_a_gpu_node_lost_mid_run_costs_only_its_tiles(autoscaling, big_slide, from_zero, tmp_path):
     autoscaling.wait_for_workers(0, timeout=120)  # from zero again
     work = Path(big_slide, "labels", "lost", "work", "candidates")
-    job = segment(autoscaling.address, big_slide, tmp_path / "calls", *TILING, *FAULTY, "--label-name", "lost",
-                  CELLSAM_RAY_FAULT_DELAY="1.0")
+    job = segment(autoscaling.address, big_slide, *TILING, *faulty(big_slide, tmp_path / "calls", delay=1.0),
+                  "--label-name", "lost")
     key_of = {t.origin: t.key for t in GRID.tiles()}
 
     def finished_by_node() -> dict[str, set[str]]:
@@ -193,10 +197,10 @@ def test_actors_are_pinned_one_per_gpu_or_share_one(gpu_nodes, small_slide, tmp_
     name = f"pinned-{actors}"
     # 32 windows of 128 px, one per batch: enough work for 16 actors; each must have started before any
     # window is segmented, so the report's actors are all that Ray placed.
-    finished(segment(address, small_slide, tmp_path / "calls", "--tile", "128", "--halo", "32", "--chunk", "64",
+    finished(segment(address, small_slide, "--tile", "128", "--halo", "32", "--chunk", "64",
                      "--batch-size", "1", "--gpus-per-worker", str(gpus_per_worker), "--label-name", name,
-                     "--no-tissue-mask", "--no-cell-table", "--no-qc-images", *FAULTY,
-                     CELLSAM_RAY_FAULT_BARRIER=str(actors)))
+                     "--no-tissue-mask", "--no-cell-table", "--no-qc-images",
+                     *faulty(small_slide, tmp_path / "calls", barrier=actors)))
 
     report = report_of(small_slide, name)
     assert report["pool"]["asked"] == report["pool"]["started"] == actors
@@ -206,12 +210,12 @@ def test_actors_are_pinned_one_per_gpu_or_share_one(gpu_nodes, small_slide, tmp_
     assert all(p["gpus"] for p in window_places(tmp_path / "calls"))
 
 
-def test_a_gpu_actor_whose_torch_cannot_use_cuda_fails_the_run_before_any_tile(gpu_nodes, small_slide, tmp_path):
+def test_a_gpu_actor_whose_torch_cannot_use_cuda_fails_the_run_before_any_tile(gpu_nodes, small_slide):
     """The bundled CellSAM on GPUs that do not exist: its torch finds no driver, as on a node with a
     CPU-only torch or no driver. The run must say so, not run the slide on the CPU while holding the GPUs."""
     address = f"127.0.0.1:{gpu_nodes.gcs_port}"
     tiling = ["--tile", "256", "--halo", "32", "--chunk", "128", "--no-cell-table", "--no-qc-images"]
-    job = segment(address, small_slide, tmp_path / "calls", *tiling, "--label-name", "no-cuda")
+    job = segment(address, small_slide, *tiling, "--label-name", "no-cuda")
     output = job.communicate(timeout=400)[0]
 
     assert job.returncode == 1, output
@@ -224,8 +228,7 @@ def test_a_gpu_actor_whose_torch_cannot_use_cuda_fails_the_run_before_any_tile(g
     assert not list(Path(small_slide, "labels", "no-cuda", "work").glob("candidates/*"))
 
     # --device cpu is the way to run on the CPUs of the same nodes.
-    finished(segment(address, small_slide, tmp_path / "calls", *tiling, "--label-name", "no-cuda",
-                     "--device", "cpu"))
+    finished(segment(address, small_slide, *tiling, "--label-name", "no-cuda", "--device", "cpu"))
     report = report_of(small_slide, "no-cuda")
     assert report["status"] == "succeeded" and report["pool"]["each"] == {"CPU": report["pool"]["each"]["CPU"]}
     assert all(actor["device"] == "cpu" and not actor["gpus"] for actor in report["actors"])

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from cellsam_ray.cli import main
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.errors import UserError
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.jobspec import load_job_spec, portable_fields
-from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import array_checksums
 
@@ -54,8 +54,9 @@ def test_the_multiplexed_example_names_channels_a_multiplexed_slide_has(tmp_path
     url = str(tmp_path / "codex.ome.zarr")
     write_synthetic_slide(url, size=(256, 256), channels=11, ngff="0.5", seed=1, chunk=128)
     local = spec.model_copy(update=dict(input=url, weights=None, segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter",
-                                        storage_profile=None, tile=128, halo=32, chunk=64))
-    plan = make_plan(local)
+                                        segmenter_options=dict(labels=url), storage_profile=None, tile=128, halo=32,
+                                        chunk=64))
+    plan = plan_run(local)
     assert len(plan.channels) == 1 + len(spec.whole_cell)  # every marker found, each read once
     assert [len(role) for role in plan.roles] == [1, len(spec.whole_cell)]
 
@@ -115,7 +116,6 @@ def test_the_local_example_runs_end_to_end_with_the_oracle(tmp_path, monkeypatch
     slide = tmp_path / "demo-output" / "slide.ome.zarr"
     write_synthetic_slide(str(slide), size=(768, 768), channels=4, ngff="0.5", seed=7, chunk=256)
     before = array_checksums(str(slide))
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", str(slide))
 
     assert main(["run", str(ROOT / "jobs" / "examples" / "local-demo.yaml"), "--no-progress"]) == 0
 

@@ -1,6 +1,6 @@
 """Window geometry for CellSAM weights: the published 512-px windows by default, native ones on request.
 
-Checked through the plan the pipeline runs (``make_plan``), on a real slide and a real (small) PyTorch
+Checked through the plan the pipeline runs (``driver.windows.plan_run``), on a real slide and a real (small) PyTorch
 file standing in for the v1.2 checkpoint: every key and shape of v1.2, each tensor one value broadcast to
 its shape (planning checks the keys and shapes, and reads no tensor's bytes).
 """
@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellsam_ray.model import bundled
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.model import geometry
 from cellsam_ray.model.config import load_config
 from cellsam_ray.model.network import build_cellsam
-from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.tiling import plan_grid
@@ -35,7 +34,7 @@ def slide_and_weights(tmp_path_factory):
 def _plan(slide_and_weights, **options):
     url, weights = slide_and_weights
     spec = SegmentSpec(input=url, nuclear=["DAPI"], weights=weights, tissue_mask=False, **options)
-    return make_plan(geometry.resolve_spec(bundled.resolve_spec(spec)))
+    return plan_run(spec)
 
 
 def test_v12_windows_are_the_published_512_px_by_default(slide_and_weights):
@@ -43,23 +42,16 @@ def test_v12_windows_are_the_published_512_px_by_default(slide_and_weights):
     grid = plan.grid
     assert (grid.tile, grid.halo, plan.spec.chunk, grid.window_size) == (384, 64, 384, 512)
     assert all(t.window_size == 512 for t in plan.tiles) and len(plan.tiles) == 4 * 3  # 1200/384, 1000/384
-    assert geometry.describe(plan.spec, 1024) == dict(window=512, model_input=1024, scale="published")
+    assert geometry.describe(plan.grid.window_size, 1024) == dict(window=512, model_input=1024, scale="published")
 
 
 def test_native_scale_and_explicit_tiling(slide_and_weights):
     native = _plan(slide_and_weights, scale="native")
     assert (native.grid.tile, native.grid.halo, native.spec.chunk, native.grid.window_size) == (768, 128, 384, 1024)
-    assert geometry.describe(native.spec, 1024)["scale"] == "native"
+    assert geometry.describe(native.grid.window_size, 1024)["scale"] == "native"
     mine = _plan(slide_and_weights, halo=32)  # a given halo stays; the rest follows the scale
     assert (mine.grid.tile, mine.grid.halo, mine.grid.window_size) == (384, 32, 448)
-    assert geometry.describe(mine.spec, 1024)["scale"] == "custom"
-
-
-def test_the_bundled_model_and_other_segmenters_keep_their_own_tiling():
-    demo = geometry.resolve_spec(bundled.resolve_spec(SegmentSpec(input="s.zarr", nuclear=["DAPI"])))
-    assert (demo.tile, demo.halo, demo.chunk) == (bundled.TILE, bundled.HALO, bundled.CHUNK)
-    other = SegmentSpec(input="s.zarr", nuclear=["DAPI"], segmenter="m:f")
-    assert geometry.resolve_spec(other) is other
+    assert geometry.describe(mine.grid.window_size, 1024)["scale"] == "custom"
 
 
 @pytest.mark.parametrize("image_size", [256, 512, 1024, 2048])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.pipeline import overview as overview_module
 from cellsam_ray.pipeline import plan as plan_module
 from cellsam_ray.pipeline.overview import overview
@@ -62,11 +63,11 @@ def test_planning_a_single_level_image_never_holds_the_level(tmp_path, monkeypat
     write_with_ome_zarr_py(url, fluorescence(truth, 2, np.uint16, seed=7), version="0.5",
                            channel_names=["DAPI", "CD45"], chunks=(1, 256, 256), scale_factors=[])
     del truth, tissue
-    spec = SegmentSpec(input=url, nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE, tile=512, halo=64,
-                       chunk=64)
+    spec = SegmentSpec(input=url, nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE,
+                       segmenter_options=dict(labels=url), tile=512, halo=64, chunk=64)
     tracemalloc.start()
     try:
-        plan = plan_module.make_plan(spec)
+        plan = plan_run(spec)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

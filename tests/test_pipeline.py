@@ -13,8 +13,8 @@ import pytest
 import zarr
 
 from cellsam_ray.driver.api import segment
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import same_up_to_relabelling, validate_ome_zarr
@@ -38,10 +38,9 @@ def slide_v05(tmp_path_factory):
     return url
 
 
-def run_oracle(url, monkeypatch, storage_options=None, **overrides):
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
+def run_oracle(url, storage_options=None, **overrides):
     spec = dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, **spec_storage(storage_options),
-                **{**TILING, **overrides})
+                **{"segmenter_options": dict(labels=url), **TILING, **overrides})
     return segment(spec, progress=False)
 
 
@@ -50,11 +49,11 @@ def labels_of(url, name="cells", level=0, storage_options=None):
 
 
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
-def test_oracle_slide_is_reproduced_and_valid(tmp_path, ray_cluster, monkeypatch, ngff):
+def test_oracle_slide_is_reproduced_and_valid(tmp_path, ray_cluster, ngff):
     url = str(tmp_path / f"slide-{ngff}.ome.zarr")
     write_synthetic_slide(url, size=(512, 384), channels=2, ngff=ngff, seed=3, chunk=128)
     before = image_checksums(url)
-    report = run_oracle(url, monkeypatch, whole_cell=["1"])
+    report = run_oracle(url, whole_cell=["1"])
     truth = labels_of(url, "ground_truth")
     cells = labels_of(url)
     assert same_up_to_relabelling(cells, truth)
@@ -81,34 +80,34 @@ def test_oracle_slide_is_reproduced_and_valid(tmp_path, ray_cluster, monkeypatch
     assert np.array_equal(np.asarray(found["cells"].data[0]), cells)
 
 
-def test_output_is_identical_for_any_worker_count_and_batch(tmp_path, ray_cluster, monkeypatch, slide_v05):
+def test_output_is_identical_for_any_worker_count_and_batch(tmp_path, ray_cluster, slide_v05):
     outputs = []
     for workers, batch in ((1, 4), (2, 1)):
-        run_oracle(slide_v05, monkeypatch, workers=workers, batch_size=batch, label_name=f"w{workers}",
+        run_oracle(slide_v05, workers=workers, batch_size=batch, label_name=f"w{workers}",
                    tissue_mask=False)
         outputs.append([labels_of(slide_v05, f"w{workers}", k) for k in range(2)])
     for a, b in zip(*outputs):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
-def test_rerun_refuses_existing_labels_unless_overwrite(tmp_path, ray_cluster, monkeypatch, slide_v05):
+def test_rerun_refuses_existing_labels_unless_overwrite(tmp_path, ray_cluster, slide_v05):
     from cellsam_ray.errors import UserError
 
-    run_oracle(slide_v05, monkeypatch, label_name="again")
+    run_oracle(slide_v05, label_name="again")
     first = labels_of(slide_v05, "again")
     with pytest.raises(UserError, match="already exists"):
-        run_oracle(slide_v05, monkeypatch, label_name="again")
-    report = run_oracle(slide_v05, monkeypatch, label_name="again", overwrite=True)
+        run_oracle(slide_v05, label_name="again")
+    report = run_oracle(slide_v05, label_name="again", overwrite=True)
     assert report["summary"]["tiles_resumed"] == 0
     assert np.array_equal(labels_of(slide_v05, "again"), first)
 
 
-def test_segment_on_s3(s3_prefix, storage_options, ray_cluster, monkeypatch):
+def test_segment_on_s3(s3_prefix, storage_options, ray_cluster):
     url = f"{s3_prefix}/slide.ome.zarr"
     write_synthetic_slide(url, size=(256, 384), channels=3, ngff="0.5", seed=5, chunk=64,
                           storage_options=storage_options)
     before = image_checksums(url, storage_options)
-    report = run_oracle(url, monkeypatch, storage_options=storage_options, whole_cell=["1", "2"])
+    report = run_oracle(url, storage_options=storage_options, whole_cell=["1", "2"])
     assert report["summary"]["cells"] > 20
     cells = labels_of(url, storage_options=storage_options)
     truth = labels_of(url, "ground_truth", storage_options=storage_options)
@@ -120,9 +119,9 @@ def test_segment_on_s3(s3_prefix, storage_options, ray_cluster, monkeypatch):
     assert "work" not in list(root["labels/cells"].keys())
 
 
-def test_segmenting_a_coarser_level_fills_every_label_level(tmp_path, ray_cluster, monkeypatch, slide_v05):
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LEVEL", "1")
-    run_oracle(slide_v05, monkeypatch, level=1, label_name="coarse", tile=64, halo=24, band=6, chunk=32)
+def test_segmenting_a_coarser_level_fills_every_label_level(tmp_path, ray_cluster, slide_v05):
+    run_oracle(slide_v05, level=1, label_name="coarse", tile=64, halo=24, band=6, chunk=32,
+               segmenter_options=dict(labels=slide_v05, level=1))
     truth1 = labels_of(slide_v05, "ground_truth", level=1)
     coarse = open_image(slide_v05).label("coarse")
     assert same_up_to_relabelling(np.asarray(coarse.array(1)[:]), truth1)
@@ -132,7 +131,8 @@ def test_segmenting_a_coarser_level_fills_every_label_level(tmp_path, ray_cluste
 
 
 def test_cores_cover_every_label_chunk_exactly_once(slide_v05):
-    plan = make_plan(SegmentSpec(input=slide_v05, nuclear=["DAPI"], segmenter=ORACLE, tissue_mask=False, **TILING))
+    plan = plan_run(SegmentSpec(input=slide_v05, nuclear=["DAPI"], segmenter=ORACLE,
+                                segmenter_options=dict(labels=slide_v05), tissue_mask=False, **TILING))
     owners: dict[tuple[int, int], int] = {}
     c = plan.spec.chunk
     for t in plan.grid.tiles():
@@ -145,7 +145,7 @@ def test_cores_cover_every_label_chunk_exactly_once(slide_v05):
     assert len(owners) == -(-h // c) * -(-w // c)
 
 
-def test_tczyx_image_with_a_chosen_plane(tmp_path, ray_cluster, monkeypatch):
+def test_tczyx_image_with_a_chosen_plane(tmp_path, ray_cluster):
     from cellsam_ray.io import pyramid
     from cellsam_ray.io.ngff import Channel, create_image, image_axes
     from cellsam_ray.synth.tissue import TissueModel
@@ -159,8 +159,8 @@ def test_tczyx_image_with_a_chosen_plane(tmp_path, ray_cluster, monkeypatch):
     pyramid.build_pyramid(image.arrays(), "image")
     truth_path = tmp_path / "truth.npy"
     np.save(truth_path, region.labels)
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", str(truth_path))
-    spec = dict(input=url, nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE, z=1, **TILING)
+    spec = dict(input=url, nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE,
+                segmenter_options=dict(labels=str(truth_path)), z=1, **TILING)
     segment(spec, progress=False)
     cells = np.asarray(open_image(url).label("cells").array(0)[:])
     assert cells.shape == (1, 3, 256, 256)
@@ -169,7 +169,7 @@ def test_tczyx_image_with_a_chosen_plane(tmp_path, ray_cluster, monkeypatch):
     validate_ome_zarr(url)
 
 
-def test_tiles_without_tissue_are_skipped_and_reported(tmp_path, ray_cluster, monkeypatch):
+def test_tiles_without_tissue_are_skipped_and_reported(tmp_path, ray_cluster):
     url = str(tmp_path / "sparse.ome.zarr")
     write_synthetic_slide(url, size=(256, 512), channels=2, ngff="0.5", seed=8, chunk=64)
     image = open_image(url, mode="r+")
@@ -177,6 +177,6 @@ def test_tiles_without_tissue_are_skipped_and_reported(tmp_path, ray_cluster, mo
         arr, gt = image.array(k), image.label("ground_truth").array(k)
         arr[:, :, arr.shape[2] // 2 :] = 0
         gt[:, gt.shape[1] // 2 :] = 0
-    report = run_oracle(url, monkeypatch)
+    report = run_oracle(url)
     assert report["summary"]["tiles_skipped_no_tissue"] >= 2
     assert same_up_to_relabelling(labels_of(url), labels_of(url, "ground_truth"))

@@ -12,9 +12,9 @@ from PIL import Image
 from skimage.segmentation import find_boundaries
 
 from cellsam_ray.driver.api import segment
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.pipeline.intensity import ChannelScale
-from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.qc import render, views
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
@@ -63,8 +63,8 @@ def slide(tmp_path_factory):
 def test_overview_is_a_coarse_level_with_its_own_outlines(slide, monkeypatch):
     """No Ray: the slide's ground truth stands in for a run's labels."""
     monkeypatch.setattr(views, "OVERVIEW_SIZE", 300)
-    plan = make_plan(SegmentSpec(input=slide, nuclear=["DAPI"], whole_cell=["1"], label_name="ground_truth",
-                                 segmenter=ORACLE, **TILING))
+    plan = plan_run(SegmentSpec(input=slide, nuclear=["DAPI"], whole_cell=["1"], label_name="ground_truth",
+                                 segmenter=ORACLE, segmenter_options=dict(labels=slide), **TILING))
     counts = {(r, c): (10 + r + c, 3 if (r, c) in [(1, 1), (1, 2)] else 0)
               for r in range(plan.grid.rows) for c in range(plan.grid.cols)}
     qc = views.write_qc_images(plan, counts)
@@ -101,13 +101,12 @@ def test_overview_is_a_coarse_level_with_its_own_outlines(slide, monkeypatch):
     assert seam["cells_crossing"] > 5
 
 
-def test_a_run_writes_the_pictures_beside_its_report(s3_prefix, storage_options, ray_cluster, monkeypatch):
+def test_a_run_writes_the_pictures_beside_its_report(s3_prefix, storage_options, ray_cluster):
     url = f"{s3_prefix}/slide.ome.zarr"
     write_synthetic_slide(url, size=(256, 384), channels=3, ngff="0.5", seed=5, chunk=64,
                           storage_options=storage_options)
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
-    report = segment(dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, **spec_storage(storage_options),
-                          **TILING), progress=False)
+    report = segment(dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, segmenter_options=dict(labels=url),
+                          **spec_storage(storage_options), **TILING), progress=False)
     assert report["summary"]["qc_overview"] == f"{url}/labels/cells/qc/overview.png"
     for entry in report["qc"]["images"]:
         rgb = png(f"{url}/labels/cells/{entry['path']}", storage_options)

@@ -36,15 +36,15 @@ def chunk_files(level: Path) -> list[tuple[int, int]]:
     return found
 
 
-def test_a_sparse_whole_slide_costs_what_its_tissue_costs(tmp_path, ray_cluster, monkeypatch):
+def test_a_sparse_whole_slide_costs_what_its_tissue_costs(tmp_path, ray_cluster):
     root = tmp_path / "slide.ome.zarr"
     series, truth = write_sparse_bioformats2raw(str(root), str(tmp_path / "truth.ome.zarr"), size=SIZE,
                                                 tissue=TISSUE, seed=41)
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", str(tmp_path / "truth.ome.zarr"))
     before = input_files(root)
 
-    report = segment(dict(input=str(root), nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE, tile=TILE,
-                          halo=HALO, chunk=CHUNK, qc_images=False), progress=False)
+    report = segment(dict(input=str(root), nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE,
+                          segmenter_options=dict(labels=str(tmp_path / "truth.ome.zarr")), tile=TILE, halo=HALO,
+                          chunk=CHUNK, qc_images=False), progress=False)
 
     summary, tasks, units = report["summary"], report["tasks"], report["units"]
     assert summary["tiles"] == 40 * 40 and summary["tiles_segmented"] <= 9

@@ -7,8 +7,8 @@ import pytest
 from skimage.color import rgb2gray
 
 from cellsam_ray.cli import main
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.pipeline.intensity import tissue_mask
-from cellsam_ray.pipeline.plan import make_plan
 from cellsam_ray.pipeline.source import read_window
 from cellsam_ray.pipeline.stain import BRIGHTFIELD, FLUORESCENCE
 from cellsam_ray.spec import SegmentSpec
@@ -87,8 +87,8 @@ def slides(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["rgb", "rgba"])
 def test_brightfield_plan_reads_the_colours(slides, name):
-    plan = make_plan(SegmentSpec(input=slides[name], stain="brightfield", segmenter=ORACLE, tile=64, halo=16,
-                                 chunk=32))
+    plan = plan_run(SegmentSpec(input=slides[name], stain="brightfield", segmenter=ORACLE,
+                                segmenter_options=dict(labels=slides[name]), tile=64, halo=16, chunk=32))
     assert plan.channels == ((0, 1, 2) if name == "rgb" else (0, 1, 2, 3))
     assert plan.roles == ((), (0, 1, 2)) and len(plan.scales) == 1
 
@@ -97,8 +97,9 @@ def test_brightfield_plan_reads_the_colours(slides, name):
 def test_a_window_past_the_slide_edge_is_padded_with_the_stains_background(slides, stain, name, outside):
     """Black past a brightfield slide's edge would look like one large dark nucleus: the padding is glass."""
     fields = dict(nuclear=["0"], whole_cell=["1"]) if stain == "fluorescence" else {}
-    plan = make_plan(SegmentSpec(input=slides[name], stain=stain, segmenter=ORACLE, tile=64, halo=16, chunk=32,
-                                 **fields))
+    plan = plan_run(SegmentSpec(input=slides[name], stain=stain, segmenter=ORACLE,
+                                segmenter_options=dict(labels=slides[name]), tile=64, halo=16, chunk=32,
+                                **fields))
     corner = plan.grid.tile_at(0, 0)
     window = read_window(plan, corner)
     inside = window[:, 16:, 16:]

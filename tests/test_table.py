@@ -136,10 +136,8 @@ def test_channel_columns_are_safe_and_unique():
 def segmented(tmp_path_factory, ray_cluster):
     url = str(tmp_path_factory.mktemp("table") / "slide.ome.zarr")
     info = write_synthetic_slide(url, size=(384, 320), channels=4, ngff="0.5", seed=9, chunk=64)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
-        report = segment(dict(input=url, nuclear=["DAPI"], whole_cell=[info.channel_names[1]], segmenter=ORACLE,
-                              cell_table_h5ad=True, **TILING), progress=False)
+    report = segment(dict(input=url, nuclear=["DAPI"], whole_cell=[info.channel_names[1]], segmenter=ORACLE,
+                          segmenter_options=dict(labels=url), cell_table_h5ad=True, **TILING), progress=False)
     image = open_image(url)
     return url, report, np.asarray(image.label("cells").array(0)[:]), np.asarray(image.array(0)[:])
 
@@ -190,12 +188,11 @@ def test_anndata_copy_holds_the_same_cells(segmented):
     assert list(adata.var["name"])[0] == "DAPI"
 
 
-def test_flags_turn_the_table_and_pictures_off(tmp_path, ray_cluster, monkeypatch):
+def test_flags_turn_the_table_and_pictures_off(tmp_path, ray_cluster):
     url = str(tmp_path / "off.ome.zarr")
     write_synthetic_slide(url, size=(256, 256), channels=2, ngff="0.5", seed=4, chunk=64)
-    monkeypatch.setenv("CELLSAM_RAY_ORACLE_LABELS", url)
-    report = segment(dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, cell_table=False, qc_images=False,
-                          **TILING), progress=False)
+    report = segment(dict(input=url, nuclear=["DAPI"], segmenter=ORACLE, segmenter_options=dict(labels=url),
+                          cell_table=False, qc_images=False, **TILING), progress=False)
     assert report["cell_table"] is None and report["qc"] is None and report["summary"]["cell_table"] is None
     written = sorted(p.name for p in (tmp_path / "off.ome.zarr" / "labels" / "cells").iterdir())
     assert "cells.parquet" not in written and "qc" not in written and "report.json" in written

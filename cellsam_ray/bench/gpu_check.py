@@ -24,6 +24,7 @@ out-of-memory is then injected (a CPU has no device allocator to exhaust).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -39,9 +40,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellsam_ray import device as device_errors
+
+def _segment_anything_without_torchvision() -> None:
+    """Register segment-anything's package module unexecuted where torchvision is missing (a GPU machine may
+    lack it), so that its ``modeling`` subpackage, all CellSAM uses, imports on its own: the package's
+    ``__init__`` imports its predictor and mask generator, which need torchvision. Done here, before the
+    model's modules are imported, so that the product never has to."""
+    try:
+        present = importlib.util.find_spec("torchvision") is not None
+    except ImportError:
+        present = False
+    if present or "segment_anything" in sys.modules:
+        return
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is not None:
+        sys.modules["segment_anything"] = importlib.util.module_from_spec(spec)
+
+
+_segment_anything_without_torchvision()
+
+from cellsam_ray import device as device_errors  # noqa: E402 - after segment-anything is made importable
+from cellsam_ray.errors import one_line
 from cellsam_ray.evaluate import label_agreement, score_arrays
-from cellsam_ray.model import fast, precision
+from cellsam_ray.model import bundled, fast, precision
 from cellsam_ray.model.boxes import box_score_threshold
 from cellsam_ray.model.cellfinder import detector_topk
 from cellsam_ray.model.cellsam import CellSAMSegmenter, cells_of
@@ -51,7 +72,6 @@ from cellsam_ray.model.network import build_cellsam
 from cellsam_ray.model.preprocess import detector_input, embedding_input, model_tensor, resize_to_model
 from cellsam_ray.model.weights import load_cellsam
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 FULL = dict(batches=(1, 2, 4, 8), chunks=(16, 32, 64, 128, 256, 512), boxes=1000, tile=1024, tiles=8, repeats=3,
             synthetic_side=2048, oom_tiles=8)
 TINY = dict(batches=(1, 2), chunks=(2, 8), boxes=50, tile=128, tiles=2, repeats=1, synthetic_side=256, oom_tiles=4)
@@ -88,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = sections[name]()
         except Exception as err:  # noqa: BLE001 - one broken section must not lose the others' numbers
-            result = dict(error=f"{type(err).__name__}: {err}".splitlines()[0],
+            result = dict(error=one_line(err),
                           where=traceback.format_exc().strip().splitlines()[-3:])
         result["seconds"] = round(time.perf_counter() - started, 1)
         report["sections"][name] = result
@@ -157,7 +177,7 @@ def synthetic_section(device: torch.device, sizes: dict, tiny: bool) -> dict:
     side = sizes["synthetic_side"]
     region = TissueModel((side, side), seed=123, channels=2).render(0, side, 0, side)
     scaled = combine_roles(region.image, [[0], [1]], channel_scales(region.image))
-    model = load_cellsam(str(ASSETS / "demo_cellsam.pt"), str(ASSETS / "demo_config.json"), device=device,
+    model = load_cellsam(str(bundled.WEIGHTS), str(bundled.CONFIG), device=device,
                          inference=True)
     window = model.config.image_size
     windows = [np.ascontiguousarray(scaled[:, y : y + window, x : x + window])
@@ -396,7 +416,7 @@ def _machine(device: torch.device) -> dict:
 def _golden_dir(given: str | None) -> Path:
     """The golden data: ``--golden``, ``$CELLSAM_REFERENCE_DIR/golden``, or shared/reference/golden in or
     beside the checkout (the GPU machine gets ``shared/`` inside the working tree)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     candidates = [Path(given)] if given else []
     if os.environ.get("CELLSAM_REFERENCE_DIR"):
         candidates.append(Path(os.environ["CELLSAM_REFERENCE_DIR"]) / "golden")

@@ -47,12 +47,12 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 class TimedOracle(GroundTruthSegmenter):
     """The ground-truth segmenter, keeping the CPU time its calls take (of the calling thread, which does all
-    of its work when the truth is a .npy) in ``$CELLSAM_RAY_BENCH_CPU_DIR/<pid>``: the report's model
-    seconds are wall time, which a busy machine inflates, and subtracting them would undercount the rest."""
+    of its work when the truth is a .npy) in ``<cpu_dir>/<pid>``: the report's model seconds are wall time,
+    which a busy machine inflates, and subtracting them would undercount the rest."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.file = Path(os.environ["CELLSAM_RAY_BENCH_CPU_DIR"], str(os.getpid()))
+    def __init__(self, labels: str, *, cpu_dir: str) -> None:
+        super().__init__(labels)
+        self.file = Path(cpu_dir, str(os.getpid()))
         self.seconds = 0.0
 
     def segment(self, window, *, origin):
@@ -136,11 +136,11 @@ def sparse(size: int, tissue: int, folder: Path) -> dict:
     started = time.perf_counter()
     write_sparse_bioformats2raw(str(root), str(folder / "truth.ome.zarr"), size=(size, size), tissue=box, seed=7)
     written = time.perf_counter() - started
-    os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(folder / "truth.ome.zarr")
     ensure_ray()
     rss_before = _rss_mb()
     started = time.perf_counter()
-    report = segment(dict(input=str(root), nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE), progress=False)
+    report = segment(dict(input=str(root), nuclear=["DAPI"], whole_cell=["CD45"], segmenter=ORACLE,
+                          segmenter_options=dict(labels=str(folder / "truth.ome.zarr"))), progress=False)
     return dict(slide=f"{size}x{size}", tissue=f"{tissue}x{tissue}", fixture_s=round(written, 1),
                 wall_s=round(time.perf_counter() - started, 1), driver_peak_rss_mb=_rss_mb(),
                 driver_rss_before_mb=rss_before, tiles=report["summary"]["tiles"],
@@ -166,21 +166,26 @@ def dense(size: int, folder: Path, workers: int, repeat: int = 1, chunk: int = 2
     """``repeat`` runs on one slide (each writes its own label image, so none resumes another); the
     figures of each run and the median of the per-tile figure, since a shared VM's CPU times vary."""
     url, _, truth = _dense_slide(folder, size, "dense")
-    os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
     ensure_ray()
-    runs = [_dense_run(url, size, folder, f"bench{attempt}", workers, chunk) for attempt in range(repeat)]
+    runs = [_dense_run(url, truth, size, folder, f"bench{attempt}", workers, chunk) for attempt in range(repeat)]
     return dict(slide=f"{size}x{size}", label_chunk=chunk, tiles=runs[-1]["tiles"], cells=runs[-1]["cells"],
                 cells_per_tile=round(runs[-1]["cells"] / runs[-1]["tiles"]),
                 median_outside_core_s_per_tile=_median(runs), driver_peak_rss_mb=_rss_mb(), runs=runs)
 
 
-def _dense_run(url: str, size: int, folder: Path, label: str, workers: int, chunk: int) -> dict:
-    """One measured run of the pipeline on a dense slide (``CELLSAM_RAY_ORACLE_LABELS`` names its truth)."""
+def _dense_run(url: str, truth: Path, size: int, folder: Path, label: str, workers: int, chunk: int) -> dict:
+    """One measured run of the pipeline on a dense slide whose cells are the label image ``truth``."""
+    from cellsam_ray.spec import SegmentSpec
+
     timed = folder / f"segmenter-cpu-{label}"
     timed.mkdir()
-    os.environ["CELLSAM_RAY_BENCH_CPU_DIR"] = str(timed)
-    spec = dict(input=url, **DENSE_ROLES, segmenter=TIMED_ORACLE, tile=768, halo=128, chunk=chunk,
+    options = dict(labels=str(truth), cpu_dir=str(timed))
+    spec = dict(input=url, **DENSE_ROLES, segmenter=TIMED_ORACLE, chunk=chunk,
                 workers=workers, tissue_mask=False, label_name=label)
+    if "segmenter_options" in SegmentSpec.model_fields:
+        spec.update(segmenter_options=options)
+    else:  # ``against`` a tree from before segmenter options, whose oracles read these variables instead
+        os.environ.update(CELLSAM_RAY_ORACLE_LABELS=options["labels"], CELLSAM_RAY_BENCH_CPU_DIR=options["cpu_dir"])
     started = time.perf_counter()
     with TreeCPU() as cpu:
         report = segment(spec, progress=False)
@@ -205,13 +210,14 @@ def against(size: int, folder: Path, other: str, rounds: int, workers: int, chun
     ``rounds`` times, each in a fresh process and local cluster (as a user's ``segment``): the VM's speed
     drifts over minutes, so only runs side by side compare. The measuring code is this file's for both."""
     url, _, truth = _dense_slide(folder, size, "dense")
-    trees = {"this": str(Path(__file__).resolve().parents[1]), "other": str(Path(other).resolve())}
+    trees = {"this": str(Path(__file__).resolve().parents[2]), "other": str(Path(other).resolve())}
     runs: dict[str, list] = {name: [] for name in trees}
     for attempt in range(rounds):
         for name, tree in trees.items():
-            env = dict(os.environ, PYTHONPATH=tree, CELLSAM_RAY_ORACLE_LABELS=str(truth))
+            env = dict(os.environ, PYTHONPATH=tree)
             # The file run by path (runpy: sys.path unchanged), so this measuring code runs on the tree's package.
-            argv = [__file__, "--one-run", url, str(size), str(folder), f"{name}{attempt}", str(workers), str(chunk)]
+            argv = [__file__, "--one-run", url, str(truth), str(size), str(folder), f"{name}{attempt}", str(workers),
+                    str(chunk)]
             code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path({__file__!r}, run_name='__main__')"
             done = subprocess.run([sys.executable, "-c", code], env=env, cwd=folder, capture_output=True, text=True)
             if done.returncode:
@@ -226,22 +232,21 @@ def against(size: int, folder: Path, other: str, rounds: int, workers: int, chun
 def stage_profile(folder: Path, size: int = 2304) -> dict:
     """CPU milliseconds per 1024² window of each stage function, in this process without Ray: what the
     functions cost before Ray's per-task cost (a dense ``size``² slide, tile 768 + halo 128)."""
+    from cellsam_ray.driver import extent
+    from cellsam_ray.driver.lifecycle import LabelRun
+    from cellsam_ray.driver.windows import plan_run
     from cellsam_ray.merge.objects import CellSet
     from cellsam_ray.merge.rasterise import rasterise_core
     from cellsam_ray.merge.reconcile import global_offsets
-    from cellsam_ray.driver import extent
     from cellsam_ray.pipeline import labels_out, source
-    from cellsam_ray.driver.lifecycle import LabelRun
-    from cellsam_ray.pipeline.plan import make_plan
-    from cellsam_ray.pipeline.stages import finish_tiles, infer_tiles, reconcile_tile, with_ids
+    from cellsam_ray.pipeline.stages import finish_tiles, reconcile_tile, run_model, with_ids
     from cellsam_ray.spec import SegmentSpec
     from cellsam_ray.table import per_tile
 
     url, info, truth = _dense_slide(folder, size, "profile")
-    os.environ["CELLSAM_RAY_ORACLE_LABELS"] = str(truth)
-    plan = make_plan(SegmentSpec(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
-                                 segmenter=ORACLE, tile=768, halo=128, chunk=256, tissue_mask=False,
-                                 label_name="profile", qc_images=False))
+    plan = plan_run(SegmentSpec(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
+                                segmenter=ORACLE, segmenter_options=dict(labels=str(truth)), tissue_mask=False,
+                                label_name="profile", qc_images=False))
     LabelRun(plan).start()
     segmenter, ms = source.build_segmenter(plan), {}
 
@@ -253,26 +258,26 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
 
     grid = plan.grid
     for tile in plan.tiles:
-        window = timed("A read and normalise the window", source.read_window, plan, tile)
-        inferred = timed("A segmenter (ground truth)", infer_tiles, segmenter, [tile], [window])
-        (cells, _), = timed("A cleanup and candidates", finish_tiles, plan, [tile], inferred)
-        plan.work.put("candidates", tile.key, timed("A candidate bytes", cells.to_bytes))
+        window = timed("segment: read and normalise the window", source.read_window, plan, tile)
+        inferred = timed("segment: segmenter (ground truth)", run_model, segmenter, [tile], [window])
+        (cells, _), = timed("segment: cleanup and candidates", finish_tiles, plan, [tile], inferred)
+        plan.work.put("candidates", tile.key, timed("segment: candidate bytes", cells.to_bytes))
     homes, kept = extent.active_homes(plan), {}
     for home in homes:
-        found = [timed("B decode 9 candidate files", CellSet.from_bytes,
+        found = [timed("reconcile: decode 9 candidate files", CellSet.from_bytes,
                        plan.work.get("candidates", grid.tile_at(*rc).key)) for rc in grid.neighbourhood(*home)]
-        kept[home] = timed("B reconcile", reconcile_tile, home, found).kept
+        kept[home] = timed("reconcile: keep or drop the candidates", reconcile_tile, home, found).kept
     offsets = dict(zip(homes, global_offsets([len(kept[h]) for h in homes])))
     for home in homes:
         tile = grid.tile_at(*home)
         numbered = [with_ids(kept[rc], offsets[rc]) for rc in grid.neighbourhood(*home)]
-        labels = timed("D paint", rasterise_core, tile, numbered)
-        timed("D write the core", labels_out.write_core, plan, tile, labels)
-        timed("D cell-table sums", per_tile.measure_tile, plan, tile, labels, CellSet.concat(numbered))
+        labels = timed("paint: paint the core", rasterise_core, tile, numbered)
+        timed("paint: write the core", labels_out.write_core, plan, tile, labels)
+        timed("table: cell-table sums", per_tile.measure_tile, plan, tile, labels, CellSet.concat(numbered))
     chunks = 0
     for level in labels_out.build_order(plan):
         for index in labels_out.chunk_indices(plan, level):
-            timed("E pyramid chunks", labels_out.build_chunk, plan, level, index)
+            timed("pyramid: build the chunks", labels_out.build_label_chunk, plan, level, index)
             chunks += 1
     n = len(plan.tiles)
     return dict(slide=f"{size}x{size}", tiles=n, pyramid_chunks=chunks,
@@ -305,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--one-run"]:  # one run of ``against``, with the tree on PYTHONPATH
-        url, size, folder, label, workers, chunk = sys.argv[2:]
+        url, truth, size, folder, label, workers, chunk = sys.argv[2:]
         ensure_ray()
-        print(json.dumps(_dense_run(url, int(size), Path(folder), label, int(workers), int(chunk))))
+        print(json.dumps(_dense_run(url, Path(truth), int(size), Path(folder), label, int(workers), int(chunk))))
         raise SystemExit(0)
     raise SystemExit(main())

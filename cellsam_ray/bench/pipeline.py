@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from cellsam_ray.driver.api import ensure_ray, segment
-from cellsam_ray.model.cellsam import CellSAMSegmenter
+from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.model.config import load_config
 from cellsam_ray.model.network import build_cellsam
-from cellsam_ray.pipeline.plan import make_plan
-from cellsam_ray.pipeline.source import read_window
+from cellsam_ray.pipeline.source import cellsam_segmenter, read_window
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.synth import write_synthetic_slide
 
@@ -37,23 +36,26 @@ def random_checkpoint(config: str, folder: Path, seed: int = 0) -> str:
 
 
 def model_alone_seconds(spec: SegmentSpec) -> tuple[float, int]:
-    """Seconds the segmenter needs for the plan's tiles in this process, windows read beforehand."""
-    plan = make_plan(spec)
+    """Seconds the segmenter needs for the run's tiles in this process, windows read beforehand."""
+    plan = plan_run(spec)
     windows = [read_window(plan, t) for t in plan.tiles]
-    segmenter = CellSAMSegmenter.from_spec(spec)
+    segmenter = cellsam_segmenter(plan.spec)
+    batch = plan.spec.batch_size
     start = time.perf_counter()
-    for i in range(0, len(windows), spec.batch_size):
-        segmenter.segment_batch(windows[i : i + spec.batch_size], origins=[t.origin for t in plan.tiles[i : i + spec.batch_size]])
+    for i in range(0, len(windows), batch):
+        segmenter.segment_batch(windows[i : i + batch], origins=[t.origin for t in plan.tiles[i : i + batch]])
     return time.perf_counter() - start, len(windows)
 
 
-def bench_slide(size: int, config: str, weights: str | None, folder: Path, *, tile: int, halo: int,
-                batch_size: int) -> dict:
+def bench_slide(size: int, config: str, weights: str | None, folder: Path, *, tile: int | None,
+                halo: int | None, batch_size: int) -> dict:
+    """One slide through the pipeline and through the model alone; windows as ``segment`` decides them
+    unless ``tile``/``halo`` are given."""
     url = str(folder / f"slide-{size}.ome.zarr")
     info = write_synthetic_slide(url, size=(size, size), channels=3, ngff="0.5", seed=1, chunk=256)
     weights = weights or random_checkpoint(config, folder)
     spec = SegmentSpec(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
-                       weights=weights, config=config, tile=tile, halo=halo, chunk=256, device="cpu",
+                       weights=weights, config=config, tile=tile, halo=halo, device="cpu",
                        batch_size=batch_size, overwrite=True, tissue_mask=False)
     ensure_ray()
     start = time.perf_counter()
@@ -74,7 +76,8 @@ def bench_slide(size: int, config: str, weights: str | None, folder: Path, *, ti
     )
 
 
-def run_bench(sizes: list[int], config: str, weights: str | None, *, tile: int, halo: int, batch_size: int,
+def run_bench(sizes: list[int], config: str, weights: str | None, *, tile: int | None, halo: int | None,
+              batch_size: int,
               out: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cellsam-ray-bench-") as tmp:
         rows = [bench_slide(s, config, weights, Path(tmp), tile=tile, halo=halo, batch_size=batch_size)

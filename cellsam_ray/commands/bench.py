@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048], help="Slide sizes in pixels (default: 2048).")
     parser.add_argument("--config", default="v1.2", help="Model sizes: v1.2 or a JSON config (default: v1.2).")
     parser.add_argument("--weights", default=None, help="Checkpoint (default: random weights of --config).")
-    parser.add_argument("--tile", type=int, default=768)
-    parser.add_argument("--halo", type=int, default=128)
+    parser.add_argument("--tile", type=int, help="Tile core (default: as `segment` decides it from the model).")
+    parser.add_argument("--halo", type=int, help="Context around a core (default: as `segment` decides it).")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--out", default=None, help="Also write the results to this JSON file.")
 

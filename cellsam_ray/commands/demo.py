@@ -11,7 +11,6 @@ in the model's place, so that every stage but the model is real and the score ch
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 HELP = "Segment a synthetic slide end to end on a local Ray cluster, and score it against its ground truth."
@@ -43,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = dict(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]], overwrite=True)
     if args.oracle:
-        os.environ["CELLSAM_RAY_ORACLE_LABELS"] = url
-        spec.update(segmenter=ORACLE)
+        spec.update(segmenter=ORACLE, segmenter_options=dict(labels=url))  # the slide's own ground truth
         print("2/3 segmenting on a local Ray cluster with the ground-truth oracle in the model's place\n"
               "    (the real pipeline: tiling, Ray actors, seam reconciliation, label pyramid)")
     elif args.weights:

@@ -12,6 +12,7 @@ import json
 import sys
 import typing
 
+from cellsam_ray.errors import UserError
 from cellsam_ray.io.storage import parse_storage_options
 from cellsam_ray.spec import SegmentSpec, validate_spec
 
@@ -38,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = _base_type(info.annotation)
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         help_text = f"{info.description} (default: {default})" if default not in (None, [], {}) else info.description
-        if kind is bool:
+        if name == "segmenter_options":  # one option per flag: KEY=VALUE reads better than a JSON object
+            parser.add_argument("--segmenter-option", dest=name, action="append", default=None, metavar="KEY=VALUE",
+                                help=f"{info.description} VALUE is read as JSON when it is JSON (5, 0.5, true, "
+                                "null, \"5\"), else taken as a string.")
+        elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, dest=name, default=None, metavar="NAME[,NAME...]",
@@ -63,8 +68,27 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif name in ("storage_options", "storage_options_env"):
             value = parse_storage_options(value, _option(name), names_only=name == "storage_options_env")
+        elif name == "segmenter_options":
+            value = parse_segmenter_options(value)
         values[info.alias or name] = value
-    return validate_spec(values, lambda where: f"--{where.replace('_', '-')}")
+    return validate_spec(values, lambda where: "--segmenter-option" if where.startswith("segmenter_options")
+                         else f"--{where.replace('_', '-')}")
+
+
+def parse_segmenter_options(items: list[str]) -> dict:
+    """``--segmenter-option KEY=VALUE`` items as a mapping: VALUE parsed as JSON when it parses (numbers,
+    true, false, null, quoted strings), else kept as written, so paths and words need no quotes."""
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--segmenter-option {item!r} must look like KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options[key.strip()] = value
+    return options
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,25 +7,13 @@ checked completely before the weights load, so a wrong file costs no model time.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from cellsam_ray.device import resolve_device
-from cellsam_ray.errors import UserError
 from cellsam_ray.io.images import check_output, read_image, write_labels
 from cellsam_ray.io.storage import parse_storage_options
 
 HELP = "Segment one .npy/.tif/.png image (H×W or H×W×C, C ≤ 3) with CellSAM and write int32 labels."
-
-MODES = {
-    "fast": ("cellsam_ray.model.fast", "segment_tile_fast"),
-    "reference": ("cellsam_ray.model.reference", "segment_tile_reference"),
-}
-"""Inference modes offered -> (module, function) with ``segment_tile_reference``'s signature.
-
-``reference`` is the published pipeline, one mask-decoder call per box; ``fast`` gives the same labels
-with batched decoding and window-only upsampling (``cellsam_ray/model/fast.py``).
-"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="Model size of --weights: a preset name or a JSON file (default: v1.2).")
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                         help="Apply CellSAM's percentile clip + CLAHE normalisation first (default: on).")
-    parser.add_argument("--mode", choices=list(MODES), default="fast", help="Inference mode (default: fast).")
+    parser.add_argument("--mode", choices=("fast", "reference"), default="fast",
+                        help="Inference mode (default: fast; reference is the published code step for step).")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the networks run.")
     parser.add_argument("--sha256", help="Expected SHA-256 hex digest of the checkpoint file.")
     parser.add_argument("--storage-options", metavar="JSON",
@@ -53,21 +42,17 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # --device cuda where torch cannot use CUDA: one line saying why
 
     from cellsam_ray.model import bundled
+    from cellsam_ray.model.cellsam import MODES
     from cellsam_ray.model.weights import load_cellsam
 
-    weights, config = args.weights, args.config or "v1.2"
-    if weights is None:
-        if args.config:
-            raise UserError("--config gives the sizes of --weights: give both, or neither for the bundled demo model")
-        weights, config = str(bundled.WEIGHTS), str(bundled.CONFIG)
+    weights, config = bundled.weights_or_bundled(args.weights, args.config)
+    if args.weights is None:
         print(f"no --weights given: segmenting with {bundled.DESCRIPTION}; it sees the image stretched to "
               f"{bundled.TILE + 2 * bundled.HALO}² px, so use `segment` for images much larger than that",
               file=sys.stderr)
-    module_name, function_name = MODES[args.mode]
-    segment_tile = getattr(importlib.import_module(module_name), function_name)
     model = load_cellsam(weights, config, device=args.device, storage_options=storage_options,
                          sha256=args.sha256, inference=True)
-    result = segment_tile(image, model, normalize=args.normalize, device=args.device)
+    result = MODES[args.mode](image, model, normalize=args.normalize, device=args.device)
     write_labels(args.output, result.labels, storage_options)
     print(f"{int(result.labels.max())} cells -> {args.output}")
     return 0

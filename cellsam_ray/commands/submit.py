@@ -2,11 +2,11 @@
 
 The spec is read and checked here, so a typo fails before it reaches the cluster. It travels in the job's
 ``runtime_env`` (a working folder holding ``spec.json``, with relative local paths made absolute) and
-runs there as ``cellsam-ray run spec.json``: cellsam-ray must be installed on every node. Variables
-``CELLSAM_RAY_*`` of this shell go with it (segmenters built with no arguments read their settings from
-them), but not those whose names say they hold a secret (``segmenter.segmenter_environment``), nor storage
-credentials: ``storage_options_env`` names variables of the cluster's nodes. Nothing else travels: the nodes
-run the image cellsam-ray is installed in (``deploy/``). Local paths in a spec sent to another machine get a
+runs there as ``cellsam-ray run spec.json``: cellsam-ray must be installed on every node. Nothing else
+travels, not this shell's environment either: a segmenter's settings are in the spec
+(``segmenter_options``), and storage credentials are variables of the cluster's nodes, which
+``storage_options_env`` names (a job's runtime_env is kept by Ray and shown by its dashboard). The nodes run
+the image cellsam-ray is installed in (``deploy/``). Local paths in a spec sent to another machine get a
 one-line note here; the job's first check (``cellsam-ray run``) names any its node lacks.
 """
 
@@ -44,7 +44,6 @@ def _on_this_machine(address: str | None) -> bool:
 def run(args: argparse.Namespace) -> int:
     from cellsam_ray.jobclient import JobApi
     from cellsam_ray.jobspec import load_job_spec, named_paths, portable_fields
-    from cellsam_ray.segmenter import segmenter_environment
 
     spec = load_job_spec(args.spec)
     fields = portable_fields(spec)
@@ -54,11 +53,10 @@ def run(args: argparse.Namespace) -> int:
               "cluster's nodes (the job checks before any model starts); URLs (s3://...) reach them from anywhere",
               file=sys.stderr, flush=True)
     api = JobApi(args.address)
-    env = segmenter_environment()
     with tempfile.TemporaryDirectory(prefix="cellsam-job-") as folder:
         Path(folder, "spec.json").write_text(json.dumps(fields, indent=2))
         job_id = api.submit(entrypoint=ENTRYPOINT, submission_id=args.job_id,
-                            runtime_env={"working_dir": folder, "env_vars": env},
+                            runtime_env={"working_dir": folder},
                             metadata={"spec": str(args.spec), "input": fields["input"]})
     print(job_id, flush=True)
     return api.wait(job_id) if args.wait else 0

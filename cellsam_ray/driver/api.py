@@ -13,13 +13,11 @@ from contextlib import contextmanager
 
 import ray
 
-from cellsam_ray.driver import cell_size
-from cellsam_ray.driver.execution import Progress, RunStats, run_plan
+from cellsam_ray.driver.execution import run_plan
 from cellsam_ray.driver.lifecycle import LabelRun, build_report
-from cellsam_ray.errors import RunFailed, RunStopped, UserError
-from cellsam_ray.model import bundled
-from cellsam_ray.model import geometry
-from cellsam_ray.pipeline.plan import make_plan
+from cellsam_ray.driver.stats import Progress, RunStats
+from cellsam_ray.driver.windows import plan_run
+from cellsam_ray.errors import RunFailed, RunStopped, UserError, one_line
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.table.write import require_anndata
 
@@ -80,14 +78,12 @@ def stop_on_sigterm() -> Iterator[None]:
 def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
     spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
-    spec = bundled.resolve_spec(spec)  # no weights and no segmenter: the bundled demo model
-    spec = geometry.resolve_spec(spec)  # CellSAM weights: windows from the model's input and --scale
     spec = spec.with_local_paths_absolute()  # workers run in other folders
     spec.storage.options()  # every variable it names is set here, before anything is read
     if spec.cell_table_h5ad:
         require_anndata()
     started = time.perf_counter()
-    plan = cell_size.fit_windows(make_plan(spec))  # the bundled model: windows sized to the cells
+    plan = plan_run(spec)  # the model chosen, the slide surveyed and the windows decided, once each
     if plan.cell_size and progress:
         print(f"cell size: {plan.cell_size.describe()}; windows of {plan.grid.window_size} px",
               file=sys.stderr, flush=True)
@@ -120,9 +116,3 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
                         f"kept: rerun the same spec to retry only these (report: {where})")
     run.finish(report)
     return report.model_dump(mode="json")
-
-
-def one_line(err: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

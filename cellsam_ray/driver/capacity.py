@@ -93,8 +93,8 @@ def size_pool(spec, tiles: int, nodes: list[dict], growth: Growth) -> Pool:
     A GPU actor does host work besides the model (reading windows, CellSAM's cleanup, the candidates), so
     it asks for ``cpus_per_worker`` CPUs, by default half its share of the GPU nodes' CPUs (the fewest CPUs
     per GPU among the nodes up or the groups that may come, times ``gpus_per_worker``; 1 where none is
-    known yet): the other half runs stages B–E as the tiles stream in. Without GPUs the model is the
-    bottleneck, so the actors share the cluster's CPUs less a reserve for small I/O work, and no actor asks
+    known yet): the other half runs the stages after segment as the tiles stream in. Without GPUs the model
+    is the bottleneck, so the actors share the cluster's CPUs less a reserve for small I/O work, and no actor asks
     for more than the largest node has less the reserve: an actor is one process, and a request no node
     can meet waits forever. ``workers`` sets the count outright.
     """

@@ -1,18 +1,15 @@
-"""The bundled model's windows sized to the slide's cells: a first look at a few windows, then the plan.
+"""How large the slide's cells are, from a first look through the bundled model at a few windows.
 
 The bundled demo model sees a window at the slide's resolution, 256 px, and finds cells best at about
 ``bundled.CELL_DIAMETER``; much larger cells it finds in pieces, and cells over twice its 32-px halo are
-cut at the seams. With ``cell_diameter="auto"`` (the default for the bundled model) the driver first
-looks at up to ``SAMPLE`` windows centred on tissue tiles spread over the slide, once at each size of
-``LOOKS`` (the model's own 256 px, and 512 px shown at half size), on the CPU (the model has 1.7 M
-parameters: a few seconds), and measures the cells found whole (not those cut by a window's edge). A look
-at the wrong scale misleads: a fine one finds fragments of cells too large for it, a coarse one misses
-and merges cells too small. So the finest look whose cells appeared no larger than ``TRUSTED`` is taken
-(``best_look``), and the run is planned with the windows ``bundled.tiling_for`` gives its median. With
-fewer than ``MIN_CELLS`` whole cells in every look the windows stay the model's own.
-
-A rerun of an unfinished run takes the tiling that run chose (the work prefix's owner marker), without
-looking again, so it resumes even if a second look (another machine's arithmetic) would differ by a hair.
+cut at the seams. So with ``cell_diameter="auto"`` (the default for the bundled model) ``driver.windows``
+asks ``look`` before it chooses the windows: up to ``SAMPLE`` windows centred on tissue tiles spread over
+the slide, once at each size of ``LOOKS`` (the model's own 256 px, and 512 px shown at half size), on the
+CPU (the model has 1.7 M parameters: a few seconds), measuring the cells found whole (not those cut by a
+window's edge). A look at the wrong scale misleads: a fine one finds fragments of cells too large for it, a
+coarse one misses and merges cells too small. So the finest look whose cells appeared no larger than
+``TRUSTED`` is taken (``best_look``). With fewer than ``MIN_CELLS`` whole cells in every look no diameter is
+measured, and the windows stay the model's own.
 """
 
 from __future__ import annotations
@@ -21,10 +18,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from cellsam_ray.driver.lifecycle import fingerprint
 from cellsam_ray.model import bundled
-from cellsam_ray.pipeline.plan import SlidePlan, make_plan
-from cellsam_ray.pipeline.source import read_windows
+from cellsam_ray.pipeline.plan import SlidePlan
+from cellsam_ray.pipeline.source import cellsam_segmenter, read_windows
 from cellsam_ray.report import CellSize
 from cellsam_ray.tiling import Tile
 
@@ -35,26 +31,13 @@ TRUSTED = 40.0
 """px: a look is trusted for cells that appear at most this large to the model. On seeds 700-705 the
 256-px look measured cells of 9-40 px within 10 %, and underestimated cells of 55-71 px by 15-20 % (or
 found too few whole to measure); the 512-px look overestimates cells under ~16 px by up to 2x."""
-TILING = ("tile", "halo", "chunk")
 
 
-def fit_windows(plan: SlidePlan) -> SlidePlan:
-    """``plan`` with its windows sized to the cells when its spec asks for that (``cell_diameter``)."""
-    spec = plan.spec
-    if spec.cell_diameter is None:
-        return plan
-    if spec.cell_diameter != "auto":
-        return _with_size(plan, CellSize(diameter=spec.cell_diameter, source="given"))
-    earlier = _unfinished_tiling(plan)
-    if earlier is not None:
-        size, tiling = CellSize(source="unfinished run"), earlier
-    else:
-        segmenter = _cpu_segmenter(plan)
-        size = best_look([measure(plan, segmenter, window) for window in LOOKS])
-        tiling = bundled.tiling_for(size.diameter) if size.diameter else (bundled.TILE, bundled.HALO, bundled.CHUNK)
-    if tiling != tuple(getattr(spec, name) for name in TILING):
-        plan = make_plan(spec.model_copy(update=dict(zip(TILING, tiling))))
-    return _with_size(plan, size)
+def look(plan: SlidePlan) -> CellSize:
+    """The cells' size from a first look through each window size of ``LOOKS`` (``best_look`` of them), with
+    the plan's model on this process's CPU."""
+    segmenter = _cpu_segmenter(plan)
+    return best_look([measure(plan, segmenter, window) for window in LOOKS])
 
 
 def measure(plan: SlidePlan, segmenter, window: int) -> CellSize:
@@ -73,9 +56,7 @@ def measure(plan: SlidePlan, segmenter, window: int) -> CellSize:
 
 def _cpu_segmenter(plan: SlidePlan):
     """The plan's model in this process, on the CPU: the first look must not wait for (or hold) a GPU."""
-    from cellsam_ray.model.cellsam import CellSAMSegmenter  # imports torch
-
-    return CellSAMSegmenter.from_spec(plan.spec.model_copy(update=dict(device="cpu", mode="fast")))
+    return cellsam_segmenter(plan.spec.model_copy(update=dict(device="cpu", mode="fast")))
 
 
 def best_look(looks: list[CellSize]) -> CellSize:
@@ -100,20 +81,3 @@ def _whole_cell_diameters(found: dict, window: int) -> np.ndarray:
     inside = (boxes[:, 0] > 0) & (boxes[:, 1] > 0) & (boxes[:, 2] < window) & (boxes[:, 3] < window)
     areas = np.array([np.count_nonzero(m) for m, keep in zip(found["masks"], inside) if keep], dtype=np.float64)
     return np.sqrt(4 * areas / np.pi)
-
-
-def _unfinished_tiling(plan: SlidePlan) -> tuple[int, int, int] | None:
-    """The tiling of the unfinished run in the plan's work prefix, if it differs from this one in nothing else."""
-    owner = plan.work.owner()
-    theirs = owner.get("fingerprint") if isinstance(owner, dict) else None
-    if not isinstance(theirs, dict):
-        return None
-    tiling = tuple(theirs.get(f"spec.{name}") for name in TILING)
-    if not all(isinstance(v, int) for v in tiling):
-        return None
-    ours = fingerprint(plan) | {f"spec.{name}": value for name, value in zip(TILING, tiling)}
-    return tiling if ours == theirs else None
-
-
-def _with_size(plan: SlidePlan, size: CellSize) -> SlidePlan:
-    return replace(plan, cell_size=size)

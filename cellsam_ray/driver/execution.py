@@ -1,20 +1,21 @@
 """Running a slide plan on Ray: every actor, task, retry and resource request lives here.
 
-- Stage A runs in a pool of model actors (one model each; ``num_gpus`` when the cluster has GPUs or its
-  autoscaler can add them: ``capacity``). An actor gets tiles once it has started, so a run begins with the
-  first actor ready and grows as nodes join; actors that never find room hold no tiles. Tile
+- The segment stage runs in a pool of model actors (one model each; ``num_gpus`` when the cluster has GPUs
+  or its autoscaler can add them: ``capacity``). An actor gets tiles once it has started, so a run begins
+  with the first actor ready and grows as nodes join; actors that never find room hold no tiles. Tile
   descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch is
   on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. An actor
   writes a batch's candidates to the work store itself, after releasing the model to the other batch in
   flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
-- Stages B, D and E are CPU tasks; stage C is a prefix sum on the driver over one integer per tile. They
-  stream: each unit is submitted as soon as what it reads is final (``pipeline.streaming`` says when), a
-  bounded number at a time, while the model actors go on; an overwrite's writes wait for the swap. A task
-  takes a run of neighbouring units (homes of a row, chunks of a chunk row) that are ready together, so
-  what they share is decoded once and Ray's per-task cost is paid once.
-- The cell table is measured in stage D; per-tile tasks combine seam pieces as the cores are painted, and
-  one small writer actor streams their rows, in id order, to one Parquet file. The QC pictures are one
-  task after stage E (they need the label pyramid).
+- The reconcile, paint and pyramid stages are CPU tasks; the ids are a prefix sum on the driver over one
+  integer per tile. They stream: each unit is submitted as soon as what it reads is final
+  (``driver.streaming`` says when), a bounded number at a time, while the model actors go on; an
+  overwrite's writes wait for the swap. A task takes a run of neighbouring units (homes of a row, chunks of
+  a chunk row) that are ready together, so what they share is decoded once and Ray's per-task cost is paid
+  once.
+- The cell table is measured in the paint stage; per-tile tasks combine seam pieces as the cores are
+  painted, and one small writer actor streams their rows, in id order, to one Parquet file. The QC
+  pictures are one task after the pyramid stage (they need the label pyramid).
 - Actors restart and tasks retry (set explicitly: Ray's defaults for actors are 0); every write is to a
   key derived from the tile or chunk alone, so a retry rewrites the same bytes. A batch held too long (an
   actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
@@ -29,7 +30,6 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import sys
@@ -37,22 +37,22 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
 
 from cellsam_ray import device
 from cellsam_ray.driver import capacity
+from cellsam_ray.driver.stats import Progress, RunStats
 from cellsam_ray.driver.streaming import Streams
-from cellsam_ray.errors import RunFailed, UserError
+from cellsam_ray.errors import RunFailed, UserError, one_line
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
 from cellsam_ray.pipeline import labels_out, source
 from cellsam_ray.pipeline.plan import SlidePlan
-from cellsam_ray.pipeline.stages import Inferred, finish_tiles, infer_tiles, reconcile_tile, with_ids
+from cellsam_ray.pipeline.stages import Inferred, finish_tiles, reconcile_tile, run_model, with_ids
 from cellsam_ray.report import TileFailure
-from cellsam_ray.segmenter import segmenter_environment
 from cellsam_ray.table import per_tile
 from cellsam_ray.table.measure import CellSums
 from cellsam_ray.table.schema import TableLayout
@@ -60,48 +60,10 @@ from cellsam_ray.table.write import ParquetStream
 
 CANDIDATES = "candidates"
 ACTOR_RESTARTS = 3
-BACKUP_AFTER_S = float(os.environ.get("CELLSAM_RAY_BACKUP_AFTER_S", "120"))
-"""Seconds (at least) a batch is in flight before an idle actor runs it too (see ``_ModelStage``)."""
 TASK_RETRIES = 3
 TILE_LOSSES = 3
 """A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
 a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
-
-
-@dataclass
-class Progress:
-    """What a progress display needs; updated by the driver as results arrive."""
-
-    tiles_total: int
-    tiles_done: int = 0
-    tiles_resumed: int = 0
-    cells: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def rate(self) -> float:
-        return (self.tiles_done - self.tiles_resumed) / max(time.perf_counter() - self.started, 1e-9)
-
-
-@dataclass
-class RunStats:
-    tiles_segmented: int = 0
-    tiles_resumed: int = 0
-    candidates: int = 0
-    cells: int = 0
-    reconciled: int = 0
-    oversized: int = 0
-    cut_at_window: int = 0
-    model_seconds: float = 0.0
-    stage_seconds: dict = field(default_factory=dict)
-    cell_table: dict | None = None  # where the table went, its rows and columns
-    qc: dict | None = None  # the QC pictures written
-    pool: capacity.Pool | None = None  # the model actors asked for, and why
-    actors: list = field(default_factory=list)  # per model actor that answered at the end: node, GPUs, device, memory
-    tasks: dict = field(default_factory=dict)  # tasks (or actor calls) per stage
-    units: dict = field(default_factory=dict)  # per stage: homes reconciled, cores painted, chunks built, ...
-    batches: int = 0  # model batches handed to the actors
-    failed: list[TileFailure] = field(default_factory=list)
 
 
 def _use_assigned_cpus() -> None:
@@ -150,11 +112,11 @@ class SegmentWorker:
         return [(o.key, o.candidates, o.model_seconds) for _, o in results]
 
     def _infer(self, tiles: list, windows: list) -> list[tuple[list, Inferred]]:
-        """The model's part of stage A in sub-batches of at most ``batch_limit`` tiles; out of device memory
+        """The model's part of the segment stage in sub-batches of at most ``batch_limit`` tiles; out of device memory
         halves the limit and shrinks the segmenter's own work (``device.run_shrinking``), and the lower
         sizes stay for this actor's later batches."""
         def run(part: list) -> Inferred:
-            return infer_tiles(self.segmenter, [t for t, _ in part], [w for _, w in part])
+            return run_model(self.segmenter, [t for t, _ in part], [w for _, w in part])
 
         done, self.batch_limit = device.run_shrinking(list(zip(tiles, windows)), self.batch_limit, run,
                                                       getattr(self.segmenter, "on_out_of_memory", None))
@@ -175,11 +137,11 @@ class SegmentWorker:
                     peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
-def _one_line(err: BaseException) -> str:
+def _failure_line(err: BaseException) -> str:
     """What went wrong, in one line: the segmenter's own exception rather than Ray's wrapper."""
     cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
     if cause is not None:
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+        return one_line(cause)
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     last = lines[-1] if lines else ""
     if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
@@ -273,14 +235,7 @@ def _qc_images(plan: SlidePlan, counts: dict) -> dict:
 @ray.remote(max_retries=TASK_RETRIES)
 def _pyramid_chunks(plan: SlidePlan, level: int, chunks: list[tuple[int, ...]]) -> None:
     for chunk_index in chunks:
-        labels_out.build_chunk(plan, level, chunk_index)
-
-
-def _segmenter_environment() -> dict | None:
-    """The driver's ``CELLSAM_RAY_*`` variables but secrets (``segmenter.segmenter_environment``): the
-    actors may run in processes started before the driver set them."""
-    env = segmenter_environment()
-    return {"env_vars": env} if env else None
+        labels_out.build_label_chunk(plan, level, chunk_index)
 
 
 @dataclass
@@ -294,12 +249,12 @@ class _Sent:
 
 
 class _ModelStage:
-    """Stage A: every tile of ``todo`` through the model actors, two batches in flight per started actor.
+    """The segment stage: every tile of ``todo`` through the model actors, two batches in flight per started actor.
 
     The pool is what ``capacity`` says the cluster has or can become; an actor is given batches once it
     has started (``started`` answered), so on a cluster that scales from zero the run begins with the
     first node that joins. Once the queue is empty, an actor with room also runs a batch that another
-    actor has held for ``BACKUP_AFTER_S`` (and 3× the median batch time): an actor whose node was lost
+    actor has held for the spec's ``backup_after_s`` (and 3× the median batch time): an actor whose node was lost
     waits for room to restart, forever on a cluster without any, and a straggler holds the whole run back.
     Whichever copy finishes first counts; the other's results are the same bytes under the same keys.
     """
@@ -310,7 +265,7 @@ class _ModelStage:
         print(f"model actors: {stats.pool.describe()}", file=sys.stderr, flush=True)
         self.actor_cls = ray.remote(concurrency_groups={"control": 1})(SegmentWorker).options(
             max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
-            scheduling_strategy="SPREAD", runtime_env=_segmenter_environment(), **stats.pool.resources,
+            scheduling_strategy="SPREAD", **stats.pool.resources,
         )
         self.actors: list = [None] * min(stats.pool.count, len(todo))
         self.starting: dict[ray.ObjectRef, int] = {}  # an actor's started() call -> its slot
@@ -356,7 +311,7 @@ class _ModelStage:
             answer = ray.get(ref)
         except ray.exceptions.RayError as err:
             if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
-                raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
+                raise RunFailed(f"the model actors cannot start: {_failure_line(err)}") from None
             ray.kill(self.actors[slot])  # lost while starting, its restarts used up: a fresh one
             self._start(slot)
             return []
@@ -369,7 +324,8 @@ class _ModelStage:
     def _late_batch(self, slot: int) -> list | None:
         """The batch held longest by another actor, if it is late and has no backup yet."""
         times = self.batch_seconds
-        limit = max(BACKUP_AFTER_S, 3 * statistics.median(times)) if times else BACKUP_AFTER_S
+        least = self.plan.spec.backup_after_s
+        limit = max(least, 3 * statistics.median(times)) if times else least
         now = time.monotonic()
         late = [(sent.at, ref) for ref, sent in self.in_flight.items()
                 if sent.slot != slot and ref not in self.backed_up and now - sent.at > limit
@@ -401,7 +357,7 @@ class _ModelStage:
             lost = isinstance(err, ray.exceptions.RayActorError)
             if lost:
                 if err.actor_init_failed:
-                    raise RunFailed(f"the model actors cannot start: {_one_line(err)}") from None
+                    raise RunFailed(f"the model actors cannot start: {_failure_line(err)}") from None
                 if self.actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
                     self._doubt_node(sent.slot)
                     ray.kill(sent.actor)
@@ -415,7 +371,7 @@ class _ModelStage:
                 if lost and self.losses[tile.key] < TILE_LOSSES:
                     self.batches.appendleft([tile])
                 else:
-                    self.stats.failed.append(TileFailure.of(tile, _one_line(err)))
+                    self.stats.failed.append(TileFailure.of(tile, _failure_line(err)))
                     self.outstanding.discard(tile.key)
         segmented = []
         for key, n, seconds in results:
@@ -472,9 +428,9 @@ CHUNKS_PER_TASK = 8  # pyramid chunks of one chunk row a task builds at most
 
 
 class _HostStages:
-    """Stages B–E as CPU tasks, each submitted as soon as ``Streams`` says what it reads is final: writes
-    first, then pyramid chunks, then reconciles (what frees memory first), neighbouring units of a stage
-    together (``_runs``), at most ``limit`` tasks and ``limit × HOMES_PER_TASK`` units in flight, so the
+    """The stages after segment (reconcile, paint, pyramid, table) as CPU tasks, each submitted as soon as
+    ``Streams`` says what it reads is final: writes first, then pyramid chunks, then reconciles (what frees
+    memory first), neighbouring units of a stage together (``_runs``), at most ``limit`` tasks and ``limit × HOMES_PER_TASK`` units in flight, so the
     driver and the object store hold what is in flight and the rows near the front, not a task per
     tile. A task that fails on every attempt raises on the driver and fails the run."""
 
@@ -685,6 +641,6 @@ def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = N
         host.cancel()
         raise
     if not streams.complete:
-        raise RuntimeError("the streamed stages ended before every region was written (a bug in pipeline.streaming)")
+        raise RuntimeError("the streamed stages ended before every region was written (a bug in driver.streaming)")
     host.close()
     return stats

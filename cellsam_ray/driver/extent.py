@@ -26,13 +26,6 @@ def active_homes(plan: SlidePlan) -> list[tuple[int, int]]:
     return sorted(homes)
 
 
-def painted_homes(plan: SlidePlan, cells: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
-    """The cores some cell may cover: those with a home holding cells in their 3×3 neighbourhood."""
-    grid = plan.grid
-    around = {rc for home, n in cells.items() if n for rc in grid.neighbourhood(*home)}
-    return sorted(around)
-
-
 def core_box(plan: SlidePlan, tile: Tile) -> Box:
     """The label-array region a tile's core writes at the segmented level (the chosen t/z plane)."""
     box = []

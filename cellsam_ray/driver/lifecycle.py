@@ -2,7 +2,7 @@
 
 Nothing lost, nothing mixed:
 
-- **One writer per label.** A lease beside the label (``pipeline.lease``) is taken before anything is written
+- **One writer per label.** A lease beside the label (``driver.lease``) is taken before anything is written
   and released on every way out; a second run on the label is refused with the first one's id and age.
 - **A work prefix the run owns.** A user's ``work_dir`` must not be or hold an input, nor lie inside the
   slide outside ``labels/<name>/``. Its owner marker (run id, input, label, fingerprint) is written before
@@ -29,8 +29,8 @@ from pathlib import Path
 import fsspec
 import ray
 
-from cellsam_ray.driver.execution import RunStats
 from cellsam_ray.driver.lease import Lease
+from cellsam_ray.driver.stats import RunStats
 from cellsam_ray.errors import UserError
 from cellsam_ray.io.ngff import (
     RUN_MARKER,
@@ -53,7 +53,7 @@ from cellsam_ray.version import __version__
 # Spec fields that do not change the output, so a resume may differ in them.
 RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
                    "cell_table", "cell_table_h5ad", "qc_images", "storage_options_env", "storage_profile",
-                   "work_dir", "take_over", "lease_timeout_s"}
+                   "work_dir", "take_over", "lease_timeout_s", "backup_after_s"}
 LABEL_CREATED = "label-created"  # in the work prefix: the label's arrays are this run's (after the swap)
 SIDECARS = ("report.json", "cells.parquet", "cells.h5ad")
 
@@ -224,7 +224,8 @@ def build_report(plan: SlidePlan, stats: RunStats, *, wall_seconds: float, statu
         wall_seconds=round(wall_seconds, 3),
     )
     cellsam = None if spec.segmenter else dict(precision=spec.precision,
-                                               **geometry.describe(spec, load_config(spec.model_config_name).image_size))
+                                               **geometry.describe(plan.grid.window_size,
+                                                                  load_config(spec.model_config_name).image_size))
     model = ModelInfo(segmenter=spec.segmenter or "cellsam", weights=None if spec.segmenter else spec.weights,
                       weights_sha256=plan.weights_sha256, config=spec.model_config_name, mode=spec.mode,
                       cell_size=plan.cell_size, **(cellsam or {}))
@@ -280,7 +281,7 @@ def check_work_location(plan: SlidePlan) -> None:
         return
     work, slide = _location(spec.work_dir), _location(spec.input)
     inputs = [("the input slide", spec.input), ("the weights", spec.weights)]
-    if spec.model_config_name.endswith(".json"):
+    if (spec.model_config_name or "").endswith(".json"):
         inputs.append(("the model config", spec.model_config_name))
     for what, url in inputs:
         if url and _within(_location(url), work):

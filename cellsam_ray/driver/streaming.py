@@ -1,4 +1,5 @@
-"""Which unit of stages B–E may start, as the units they read finish: the run streams instead of waiting.
+"""Which unit of the stages after segment (reconcile, paint, pyramid, table) may start, as the units they
+read finish: the run streams instead of waiting.
 
 A home is reconciled once the planned tiles of its 3×3 neighbourhood are segmented; ids are a prefix sum
 in raster order, so a home gets its offset once every home before it is counted; a core is painted once
@@ -45,7 +46,7 @@ class _Level:
 
 
 class Streams:
-    """The state of stages B–E of one run; ``take_*`` hand out what may start, once each."""
+    """The state of the stages after segment of one run; ``take_*`` hand out what may start, once each."""
 
     def __init__(self, plan: SlidePlan, segmented: set[str]) -> None:
         self.plan, grid = plan, plan.grid
@@ -87,7 +88,7 @@ class Streams:
         height = self.plan.label_shapes[level][0]
         return _Level(level, labels_out.source_level(self.plan, level), -(-height // unit), unit, height)
 
-    # -------------------------------------------------------------------------------- B: reconcile
+    # ----------------------------------------------------------------------------------- reconcile
     def tile_segmented(self, key: str) -> None:
         row, col = self._tile_of[key]
         for home in self.grid.neighbourhood(row, col):
@@ -98,7 +99,7 @@ class Streams:
     def take_reconciles(self, n: int) -> list[Home]:
         return [self._reconcile.popleft() for _ in range(min(n, len(self._reconcile)))]
 
-    # ------------------------------------------------------------------------------ C: ids, D: paint
+    # ------------------------------------------------------------------------------------ ids, paint
     def counted(self, home: Home, cells: int) -> None:
         """A home's reconcile is done: ``cells`` are homed there. Offsets follow in raster order."""
         self.cells[home] = cells
@@ -177,7 +178,7 @@ class Streams:
             return False
         return home not in self.painted or home in self._submitted
 
-    # ---------------------------------------------------------------------------------- E: pyramid
+    # ------------------------------------------------------------------------------------- pyramid
     def _advance_rows(self) -> None:
         rows = self.grid.rows
         while self._final_tile_rows < rows and not self._unsettled_in_row[self._final_tile_rows]:

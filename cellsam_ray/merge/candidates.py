@@ -1,4 +1,4 @@
-"""Stage A's output: turn one window's detections into candidates in level pixels.
+"""The segment stage's output: turn one window's detections into candidates in level pixels.
 
 A tile keeps the detections whose box centre lies in its core (it owns them) or within ``band`` pixels
 outside it (band copies, used only to reconcile seams); the rest of its halo belongs to its neighbours.

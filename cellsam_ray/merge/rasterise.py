@@ -1,4 +1,4 @@
-"""Stage D: paint the kept cells that reach into one tile's core, giving that core's label pixels.
+"""The paint stage: paint the kept cells that reach into one tile's core, giving that core's label pixels.
 
 A cell homed in a neighbouring tile can reach across the seam into this core, so the task gathers the kept
 cells of the 3×3 neighbourhood. Cells are painted from the lowest to the highest rank, so where two cells

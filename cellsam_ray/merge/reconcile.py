@@ -1,4 +1,4 @@
-"""Stage B: decide, for one home tile, which of the candidates homed there are kept.
+"""The reconcile stage: decide, for one home tile, which of the candidates homed there are kept.
 
 Every candidate has a home (the tile whose core holds its box centre) and a producer (the tile that
 detected it). Near a seam, two producers may both report a cell, or each may place its centre in the

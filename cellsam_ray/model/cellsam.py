@@ -17,19 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from cellsam_ray.device import resolve_device
 from cellsam_ray.model import precision
-from cellsam_ray.model.fast import BOX_CHUNK, PAINT_BOXES, finish_tile, infer_tiles
+from cellsam_ray.model.fast import BOX_CHUNK, PAINT_BOXES, finish_tile, infer_tiles, segment_tile_fast
 from cellsam_ray.model.reference import TileSegmentation, segment_tile_reference
-from cellsam_ray.model.weights import load_cellsam
 
-if TYPE_CHECKING:  # the spec imports the storage layer (fsspec), which the GPU check does not have
-    from cellsam_ray.spec import SegmentSpec
+MODES = {"fast": segment_tile_fast, "reference": segment_tile_reference}
+"""Inference modes -> the per-tile function (one signature). ``reference`` is the published pipeline, one
+mask-decoder call per box; ``fast`` gives the same labels with batched decoding and window-only upsampling
+(``model/fast.py``), and the segmenter runs it on batches of tiles (``fast.infer_tiles``)."""
 
 
 class CellSAMSegmenter:
@@ -45,19 +45,6 @@ class CellSAMSegmenter:
         self.box_chunk = BOX_CHUNK.get(kind, BOX_CHUNK["cuda"])
         self.paint_boxes = PAINT_BOXES.get(kind, PAINT_BOXES["cuda"])
 
-    @classmethod
-    def from_spec(cls, spec: SegmentSpec, *, gpu_holder: str | None = None) -> "CellSAMSegmenter":
-        """The segmenter ``spec`` describes; ``gpu_holder`` names the process if it holds a GPU, which it must
-        then use (``device.resolve_device``)."""
-        device = resolve_device(spec.device, gpu_holder=gpu_holder)
-        chosen = precision.configure(spec.precision, device)
-        if device == "cuda" and spec.gpus_per_worker < 1:  # actors sharing a GPU share its memory too
-            torch.cuda.set_per_process_memory_fraction(spec.gpus_per_worker)
-        model = load_cellsam(spec.weights, spec.model_config_name, device=device,
-                             storage_options=spec.storage.options(), sha256=spec.weights_sha256, inference=True)
-        return cls(model, mode=spec.mode, device=device, bbox_threshold=spec.bbox_threshold,
-                   batch_size=spec.batch_size, precision_name=chosen)
-
     def segment(self, window: np.ndarray, *, origin: tuple[int, int]) -> dict[str, Any]:
         return self.segment_batch([window], origins=[origin])[0]
 
@@ -71,7 +58,7 @@ class CellSAMSegmenter:
             painted = infer_tiles(windows, self.model, roles=True, tile_batch=self.batch_size, box_chunk=self.box_chunk,
                                   paint_boxes=self.paint_boxes, precision_name=self.precision, **options)
             return [partial(_cells_of_painted, tile) for tile in painted]
-        tiles = [segment_tile_reference(cellsam_layout(w), self.model, **options) for w in windows]
+        tiles = [MODES[self.mode](cellsam_layout(w), self.model, **options) for w in windows]
         return [partial(cells_of, tile) for tile in tiles]
 
     def on_out_of_memory(self) -> bool:

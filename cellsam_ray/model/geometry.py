@@ -13,15 +13,13 @@ up to 512 px (384 for both: a 384-px core is one chunk, a 768-px core four), sin
 in one core; on object storage each chunk is an object, and 128² chunks would make a 100k² slide's
 labels hundreds of thousands of them.
 
-A spec that names its ``tile``, ``halo`` or ``chunk`` keeps them; the bundled demo model brings its own
-tiling (``bundled.py``); another segmenter keeps the spec's defaults.
+These are the sizes; ``driver.windows`` decides which a run takes (a spec that names its ``tile``, ``halo``
+or ``chunk`` keeps them; the bundled demo model has its own tiling, ``model/bundled.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from cellsam_ray.spec import SegmentSpec
 
 SCALES = {"published": 2, "native": 1}
 """Scale name -> model input side / window side."""
@@ -41,22 +39,7 @@ def window_geometry(image_size: int, scale: str) -> tuple[int, int, int]:
     return core, halo, chunk
 
 
-def resolve_spec(spec: SegmentSpec) -> SegmentSpec:
-    """``spec`` with ``tile``, ``halo`` and ``chunk`` from the CellSAM config and ``scale`` where not given."""
-    if spec.segmenter or not spec.weights:
-        return spec
-    unset = [name for name in ("tile", "halo", "chunk") if name not in spec.model_fields_set]
-    if not unset:
-        return spec
-    from cellsam_ray.model.config import load_config  # reads a JSON config: only for CellSAM weights
-
-    core, halo, chunk = window_geometry(load_config(spec.model_config_name).image_size, spec.scale)
-    chosen = dict(tile=core, halo=halo, chunk=chunk)
-    return spec.model_copy(update={name: chosen[name] for name in unset})
-
-
-def describe(spec: SegmentSpec, image_size: int | None) -> dict[str, Any]:
+def describe(window: int, image_size: int | None) -> dict[str, Any]:
     """What the report says about the geometry that ran: window, model input, and the scale by name."""
-    window = spec.tile + 2 * spec.halo
     named = [name for name, factor in SCALES.items() if image_size and window * factor == image_size]
     return dict(window=window, model_input=image_size, scale=named[0] if named else "custom")

@@ -1,6 +1,6 @@
 """Writing ``labels/<name>``: fill level ``plan.level`` core by core, then the other levels; files beside it.
 
-Only this module and ``pipeline.lifecycle`` (which creates, replaces and publishes the label image) write
+Only this module and ``driver.lifecycle`` (which creates, replaces and publishes the label image) write
 to the slide, and only under ``labels/``: the image's own arrays are opened read-only everywhere else.
 Every chunk has exactly one writer: a tile core holds whole chunks of the segmented level, and each chunk
 of another level is built whole from the level next to it.
@@ -85,7 +85,7 @@ def chunk_indices(plan: SlidePlan, level: int) -> list[tuple[int, ...]]:
     return list(itertools.product(*ranges))
 
 
-def build_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) -> None:
+def build_label_chunk(plan: SlidePlan, level: int, chunk_index: tuple[int, ...]) -> None:
     """Write one whole chunk of ``level`` from the level next to it towards the segmented one.
 
     Coarser levels take the mode with foreground priority of each target pixel's source block, finer ones

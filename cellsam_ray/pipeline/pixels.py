@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellsam_ray.errors import UserError
+from cellsam_ray.errors import UserError, one_line
 from cellsam_ray.io.damage import damaged_chunk
 
 
@@ -47,9 +47,8 @@ def read_channels(array, axes, plane, channels, ys: slice, xs: slice) -> np.ndar
         chunk = damaged_chunk(array, selection)
         if chunk is None:
             raise
-        reason = (str(err).strip().splitlines() or [""])[0]
         raise UserError(f"the input image is damaged: chunk {chunk} of {array.store} cannot be decoded "
-                        f"({type(err).__name__}: {reason}); restore it from its source") from None
+                        f"({one_line(err)}); restore it from its source") from None
     kept = [a for a in axes if a not in plane]
     if "c" not in kept:
         data, kept = data[None], ["c"] + kept

@@ -1,13 +1,13 @@
-"""Turning a ``SegmentSpec`` into a checked, serialisable plan before any model time is spent.
+"""Turning a ``SegmentSpec`` into a checked, serialisable plan before any model time is spent, in two steps.
 
-Everything a user can get wrong is caught here, each with a one-line ``UserError``: a path that is not
-OME-Zarr or is a label image, unsupported axes or dtype, z > 1 without a chosen plane, a misspelled channel (the error lists
-the available names), a level that does not exist, a tile or halo that does not fit, an existing label
-name without ``--overwrite``, weights that are missing, unreadable or fail their checksum, a segmenter
-that cannot be imported, a channel name several channels share, an image the chosen stain cannot read.
-The plan also holds the slide-wide intensity scales and the tissue mask's verdict per tile, both computed
-once from a coarse level (or an overview read chunk by chunk), and how each label level is made from the
-one next to it.
+``survey_slide`` opens the slide and the model and catches everything a user can get wrong, each with a
+one-line ``UserError``: a path that is not OME-Zarr or is a label image, unsupported axes or dtype, z > 1
+without a chosen plane, a misspelled channel (the error lists the available names), a level that does not
+exist, weights that are missing, unreadable or fail their checksum, a segmenter that cannot be imported, a
+channel name several channels share, an image the chosen stain cannot read. It computes the slide-wide
+intensity scales and the tissue mask once from a coarse level (or an overview read chunk by chunk), and how
+each label level is made from the one next to it. ``make_plan`` then lays the windows ``driver.windows``
+decided over the survey (a tile or halo that does not fit is refused there) and keeps the tiles with tissue.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class SlidePlan:
     label_shapes: tuple[tuple[int, int], ...]  # every label level, finest first
     label_scales: tuple[tuple[float, float], ...]  # (y, x) pixel size of every label level
     label_maps: tuple[tuple[AxisMap, ...] | None, ...]  # per label level, how it is built (``pyramid_maps``)
-    cell_size: CellSize | None = None  # how the windows were sized to the cells (``pipeline.cell_size``)
+    cell_size: CellSize | None = None  # how the windows were sized to the cells (``driver.cell_size``)
     weights_sha256: str | None = None  # of the checkpoint (see ``check_model``); None for another segmenter
     input_fingerprint: dict = field(default_factory=dict)  # the image's geometry, to tell a changed input
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # this run (a resume is a new run)
@@ -67,10 +67,6 @@ class SlidePlan:
     @property
     def band(self) -> int:
         return self.spec.band
-
-    @property
-    def height(self) -> int:
-        return self.grid.height
 
     @property
     def image_channels(self) -> int:
@@ -152,11 +148,11 @@ def check_axes(image: NgffImage, spec: SegmentSpec) -> dict:
 
 
 def check_model(spec: SegmentSpec) -> str | None:
-    """Fail now, not in every actor: the segmenter can be imported, or the checkpoint exists, matches
-    ``weights_sha256``, holds tensors alone and fits the model's config. Returns the checkpoint's SHA-256
-    (None for another segmenter)."""
+    """Fail now, not in every actor: the segmenter can be imported and takes its options, or the checkpoint
+    exists, matches ``weights_sha256``, holds tensors alone and fits the model's config. Returns the
+    checkpoint's SHA-256 (None for another segmenter)."""
     if spec.segmenter:
-        segmenter_factory(spec.segmenter)
+        segmenter_factory(spec.segmenter, spec.segmenter_options)
         return None
     if not spec.weights:
         raise UserError("no model: give --weights CHECKPOINT or --segmenter module:attr")
@@ -166,11 +162,41 @@ def check_model(spec: SegmentSpec) -> str | None:
                                  sha256=spec.weights_sha256)
 
 
-def make_plan(spec: SegmentSpec) -> SlidePlan:
+@dataclass(frozen=True)
+class SlideSurvey:
+    """What a run learns of the slide and its model before the windows are chosen, read once: everything a
+    plan holds but the tiling (the image's metadata, a coarse level's statistics and tissue mask, the
+    checkpoint's hash). ``driver.windows`` decides the windows with it; ``make_plan`` then plans them."""
+
+    input: str  # the image itself (a bioformats2raw root's first series)
+    ngff_version: str
+    axes: tuple[str, ...]
+    level: int
+    level_path: str
+    level_shape: tuple[int, ...]
+    plane: dict
+    channels: tuple[int, ...]
+    roles: tuple[tuple[int, ...], ...]
+    scales: tuple[ChannelScale, ...]
+    tissue: np.ndarray | None  # the coarse tissue mask; None when the spec keeps every tile
+    label_shapes: tuple[tuple[int, int], ...]
+    label_scales: tuple[tuple[float, float], ...]
+    label_maps: tuple[tuple[AxisMap, ...] | None, ...]
+    weights_sha256: str | None
+    input_fingerprint: dict
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the segmented level."""
+        return self.level_shape[self.axes.index("y")], self.level_shape[self.axes.index("x")]
+
+
+def survey_slide(spec: SegmentSpec) -> SlideSurvey:
+    """Open and check the slide and the model the spec names, and read what planning needs of them."""
     # A layout that holds the image deeper (bioformats2raw's root) is planned at the image itself, so the
     # labels, the work prefix and every reader find it there.
-    spec = spec.model_copy(update={"input": image_url(spec.input, spec.storage.options())})
-    image = open_slide(spec.input, spec.storage.options())
+    url = image_url(spec.input, spec.storage.options())
+    image = open_slide(url, spec.storage.options())
     axes = tuple(image.axes)
     plane = check_axes(image, spec)
     sizes = dict(zip(axes, image.levels[0].shape))
@@ -181,12 +207,8 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
     channels, roles = kind.channels(nuclear, whole, sizes, image.levels[0].dtype)
     level = choose_level(image, spec)
     lvl = image.levels[level]
-    height, width = lvl.shape[axes.index("y")], lvl.shape[axes.index("x")]
-    grid = plan_grid(height, width, tile=spec.tile, halo=spec.halo, chunk=spec.chunk, band=spec.band)
     maps = pyramid_maps(image, level)
     weights_sha256 = check_model(spec)
-    if weights_sha256:  # every actor loads (and caches) exactly the file checked here, by its content
-        spec = spec.model_copy(update={"weights_sha256": weights_sha256})
 
     # The statistics and tissue mask come from the finest level of at most COARSE_PIXELS, or from an
     # overview of the coarsest one when even that is larger (a single-level image), read chunk by chunk.
@@ -199,19 +221,11 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
     dtype = image.levels[coarse_index].dtype
     coarse, _ = overview(image.array(coarse_index), axes, plane, channels, COARSE_PIXELS)
     scales = kind.scales(coarse, dtype)
-    tiles = grid.tiles()
-    if spec.tissue_mask:
-        mask = tissue_mask(kind.tissue_signal(coarse, roles, scales, dtype))
-        tiles = tiles_with_tissue(tiles, mask, height, width)
-    work_url = spec.work_dir or join_url(spec.input, "labels", spec.label_name, "work")
+    mask = tissue_mask(kind.tissue_signal(coarse, roles, scales, dtype)) if spec.tissue_mask else None
 
-    label_shapes, label_scales = [], []
     y_axis, x_axis = axes.index("y"), axes.index("x")
-    for lv in image.levels:
-        label_shapes.append((lv.shape[y_axis], lv.shape[x_axis]))
-        label_scales.append((lv.scale[y_axis], lv.scale[x_axis]))
-    return SlidePlan(
-        spec=spec,
+    return SlideSurvey(
+        input=url,
         ngff_version=image.version.name,
         axes=axes,
         level=level,
@@ -221,15 +235,50 @@ def make_plan(spec: SegmentSpec) -> SlidePlan:
         channels=channels,
         roles=roles,
         scales=scales,
+        tissue=mask,
+        label_shapes=tuple((lv.shape[y_axis], lv.shape[x_axis]) for lv in image.levels),
+        label_scales=tuple((lv.scale[y_axis], lv.scale[x_axis]) for lv in image.levels),
+        label_maps=maps,
+        weights_sha256=weights_sha256,
+        input_fingerprint=input_fingerprint(image),
+    )
+
+
+def make_plan(spec: SegmentSpec, survey: SlideSurvey, *, cell_size: CellSize | None = None) -> SlidePlan:
+    """The plan of windows the spec names (``driver.windows`` decided them) over a surveyed slide: the grid,
+    the tiles with tissue and the work prefix. Reads nothing."""
+    if None in (spec.tile, spec.halo, spec.chunk):
+        raise ValueError("the windows are decided (driver.windows) before the run is planned")
+    spec = spec.model_copy(update={"input": survey.input})
+    if survey.weights_sha256:  # every actor loads (and caches) exactly the file checked, by its content
+        spec = spec.model_copy(update={"weights_sha256": survey.weights_sha256})
+    height, width = survey.size
+    grid = plan_grid(height, width, tile=spec.tile, halo=spec.halo, chunk=spec.chunk, band=spec.band)
+    tiles = grid.tiles()
+    if survey.tissue is not None:
+        tiles = tiles_with_tissue(tiles, survey.tissue, height, width)
+    work_url = spec.work_dir or join_url(spec.input, "labels", spec.label_name, "work")
+    return SlidePlan(
+        spec=spec,
+        ngff_version=survey.ngff_version,
+        axes=survey.axes,
+        level=survey.level,
+        level_path=survey.level_path,
+        level_shape=survey.level_shape,
+        plane=survey.plane,
+        channels=survey.channels,
+        roles=survey.roles,
+        scales=survey.scales,
         grid=grid,
         tiles=tuple(tiles),
         skipped=len(grid) - len(tiles),
         work=WorkStore(work_url, spec.storage),
-        label_shapes=tuple(label_shapes),
-        label_scales=tuple(label_scales),
-        label_maps=maps,
-        weights_sha256=weights_sha256,
-        input_fingerprint=input_fingerprint(image),
+        label_shapes=survey.label_shapes,
+        label_scales=survey.label_scales,
+        label_maps=survey.label_maps,
+        cell_size=cell_size,
+        weights_sha256=survey.weights_sha256,
+        input_fingerprint=survey.input_fingerprint,
     )
 
 

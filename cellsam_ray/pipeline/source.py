@@ -8,11 +8,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from cellsam_ray.device import resolve_device
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.pipeline.pixels import read_channels
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.stain import stain
 from cellsam_ray.segmenter import Segmenter, load_segmenter
+from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.tiling import Tile
 
 
@@ -82,7 +84,24 @@ def _window(plan: SlidePlan, tile: Tile, raw: np.ndarray) -> np.ndarray:
 def build_segmenter(plan: SlidePlan, *, gpu_holder: str | None = None) -> Segmenter:
     """The plan's segmenter; ``gpu_holder`` names this process if it holds a GPU, which CellSAM then must use."""
     if plan.spec.segmenter:
-        return load_segmenter(plan.spec.segmenter)
-    from cellsam_ray.model.cellsam import CellSAMSegmenter
+        return load_segmenter(plan.spec.segmenter, plan.spec.segmenter_options)
+    return cellsam_segmenter(plan.spec, gpu_holder=gpu_holder)
 
-    return CellSAMSegmenter.from_spec(plan.spec, gpu_holder=gpu_holder)
+
+def cellsam_segmenter(spec: SegmentSpec, *, gpu_holder: str | None = None):
+    """CellSAM as the spec describes it: its weights on the device it may use (``device.resolve_device``), in
+    its precision, limited to its share of a GPU's memory."""
+    import torch
+
+    from cellsam_ray.model import precision
+    from cellsam_ray.model.cellsam import CellSAMSegmenter
+    from cellsam_ray.model.weights import load_cellsam
+
+    device = resolve_device(spec.device, gpu_holder=gpu_holder)
+    chosen = precision.configure(spec.precision, device)
+    if device == "cuda" and spec.gpus_per_worker < 1:  # actors sharing a GPU share its memory too
+        torch.cuda.set_per_process_memory_fraction(spec.gpus_per_worker)
+    model = load_cellsam(spec.weights, spec.model_config_name, device=device, storage_options=spec.storage.options(),
+                         sha256=spec.weights_sha256, inference=True)
+    return CellSAMSegmenter(model, mode=spec.mode, device=device, bbox_threshold=spec.bbox_threshold,
+                            batch_size=spec.batch_size, precision_name=chosen)

@@ -1,18 +1,19 @@
 """The pipeline's stages as plain functions on plain records; ``execution`` only schedules them.
 
-A: ``infer_tiles`` (the model, under a worker's model lock) then ``finish_tiles`` (host work: the
+segment: ``run_model`` (the model, under a worker's model lock) then ``finish_tiles`` (host work: the
    segmenter's own post-processing and the candidates) -> candidates per tile, persisted under the work
    prefix (resume point);
-B: ``reconcile_tile`` -> the cells homed at a tile; C: ids by a prefix sum (driver);
-D: ``write_core`` -> a tile's core of label level 0; E: ``pyramid`` chunks, row by row as the level they
-   are made from fills (``pipeline.streaming`` says when each unit may start).
+reconcile: ``reconcile_tile`` -> the cells homed at a tile; ids: a prefix sum (driver), ``with_ids``;
+paint: ``labels_out.write_core`` -> a tile's core of the segmented label level; pyramid:
+   ``labels_out.build_label_chunk``, row by row as the level they are made from fills
+   (``driver.streaming`` says when each unit may start).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -27,11 +28,10 @@ from cellsam_ray.tiling import Tile
 
 @dataclass
 class TileOutcome:
-    """What stage A reports about one tile (the candidates themselves go to the work store)."""
+    """What the segment stage reports about one tile (the candidates themselves go to the work store)."""
 
     key: str
     candidates: int
-    read_seconds: float
     model_seconds: float
 
 
@@ -43,8 +43,8 @@ class Inferred:
     seconds: float
 
 
-def infer_tiles(segmenter: Segmenter, tiles: list[Tile], windows: list[np.ndarray]) -> Inferred:
-    """The part of stage A that needs the model. A segmenter with ``infer_batch`` leaves its host work
+def run_model(segmenter: Segmenter, tiles: list[Tile], windows: list[np.ndarray]) -> Inferred:
+    """The part of the segment stage that needs the model. A segmenter with ``infer_batch`` leaves its host work
     to the finishers (CellSAM: hole filling and cutting out the cells); any other answers here."""
     start = time.perf_counter()
     origins = [t.origin for t in tiles]
@@ -60,7 +60,7 @@ def infer_tiles(segmenter: Segmenter, tiles: list[Tile], windows: list[np.ndarra
 
 
 def finish_tiles(plan: SlidePlan, tiles: list[Tile], inferred: Inferred) -> list[tuple[CellSet, TileOutcome]]:
-    """The host part of stage A, outside any model lock: finish each tile and keep its candidates."""
+    """The host part of the segment stage, outside any model lock: finish each tile and keep its candidates."""
     start = time.perf_counter()
     found = [check_detections(finish(), f"segmenter on tile {tile.key}")
              for tile, finish in zip(tiles, inferred.finishers)]
@@ -68,7 +68,7 @@ def finish_tiles(plan: SlidePlan, tiles: list[Tile], inferred: Inferred) -> list
     out = []
     for tile, detections in zip(tiles, found):
         cells = tile_candidates(detections, tile, plan.grid, plan.band)
-        out.append((cells, TileOutcome(tile.key, len(cells), 0.0, per_tile)))
+        out.append((cells, TileOutcome(tile.key, len(cells), per_tile)))
     return out
 
 
@@ -78,13 +78,12 @@ def _given(result: dict) -> dict:
 
 @dataclass
 class HomeResult:
-    """Stage B's output for one home tile: its kept cells (ids not yet assigned) and QC counters."""
+    """The reconcile stage's output for one home tile: its kept cells (ids not yet assigned) and QC counters."""
 
     kept: CellSet
     reconciled: int = 0
     oversized: int = 0
     cut_at_window: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def reconcile_tile(home: tuple[int, int], neighbourhood: list[CellSet]) -> HomeResult:

@@ -26,7 +26,7 @@ from cellsam_ray.io.storage import StorageAccess
 
 OWNER = "owner.json"
 # Files a run writes at the top of its prefix: the owner marker, the report of a run that is not yet
-# beside its label (see ``pipeline.lifecycle``), the marker that the label's arrays are this run's, and
+# beside its label (see ``driver.lifecycle``), the marker that the label's arrays are this run's, and
 # the fingerprint file of earlier versions.
 TOP_FILES = (OWNER, "report.json", "label-created", "spec.json")
 # A stage's files: <key>.npz, <key>.done, and the temporary <key>.<hex>.partial of a local write.

@@ -87,7 +87,7 @@ class _Slide:
 def write_qc_images(plan: SlidePlan, counts: dict[tuple[int, int], tuple[int, int]]) -> dict:
     """Write the QC PNGs; return the report's ``qc`` entry (paths relative to ``labels/<name>``).
 
-    ``counts`` holds (cells, reconciled copies) per home tile, from stage B.
+    ``counts`` holds (cells, reconciled copies) per home tile, from the reconcile stage.
     """
     slide = _Slide(plan)
     colours = list(render.PALETTE[: len(slide.channels)])

@@ -1,8 +1,8 @@
 """The cell table's steps as plain functions on plain records; ``execution`` schedules them.
 
-1. ``measure_tile``, in stage D right after a core is painted: the sums of every cell painted there, from
-   the painted ids and the image's channels over the core (no label is read back from storage).
-2. ``home_rows``, once per home tile after stage D: the cells it numbered, their seam pieces combined,
+1. ``measure_tile``, in the paint stage right after a core is painted: the sums of every cell painted
+   there, from the painted ids and the image's channels over the core (no label is read back from storage).
+2. ``home_rows``, once per home tile after the paint stage: the cells it numbered, their seam pieces combined,
    as typed rows. Every core that painted a piece of such a cell lies in the tile's 3×3 neighbourhood
    (a core paints only the kept cells of its own 3×3 neighbourhood), so the pieces are all there.
 3. ``write.ParquetStream`` appends each tile's rows in raster order, which is id order.

@@ -1,23 +1,26 @@
 """A segmenter that fails on purpose, so tests (and a new deployment) can prove recovery with real faults.
 
-``FaultySegmenter`` answers like the ground-truth oracle (``CELLSAM_RAY_ORACLE_LABELS``), leaves one file
-per window it segments so a test can count what was computed, and injects the faults the environment
-asks for. The driver forwards ``CELLSAM_RAY_*`` variables to the model actors, so a test configures it
-the way a user configures any segmenter built with no arguments:
+``FaultySegmenter`` answers like the ground-truth oracle (its ``labels``), leaves one file per window it
+segments so a test can count what was computed, and injects the faults its options ask for. They are
+keyword arguments, set as any segmenter's are, in the spec's ``segmenter_options`` (``--segmenter-option
+KEY=VALUE``), which reach every model actor with the plan; a window's position is ``"y,x"``:
 
-- ``CELLSAM_RAY_FAULT_DIR`` (required): a folder shared by the actors; each window segmented leaves
+- ``labels`` (required): the oracle's cells (``oracle.GroundTruthSegmenter``).
+- ``folder`` (required): a folder shared by the actors; each window segmented leaves
   ``calls/<y>_<x>.<unique>``, named by the window's origin, holding where it ran: the Ray node and the GPU
   ids Ray gave the actor (``window_places``).
-- ``CELLSAM_RAY_FAULT_CRASH_AT=y,x``: the actor's process dies (``os._exit``) on that window, the first time
-  only (a ``crashed`` marker in the folder remembers it).
-- ``CELLSAM_RAY_FAULT_FAIL_AT=y,x``: raises on that window, every time.
-- ``CELLSAM_RAY_FAULT_OOM_ABOVE=n``: a batch of more than n windows raises CUDA out of memory; each such
-  batch leaves ``oom/<n>.<unique>``.
-- ``CELLSAM_RAY_FAULT_DELAY=s``: sleeps s seconds per window (time to kill a driver mid-run).
-- ``CELLSAM_RAY_FAULT_HOLD_AT=y,x``: on that window, leaves ``held/<pid>`` (the process holding it) and
-  waits until a ``release`` file appears in the folder, so a test can act at a known point of a run.
-- ``CELLSAM_RAY_FAULT_BARRIER=n``: no window is segmented before n segmenters have been built (each leaves
-  ``built/<pid>``), so a test that counts a run's actors sees every one start before the work runs out.
+- ``crash_at="y,x"``: the actor's process dies (``os._exit``) on that window, the first time only (a
+  ``crashed`` marker in the folder remembers it).
+- ``fail_at="y,x"``: raises on that window, every time until a ``mended`` file appears in the folder: the
+  options are part of the resume fingerprint, so a test mends the cause, as a user would, and reruns the
+  same spec.
+- ``oom_above=n``: a batch of more than n windows raises CUDA out of memory; each such batch leaves
+  ``oom/<n>.<unique>``.
+- ``delay=s``: sleeps s seconds per window (time to kill a driver mid-run).
+- ``hold_at="y,x"``: on that window, leaves ``held/<pid>`` (the process holding it) and waits until a
+  ``release`` file appears in the folder, so a test can act at a known point of a run.
+- ``barrier=n``: no window is segmented before n segmenters have been built (each leaves ``built/<pid>``),
+  so a test that counts a run's actors sees every one start before the work runs out.
 """
 
 from __future__ import annotations
@@ -66,15 +69,12 @@ def _place() -> dict:
 
 
 class FaultySegmenter:
-    def __init__(self) -> None:
-        self.oracle = GroundTruthSegmenter()
-        self.folder = Path(os.environ["CELLSAM_RAY_FAULT_DIR"])
-        self.crash_at = _origin(os.environ.get("CELLSAM_RAY_FAULT_CRASH_AT"))
-        self.fail_at = _origin(os.environ.get("CELLSAM_RAY_FAULT_FAIL_AT"))
-        self.oom_above = int(os.environ.get("CELLSAM_RAY_FAULT_OOM_ABOVE", "0"))
-        self.delay = float(os.environ.get("CELLSAM_RAY_FAULT_DELAY", "0"))
-        self.hold_at = _origin(os.environ.get("CELLSAM_RAY_FAULT_HOLD_AT"))
-        self.barrier = int(os.environ.get("CELLSAM_RAY_FAULT_BARRIER", "0"))
+    def __init__(self, labels: str, folder: str, *, crash_at: str | None = None, fail_at: str | None = None,
+                 oom_above: int = 0, delay: float = 0, hold_at: str | None = None, barrier: int = 0) -> None:
+        self.oracle = GroundTruthSegmenter(labels)
+        self.folder = Path(folder)
+        self.crash_at, self.fail_at, self.hold_at = _origin(crash_at), _origin(fail_at), _origin(hold_at)
+        self.oom_above, self.delay, self.barrier = oom_above, delay, barrier
         for sub in ("calls", "writing", "oom", "held", "built"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
         (self.folder / "built" / str(os.getpid())).touch()
@@ -86,7 +86,7 @@ class FaultySegmenter:
             if not marker.exists():
                 marker.touch()
                 os._exit(1)  # as a segfault or the kernel's OOM killer would: no exception, no cleanup
-        if origin == self.fail_at:
+        if origin == self.fail_at and not (self.folder / "mended").exists():
             raise RuntimeError(f"injected failure at window {origin}")
         if origin == self.hold_at:
             self._hold()

@@ -5,14 +5,13 @@ returns every known cell visible in the window, truncated at the window's edge, 
 random 0..``jitter`` pixels on each side so that neighbouring windows disagree about box centres the way a
 real model's windows do. The jitter is seeded by the cell id and the window origin, so runs repeat.
 
-``GroundTruthSegmenter()`` (no arguments, as ``--segmenter`` requires) reads the cells named by the
-environment: ``CELLSAM_RAY_ORACLE_LABELS`` is a ``.npy`` label image, or an OME-Zarr image URL whose
-``labels/ground_truth`` it reads (level ``CELLSAM_RAY_ORACLE_LEVEL``, default 0) window by window.
+Its cells are ``labels``: a label array (in this process), or, as a ``--segmenter`` takes them from the
+spec's ``segmenter_options`` (``--segmenter-option labels=URL``), the path of a ``.npy`` label image or the
+URL of an OME-Zarr image whose ``labels/ground_truth`` it reads (at ``level``, default 0) window by window.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,8 @@ from scipy import ndimage
 
 
 class GroundTruthSegmenter:
-    def __init__(self, labels: np.ndarray | None = None, *, jitter: int = 3) -> None:
-        self.labels = labels if labels is not None else _labels_from_environment()
+    def __init__(self, labels: np.ndarray | str, *, level: int = 0, jitter: int = 3) -> None:
+        self.labels = _read_labels(labels, level) if isinstance(labels, str) else labels
         self.jitter = jitter
 
     def segment(self, window: np.ndarray, *, origin: tuple[int, int]) -> dict[str, Any]:
@@ -58,11 +57,11 @@ class GroundTruthSegmenter:
         return {"boxes": np.array(boxes, dtype=np.float64).reshape(-1, 4), "scores": np.array(scores), "masks": masks}
 
 
-def _labels_from_environment():
-    source = os.environ["CELLSAM_RAY_ORACLE_LABELS"]
+def _read_labels(source: str, level: int):
+    """The label image at ``source``, read lazily: a memory-mapped ``.npy``, or an OME-Zarr image's
+    ``labels/ground_truth`` at ``level``."""
     if source.endswith(".npy"):
         return np.load(source, mmap_mode="r")
     from cellsam_ray.io.ngff import open_image
 
-    level = int(os.environ.get("CELLSAM_RAY_ORACLE_LEVEL", "0"))
     return open_image(source).label("ground_truth").array(level)

@@ -65,10 +65,10 @@ def slide_windows(url: str, spec: DataSpec, window: int) -> list[LabelledImage]:
     Windows step by ``spec.stride`` (overlapping when smaller than the window); the labels come from
     ``labels/<spec.label>`` at the same level, zero past the borders like the image.
     """
+    from cellsam_ray.driver.windows import plan_run
     from cellsam_ray.io.ngff import open_image
     from cellsam_ray.model.cellsam import cellsam_layout
     from cellsam_ray.pipeline.pixels import level_selection
-    from cellsam_ray.pipeline.plan import make_plan
     from cellsam_ray.pipeline.source import read_window
     from cellsam_ray.spec import SegmentSpec
 
@@ -76,7 +76,7 @@ def slide_windows(url: str, spec: DataSpec, window: int) -> list[LabelledImage]:
     if stride > window or (window - stride) % 2:
         raise UserError(f"stride {stride} must be at most the window ({window}) and differ from it by an even number")
     # Planned as a run of the ground-truth oracle: its windows are exactly what training needs.
-    plan = make_plan(SegmentSpec(
+    plan = plan_run(SegmentSpec(
         input=url, nuclear=spec.nuclear, whole_cell=spec.whole_cell, level=spec.level, tile=stride,
         halo=(window - stride) // 2, chunk=stride, band=0, storage_options=spec.storage_options,
         segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter",

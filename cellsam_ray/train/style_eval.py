@@ -1,7 +1,7 @@
 """F1 at IoU 0.5 of a model on every synthetic style, on slides of seeds given here, as a user would run it.
 
 For each style and seed a slide is written (``write_synthetic_slide(style=...)``) and segmented by the
-whole-slide pipeline (``pipeline.api.segment``: the style's own nuclear and whole-cell channels, the
+whole-slide pipeline (``driver.api.segment``: the style's own nuclear and whole-cell channels, the
 bundled model's windows sized to the cells as ``segment`` sizes them, fast mode) and its labels scored
 against ``labels/ground_truth`` (``evaluate.score_zarr``), pooled over the style's slides.
 
