@@ -26,10 +26,11 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from cellsam_ray.jobspec import spec_from_mapping
+from cellsam_ray.version import __version__
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-IMAGE = f"REGISTRY/cellsam-ray:{PYPROJECT['version']}"
+IMAGE = f"REGISTRY/cellsam-ray:{__version__}"
 
 
 def pins() -> dict[str, Requirement]:
