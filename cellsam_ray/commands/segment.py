@@ -12,6 +12,7 @@ import json
 import sys
 import typing
 
+from cellsam_ray.commands.fields import base_type, option_flag
 from cellsam_ray.errors import UserError
 from cellsam_ray.io.storage import parse_storage_options
 from cellsam_ray.spec import SegmentSpec, validate_spec
@@ -19,24 +20,13 @@ from cellsam_ray.spec import SegmentSpec, validate_spec
 HELP = "Segment every cell of an OME-Zarr slide on Ray and write labels/<name> into it."
 
 
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _base_type(annotation):
-    """``X`` for ``X | None``, else the annotation itself."""
-    args = typing.get_args(annotation)
-    others = [a for a in args if a is not type(None)]
-    return others[0] if type(None) in args and len(others) == 1 else annotation
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help=SegmentSpec.model_fields["input"].description)
     for name, info in SegmentSpec.model_fields.items():
         if name == "input":
             continue
-        flag = _option(info.alias or name)
-        kind = _base_type(info.annotation)
+        flag = option_flag(info.alias or name)
+        kind = base_type(info.annotation)
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         help_text = f"{info.description} (default: {default})" if default not in (None, [], {}) else info.description
         if name == "segmenter_options":  # one option per flag: KEY=VALUE reads better than a JSON object
@@ -67,7 +57,7 @@ def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
         if name in ("nuclear", "whole_cell"):
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif name in ("storage_options", "storage_options_env"):
-            value = parse_storage_options(value, _option(name), names_only=name == "storage_options_env")
+            value = parse_storage_options(value, option_flag(name), names_only=name == "storage_options_env")
         elif name == "segmenter_options":
             value = parse_segmenter_options(value)
         values[info.alias or name] = value

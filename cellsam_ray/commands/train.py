@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from cellsam_ray.commands.fields import base_type, option_flag
 from cellsam_ray.errors import UserError
 
 HELP = "Train CellSAM on labelled tiles (OME-Zarr slides with labels, image+label folders or synthetic tissue)."
@@ -53,9 +54,9 @@ def add_model_options(group, model: type[BaseModel], *, skip: set[str], defaults
         if name in skip:
             continue
         option, metavar = LIST_OPTIONS.get(name, (name, None))
-        flag = "--" + option.replace("_", "-")
+        flag = option_flag(option)
         default = (defaults or {}).get(name, info.get_default(call_default_factory=True))
-        kind = _base_type(info.annotation)
+        kind = base_type(info.annotation)
         text = helps.get(name, info.description)
         text += f" (default: {default})" if default not in (None, [], {}) and "(default" not in text else ""
         if kind is bool:
@@ -125,8 +126,3 @@ def train(settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _base_type(annotation):
-    """``X`` for ``X | None``, else the annotation itself."""
-    args = typing.get_args(annotation)
-    others = [a for a in args if a is not type(None)]
-    return others[0] if type(None) in args and len(others) == 1 else annotation

@@ -75,11 +75,12 @@ def slide_windows(url: str, spec: DataSpec, window: int) -> list[LabelledImage]:
     stride = spec.stride or window
     if stride > window or (window - stride) % 2:
         raise UserError(f"stride {stride} must be at most the window ({window}) and differ from it by an even number")
-    # Planned as a run of the ground-truth oracle: its windows are exactly what training needs.
+    # Planned as a run of the ground-truth oracle on the training label: its windows are exactly what training
+    # needs (the plan only checks that the oracle takes these options; nothing is segmented).
     plan = plan_run(SegmentSpec(
         input=url, nuclear=spec.nuclear, whole_cell=spec.whole_cell, level=spec.level, tile=stride,
         halo=(window - stride) // 2, chunk=stride, band=0, storage_options=spec.storage_options,
-        segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter",
+        segmenter="cellsam_ray.testing.oracle:GroundTruthSegmenter", segmenter_options=dict(labels=url),
     ))
     truth = open_image(url, spec.storage_options).label(spec.label).array(plan.level)
     label_axes = tuple(a for a in plan.axes if a != "c")
