@@ -41,7 +41,7 @@ from cellsam_ray.testing.oracle import GroundTruthSegmenter
 
 ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 TIMED_ORACLE = "cellsam_ray.bench.merge:TimedOracle"
-DENSE_ROLES = dict(nuclear=["DAPI"], whole_cell=["E-cadherin"])  # the dense slides' two channels (``_dense_slide``)
+DENSE_ROLES = dict(nuclear=["DAPI"], whole_cell=["E-cadherin"])  # the dense slides' two channels (``dense_slide``)
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -148,7 +148,7 @@ def sparse(size: int, tissue: int, folder: Path) -> dict:
                 stage_seconds=report["timings"], tasks=report["tasks"])
 
 
-def _dense_slide(folder: Path, size: int, name: str):
+def dense_slide(folder: Path, size: int, name: str):
     """A ``size``² synthetic slide full of cells, and its truth as a plain .npy (memory-mapped), so the
     oracle reads it in its own thread, where its CPU time is counted; read through zarr, part of the work
     would run on zarr's I/O threads. Returns the slide's URL, its synth info and the truth's path."""
@@ -165,7 +165,7 @@ def _dense_slide(folder: Path, size: int, name: str):
 def dense(size: int, folder: Path, workers: int, repeat: int = 1, chunk: int = 256) -> dict:
     """``repeat`` runs on one slide (each writes its own label image, so none resumes another); the
     figures of each run and the median of the per-tile figure, since a shared VM's CPU times vary."""
-    url, _, truth = _dense_slide(folder, size, "dense")
+    url, _, truth = dense_slide(folder, size, "dense")
     ensure_ray()
     runs = [_dense_run(url, truth, size, folder, f"bench{attempt}", workers, chunk) for attempt in range(repeat)]
     return dict(slide=f"{size}x{size}", label_chunk=chunk, tiles=runs[-1]["tiles"], cells=runs[-1]["cells"],
@@ -209,7 +209,7 @@ def against(size: int, folder: Path, other: str, rounds: int, workers: int, chun
     """This tree and the source tree ``other`` (another commit's checkout) on one slide, runs alternated
     ``rounds`` times, each in a fresh process and local cluster (as a user's ``segment``): the VM's speed
     drifts over minutes, so only runs side by side compare. The measuring code is this file's for both."""
-    url, _, truth = _dense_slide(folder, size, "dense")
+    url, _, truth = dense_slide(folder, size, "dense")
     trees = {"this": str(Path(__file__).resolve().parents[2]), "other": str(Path(other).resolve())}
     runs: dict[str, list] = {name: [] for name in trees}
     for attempt in range(rounds):
@@ -243,7 +243,7 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
     from cellsam_ray.spec import SegmentSpec
     from cellsam_ray.table import per_tile
 
-    url, info, truth = _dense_slide(folder, size, "profile")
+    url, info, truth = dense_slide(folder, size, "profile")
     plan = plan_run(SegmentSpec(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
                                 segmenter=ORACLE, segmenter_options=dict(labels=str(truth)), tissue_mask=False,
                                 label_name="profile", qc_images=False))
