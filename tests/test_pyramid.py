@@ -217,3 +217,13 @@ def test_a_z_axis_halved_too_and_other_axes_kept(tmp_path):
     for t, z, y, x in itertools.product(range(2), range(4), range(10), range(11)):
         block = cells[t, 2 * z : 2 * z + 2, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2]
         assert built[t, z, y, x] == reference_mode(block)
+
+
+def test_source_span_is_the_union_of_its_targets_sources():
+    """What the driver asks at every event (``driver.streaming``): exactly the sources of every target in the
+    range, no more."""
+    for source, target in ((1001, 500), (1001, 501), (100, 33), (100, 25), (30, 20), (500, 1001), (34, 100)):
+        m = pyramid.AxisMap.between(source, target)
+        for start, stop in ((0, 1), (0, target), (3, 7), (target - 1, target), (target // 2, target // 2 + 5)):
+            sources = [j for i in range(start, stop) for j in reference_sources(m, i)]
+            assert m.source_span(start, stop) == (min(sources), max(sources) + 1), (source, target, start, stop)
