@@ -421,10 +421,12 @@ def _tasks_in_flight() -> int:
     return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-HOMES_PER_TASK = 4
-"""Neighbouring homes (cores) a reconcile (write) task takes at most: a run of 4 along a row decodes 18
-candidate files instead of 36 (deserialises 18 kept sets instead of 36) and costs one task's overhead."""
-CHUNKS_PER_TASK = 8  # pyramid chunks of one chunk row a task builds at most
+HOMES_PER_TASK = 8
+"""Neighbouring homes (cores) a reconcile (write) task takes at most. A run along a row decodes fewer candidate
+files per home (a run of 4 decodes 18 instead of 36), and each task is a submission and a result the one
+driver thread handles: 8 rather than 4 took the driver's CPU from 5.3 to 4.1 ms per tile, 16 to 3.9
+(``bench.driver``, notes/pipeline.md), while a task still takes only the homes that are ready."""
+CHUNKS_PER_TASK = 16  # pyramid chunks of one chunk row a task builds at most
 
 
 class _HostStages:
