@@ -50,12 +50,12 @@ def choose_model(spec: SegmentSpec) -> tuple[SegmentSpec, dict[str, int] | None]
         if given:
             raise UserError(f"give --cell-diameter or --{'/--'.join(given)}, not both: the cells' size "
                             "chooses the tiling")
-        if spec.weights and not bundled.of_bundled_sizes(spec.model_config_name or "v1.2"):
-            raise UserError("--cell-diameter sizes the windows of the bundled demo model or a checkpoint of its "
-                            "sizes (its config); for these weights choose --scale or --tile/--halo")
     if spec.segmenter:
         return spec, None
     weights, config = bundled.weights_or_bundled(spec.weights, spec.model_config_name)
+    if spec.cell_diameter is not None and spec.weights and not bundled.of_bundled_sizes(config):
+        raise UserError("--cell-diameter sizes the windows of the bundled demo model or a checkpoint of its "
+                        "sizes (its config); for these weights choose --scale or --tile/--halo")
     chosen = spec.model_copy(update=dict(weights=weights, model_config_name=config))
     if spec.weights or spec.cell_diameter is not None:
         return chosen, None
