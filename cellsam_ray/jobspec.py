@@ -65,7 +65,8 @@ def require_local_paths(spec: SegmentSpec) -> None:
     """A UserError naming every local path of the spec that this node does not have (the work folder is
     made when needed): the first check of a job, whose spec may have been written on another machine."""
     paths = spec.with_local_paths_absolute().local_paths()
-    missing = {name: path for name, path in paths.items() if name != "work_dir" and not Path(path).exists()}
+    made = ("work_dir", "cohort_report")  # outputs, made when needed
+    missing = {name: path for name, path in paths.items() if name not in made and not Path(path).exists()}
     if missing:
         raise UserError(f"the spec's local paths do not exist on this node ({socket.gethostname()}): "
                         f"{named_paths(missing)}; a spec run on a cluster must name paths its nodes have, or URLs "

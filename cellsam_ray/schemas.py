@@ -1,7 +1,7 @@
 """JSON Schemas of the files users write and read, generated from the code that parses or writes them.
 
 Job specs get a JSON Schema from their pydantic model; the cell table (Parquet) gets a JSON description
-of its columns from ``table.schema``. ``python -m cellsam_ray.schemas`` rewrites ``schemas/``; a test
+of its columns from ``table.schema``; a cohort report's rows (``cohort.parquet``) one from their dataclass. ``python -m cellsam_ray.schemas`` rewrites ``schemas/``; a test
 fails when a committed schema drifts from its source.
 """
 
@@ -11,18 +11,22 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import TypeAdapter
+
+from cellsam_ray.driver.cohort_report import SlideRow
 from cellsam_ray.report import RunReport
 from cellsam_ray.spec import SegmentSpec
 from cellsam_ray.table import schema as cell_table
 
 SCHEMAS = {"job.schema.json": SegmentSpec, "report.schema.json": RunReport,
-           "cells.schema.json": cell_table.describe}
+           "cells.schema.json": cell_table.describe, "cohort.schema.json": TypeAdapter(SlideRow)}
 
 
 def render(source) -> str:
     """A pydantic model's JSON Schema, or what a describing function returns, as the committed text."""
-    if hasattr(source, "model_json_schema"):
-        schema = source.model_json_schema(by_alias=True)
+    if hasattr(source, "model_json_schema") or isinstance(source, TypeAdapter):
+        schema = source.json_schema(by_alias=True) if isinstance(source, TypeAdapter) else \
+            source.model_json_schema(by_alias=True)
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     else:
         schema = source()

@@ -22,7 +22,11 @@ class SegmentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str = Field(description="URL or path of the OME-Zarr image (local, s3://, gs://, memory://, ...).")
+    input: str | list[str] = Field(
+        description="URL or path of the OME-Zarr image (local, s3://, gs://, memory://, ...); or a cohort: a list "
+        "of them, a glob (s3://bucket/study/*.ome.zarr), a folder of slides, or a manifest (.txt: a URL per "
+        "line; .csv: a url column and optional nuclear and whole_cell columns)."
+    )
     stain: Literal["fluorescence", "brightfield"] = Field(
         default="fluorescence", description="'fluorescence' (channels named by --nuclear/--whole-cell) or "
         "'brightfield' (H&E, IHC: an RGB image whose colours are the input, no channels named)."
@@ -134,6 +138,20 @@ class SegmentSpec(BaseModel):
         default=600, ge=1, description="Seconds without a heartbeat after which a run's lease on its label "
         "counts as stale (the running driver renews it every lease_timeout_s / 10)."
     )
+    cohort_report: str | None = Field(
+        default=None, description="Where a cohort run writes its report (a folder: cohort.parquet, one row per "
+        "slide, and cohort.html); required when the input names several slides."
+    )
+    slides_at_once: int = Field(
+        default=2, ge=1, description="A cohort's slides in flight at once (planned, segmented or being "
+        "finished): the next slide's tiles follow the last one's on the model while it is merged and "
+        "pyramided; memory grows with it, not with the cohort's size."
+    )
+    skip_bad_slides: bool = Field(
+        default=False, description="Segment a cohort's other slides when some cannot be read (missing, a "
+        "channel one lacks): they are listed in the cohort report. Without it, they are all listed at once "
+        "and nothing runs."
+    )
     backup_after_s: float = Field(
         default=120, gt=0, description="Once no tiles wait, a batch one model actor has held this long (and 3x "
         "the median batch time) is run by an idle actor too: a lost node's actor may never restart, and a "
@@ -166,7 +184,7 @@ class SegmentSpec(BaseModel):
         """The fields that name a local path (input, weights, work_dir, a JSON config; not a URL, not a
         named size such as "v1.2"), by field name: what every node of a run must reach at that path."""
         paths = {}
-        for name in ("input", "weights", "work_dir", "model_config_name"):
+        for name in ("input", "weights", "work_dir", "model_config_name", "cohort_report"):
             value = getattr(self, name)
             if not isinstance(value, str) or "://" in value:
                 continue
@@ -183,6 +201,9 @@ class SegmentSpec(BaseModel):
         base = (base or Path.cwd()).resolve()
         update: dict[str, Any] = {name: str(base / value) for name, value in self.local_paths().items()
                                   if not Path(value).is_absolute()}
+        if isinstance(self.input, list):  # a cohort's slides
+            update["input"] = [value if "://" in value or Path(value).is_absolute() else str(base / value)
+                               for value in self.input]
         options = {name: str(base / value) if _relative_path_under(base, value) else value
                    for name, value in self.segmenter_options.items()}
         if options != self.segmenter_options:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cellsam_ray import device
-from cellsam_ray.driver import capacity, execution
+from cellsam_ray.driver import capacity, model_pool
 from cellsam_ray.driver.capacity import Growth, NodeGroup
 from cellsam_ray.errors import UserError
 from cellsam_ray.spec import SegmentSpec
@@ -129,7 +129,7 @@ class _SmallDevice:
 
 
 def test_out_of_memory_shrinks_the_batch_and_the_decoder_chunk_and_redoes_only_the_rest():
-    worker = execution.SegmentWorker.__new__(execution.SegmentWorker)  # the method, without a Ray actor
+    worker = model_pool.SegmentWorker.__new__(model_pool.SegmentWorker)  # the method, without a Ray actor
     worker.segmenter, worker.batch_limit = _SmallDevice(), 8
     tiles = TileGrid(height=60, width=40, tile=20, halo=4).tiles()
     done = worker._infer(tiles, [np.zeros((1, 4, 4))] * 6)

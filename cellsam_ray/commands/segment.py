@@ -21,7 +21,7 @@ HELP = "Segment every cell of an OME-Zarr slide on Ray and write labels/<name> i
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help=SegmentSpec.model_fields["input"].description)
+    parser.add_argument("input", nargs="+", help=SegmentSpec.model_fields["input"].description)
     for name, info in SegmentSpec.model_fields.items():
         if name == "input":
             continue
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> SegmentSpec:
-    values: dict = {"input": args.input}
+    values: dict = {"input": args.input[0] if len(args.input) == 1 else args.input}
     for name, info in SegmentSpec.model_fields.items():
         value = getattr(args, name, None)
         if name == "input" or value is None:

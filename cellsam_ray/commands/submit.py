@@ -57,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
         Path(folder, "spec.json").write_text(json.dumps(fields, indent=2))
         job_id = api.submit(entrypoint=ENTRYPOINT, submission_id=args.job_id,
                             runtime_env={"working_dir": folder},
-                            metadata={"spec": str(args.spec), "input": fields["input"]})
+                            metadata={"spec": str(args.spec), "input": _named(fields["input"])})
     print(job_id, flush=True)
     return api.wait(job_id) if args.wait else 0
+
+
+def _named(given: str | list[str]) -> str:
+    """The input, in the one string a job's metadata holds: a cohort's first slide and how many more."""
+    if isinstance(given, str):
+        return given
+    return given[0] if len(given) == 1 else f"{given[0]} and {len(given) - 1} more"

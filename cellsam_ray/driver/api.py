@@ -13,8 +13,10 @@ from contextlib import contextmanager
 
 import ray
 
+from cellsam_ray.driver.cohort import run_cohort
 from cellsam_ray.driver.execution import run_plan
 from cellsam_ray.driver.lifecycle import LabelRun, build_report
+from cellsam_ray.driver.slides import named_slides
 from cellsam_ray.driver.stats import Progress, RunStats
 from cellsam_ray.driver.windows import plan_run
 from cellsam_ray.errors import RunFailed, RunStopped, UserError, one_line
@@ -76,12 +78,18 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
-    """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report."""
+    """Segment the slide ``spec`` names and write ``labels/<label_name>`` into it; return the report. A spec
+    naming several slides (a list, glob, folder or manifest: ``driver.slides``) runs them as one cohort
+    (``driver.cohort``) and returns the cohort's summary and rows."""
     spec = spec if isinstance(spec, SegmentSpec) else SegmentSpec.model_validate(spec)
     spec = spec.with_local_paths_absolute()  # workers run in other folders
     spec.storage.options()  # every variable it names is set here, before anything is read
     if spec.cell_table_h5ad:
         require_anndata()
+    slides, is_cohort = named_slides(spec.input, spec.storage.options())
+    if is_cohort:
+        with stop_on_sigterm():
+            return run_cohort(spec, slides, connect=ensure_ray, progress=progress)
     started = time.perf_counter()
     plan = plan_run(spec)  # the model chosen, the slide surveyed and the windows decided, once each
     if plan.cell_size and progress:

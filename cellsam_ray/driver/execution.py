@@ -1,12 +1,6 @@
-"""Running a slide plan on Ray: every actor, task, retry and resource request lives here.
+"""Running slide plans on Ray: the loop that feeds one model pool and each slide's CPU stages.
 
-- The segment stage runs in a pool of model actors (one model each; ``num_gpus`` when the cluster has GPUs
-  or its autoscaler can add them: ``capacity``). An actor gets tiles once it has started, so a run begins
-  with the first actor ready and grows as nodes join; actors that never find room hold no tiles. Tile
-  descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch is
-  on the model (``max_concurrency=2``), and the driver keeps two batches in flight per actor. An actor
-  writes a batch's candidates to the work store itself, after releasing the model to the other batch in
-  flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
+- The segment stage is ``driver.model_pool``: one pool of model actors for every slide of a run.
 - The reconcile, paint and pyramid stages are CPU tasks; the ids are a prefix sum on the driver over one
   integer per tile. They stream: each unit is submitted as soon as what it reads is final
   (``driver.streaming`` says when), a bounded number at a time, while the model actors go on; an
@@ -16,137 +10,34 @@
 - The cell table is measured in the paint stage; per-tile tasks combine seam pieces as the cores are
   painted, and one small writer actor streams their rows, in id order, to one Parquet file. The QC
   pictures are one task after the pyramid stage (they need the label pyramid).
-- Actors restart and tasks retry (set explicitly: Ray's defaults for actors are 0); every write is to a
-  key derived from the tile or chunk alone, so a retry rewrites the same bytes. A batch held too long (an
-  actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
-  actor once the queue is empty; the first copy to finish counts.
-- A batch that still fails is retried tile by tile; a tile that fails on every attempt is recorded
-  (``RunStats.failed``): nothing that reads it is written, the run ends unfinished (its label unlisted)
-  and a rerun retries only that tile, so no tile is ever left silently empty. Device out of memory halves
-  an actor's batch, down to one tile, and shrinks CellSAM's decoder chunk; a sticky CUDA error ends the
-  actor's process, so Ray restarts it with a fresh context. A stopped or failed run kills its actors and
-  cancels its tasks at once.
+- Tasks retry (set explicitly); every write is to a key derived from the tile or chunk alone, so a retry
+  rewrites the same bytes. A tile that fails on every attempt is recorded (``RunStats.failed``): nothing
+  that reads it is written, the slide ends unfinished (its label unlisted) and a rerun retries only that
+  tile, so no tile is ever left silently empty. A stopped or failed run kills its actors and cancels its
+  tasks at once.
+- ``Loop`` runs several slides at once (a cohort, ``driver.cohort``) with one pool; ``run_plan`` is a loop
+  of one slide. A slide's failure (a task that failed every retry, its swap) ends that slide alone.
 """
 
 from __future__ import annotations
 
-import resource
-import statistics
-import sys
-import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import ray
 
-from cellsam_ray import device
-from cellsam_ray.driver import capacity
+from cellsam_ray.driver.model_pool import CANDIDATES, TASK_RETRIES, ModelPool
 from cellsam_ray.driver.stats import Progress, RunStats
 from cellsam_ray.driver.streaming import Streams
-from cellsam_ray.errors import RunFailed, UserError, one_line
 from cellsam_ray.merge.objects import CellSet
 from cellsam_ray.merge.rasterise import rasterise_core
-from cellsam_ray.pipeline import labels_out, source
+from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.plan import SlidePlan
-from cellsam_ray.pipeline.stages import Inferred, finish_tiles, reconcile_tile, run_model, with_ids
-from cellsam_ray.report import TileFailure
+from cellsam_ray.pipeline.stages import reconcile_tile, with_ids
 from cellsam_ray.table import per_tile
 from cellsam_ray.table.measure import CellSums
 from cellsam_ray.table.schema import TableLayout
 from cellsam_ray.table.write import ParquetStream
-
-CANDIDATES = "candidates"
-ACTOR_RESTARTS = 3
-TASK_RETRIES = 3
-TILE_LOSSES = 3
-"""A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
-a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
-
-
-def _use_assigned_cpus() -> None:
-    """Give torch the CPUs Ray assigned to this actor: Ray sets OMP_NUM_THREADS to 1 for fractional
-    shares (1.75 CPUs gives 1 thread), which would leave a core idle on a CPU-only node. Only a segmenter
-    that imported torch pays for it (called after building the segmenter, before it runs)."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, round(cpus)))
-
-
-class SegmentWorker:
-    """One model; segments batches of tiles, reading the next batch's windows while one is on the model."""
-
-    def __init__(self, plan: SlidePlan) -> None:
-        self.plan = plan
-        self.gpus = [str(gpu) for gpu in ray.get_gpu_ids()]  # what Ray pinned it to (CUDA_VISIBLE_DEVICES)
-        holder = (f"the model actor on node {ray.util.get_node_ip_address()} holding GPU {', '.join(self.gpus)}"
-                  if self.gpus else None)
-        self.unusable = None  # why this node cannot run the model (no CUDA for its GPU, ...), said by started()
-        try:
-            self.segmenter = source.build_segmenter(plan, gpu_holder=holder)
-        except UserError as err:  # raised here, it would end the process with a native crash dump on the driver
-            self.segmenter, self.unusable = None, str(err)
-        _use_assigned_cpus()
-        self.readers = ThreadPoolExecutor(max_workers=4)
-        self.model_lock = threading.Lock()
-        self.batch_limit = plan.spec.batch_size  # lowered for good after a CUDA out-of-memory error
-
-    @ray.method(retry_exceptions=True)  # a transient error (a storage hiccup) costs a retry, not the tile
-    def run(self, tiles: list) -> list[tuple[str, int, float]]:
-        if self.unusable:  # restarted on a node that cannot run the model
-            raise RuntimeError(self.unusable)
-        windows = source.read_windows(self.plan, tiles)
-        try:
-            with self.model_lock:
-                inferred = self._infer(tiles, windows)
-            # Host work (the segmenter's cleanup, the candidates) outside the lock: the other batch in
-            # flight has the model meanwhile.
-            results = [r for part, done in inferred for r in finish_tiles(self.plan, part, done)]
-        except Exception as err:
-            device.exit_if_device_broken(err)
-            raise
-        list(self.readers.map(lambda r: self.plan.work.put(CANDIDATES, r[1].key, r[0].to_bytes()), results))
-        return [(o.key, o.candidates, o.model_seconds) for _, o in results]
-
-    def _infer(self, tiles: list, windows: list) -> list[tuple[list, Inferred]]:
-        """The model's part of the segment stage in sub-batches of at most ``batch_limit`` tiles; out of device memory
-        halves the limit and shrinks the segmenter's own work (``device.run_shrinking``), and the lower
-        sizes stay for this actor's later batches."""
-        def run(part: list) -> Inferred:
-            return run_model(self.segmenter, [t for t, _ in part], [w for _, w in part])
-
-        done, self.batch_limit = device.run_shrinking(list(zip(tiles, windows)), self.batch_limit, run,
-                                                      getattr(self.segmenter, "on_out_of_memory", None))
-        return [([t for t, _ in part], inferred) for part, inferred in done]
-
-    @ray.method(concurrency_group="control")  # answers while both batch threads are busy
-    def started(self) -> dict:
-        """Its node, and why it cannot run the model (None if it can): asked when it is created, and again
-        when another actor of its node was lost, its answer saying that it runs (a constructor that failed
-        fails this call)."""
-        return dict(node=ray.get_runtime_context().get_node_id(), unusable=self.unusable)
-
-    @ray.method(concurrency_group="control")
-    def facts(self) -> dict:
-        """Where it runs (node, the GPUs Ray gave it, the segmenter's device) and its peak memory so far."""
-        return dict(node=ray.get_runtime_context().get_node_id(), gpus=self.gpus,
-                    device=getattr(self.segmenter, "device", None),
-                    peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-
-
-def _failure_line(err: BaseException) -> str:
-    """What went wrong, in one line: the segmenter's own exception rather than Ray's wrapper."""
-    cause = getattr(err, "cause", None) if isinstance(err, ray.exceptions.RayTaskError) else None
-    if cause is not None:
-        return one_line(cause)
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
-        return last  # the constructor's own exception, e.g. "KeyError: 'X'"
-    return f"{type(err).__name__}: {last}"
 
 
 def _runs(homes: list[tuple[int, int]], most: int) -> list[list[tuple[int, int]]]:
@@ -236,184 +127,6 @@ def _qc_images(plan: SlidePlan, counts: dict) -> dict:
 def _pyramid_chunks(plan: SlidePlan, level: int, chunks: list[tuple[int, ...]]) -> None:
     for chunk_index in chunks:
         labels_out.build_label_chunk(plan, level, chunk_index)
-
-
-@dataclass
-class _Sent:
-    """A batch given to the actor in ``slot``, and when."""
-
-    slot: int
-    actor: Any
-    batch: list
-    at: float
-
-
-class _ModelStage:
-    """The segment stage: every tile of ``todo`` through the model actors, two batches in flight per started actor.
-
-    The pool is what ``capacity`` says the cluster has or can become; an actor is given batches once it
-    has started (``started`` answered), so on a cluster that scales from zero the run begins with the
-    first node that joins. Once the queue is empty, an actor with room also runs a batch that another
-    actor has held for the spec's ``backup_after_s`` (and 3× the median batch time): an actor whose node was lost
-    waits for room to restart, forever on a cluster without any, and a straggler holds the whole run back.
-    Whichever copy finishes first counts; the other's results are the same bytes under the same keys.
-    """
-
-    def __init__(self, plan: SlidePlan, todo: list, stats: RunStats, progress: Progress) -> None:
-        self.plan, self.stats, self.progress = plan, stats, progress
-        stats.pool = capacity.plan_pool(plan.spec, len(todo))
-        print(f"model actors: {stats.pool.describe()}", file=sys.stderr, flush=True)
-        self.actor_cls = ray.remote(concurrency_groups={"control": 1})(SegmentWorker).options(
-            max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, max_concurrency=2,
-            scheduling_strategy="SPREAD", **stats.pool.resources,
-        )
-        self.actors: list = [None] * min(stats.pool.count, len(todo))
-        self.starting: dict[ray.ObjectRef, int] = {}  # an actor's started() call -> its slot
-        self.ready: set[int] = set()  # slots whose actor has started
-        self.node_of: dict[int, str] = {}  # slot -> the node its actor answered from
-        self.losses: Counter[str] = Counter()  # tile key -> actors lost while it was alone in their batch
-        for slot in range(len(self.actors)):
-            self._start(slot)
-        size = plan.spec.batch_size
-        self.batches = deque(todo[i : i + size] for i in range(0, len(todo), size))
-        self.outstanding = {t.key for t in todo}
-        self.in_flight: dict[ray.ObjectRef, _Sent] = {}
-        self.backed_up: set[ray.ObjectRef] = set()
-        self.batch_seconds: list[float] = []
-
-    def _start(self, slot: int) -> None:
-        """A fresh actor in ``slot``, given tiles once it answers. The plan itself, not its reference: an
-        actor restarted after its node was lost needs its arguments."""
-        self.actors[slot] = self.actor_cls.remote(self.plan)
-        self._ask(slot)
-
-    def _ask(self, slot: int) -> None:
-        """No tiles for ``slot`` until its actor answers ``started`` (again)."""
-        self.ready.discard(slot)
-        self.starting[self.actors[slot].started.remote()] = slot
-
-    def _doubt_node(self, slot: int) -> None:
-        """An actor of ``slot``'s node was lost: its other actors get no tiles until they answer, so tiles are
-        not sent on to actors a lost node took with it (a node may run several: one per GPU)."""
-        node = self.node_of.get(slot)
-        for other in [s for s in self.ready if s != slot and self.node_of.get(s) == node]:
-            self._ask(other)
-
-    def waiting(self) -> list[ray.ObjectRef]:
-        return [*self.in_flight, *self.starting]
-
-    def take(self, ref: ray.ObjectRef) -> list[str]:
-        """Take a finished batch or a started actor; returns the keys of the tiles segmented first."""
-        if ref not in self.starting:
-            return self.finished(ref)
-        slot = self.starting.pop(ref)
-        try:
-            answer = ray.get(ref)
-        except ray.exceptions.RayError as err:
-            if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
-                raise RunFailed(f"the model actors cannot start: {_failure_line(err)}") from None
-            ray.kill(self.actors[slot])  # lost while starting, its restarts used up: a fresh one
-            self._start(slot)
-            return []
-        if answer["unusable"]:
-            raise RunFailed(f"the model actors cannot start: {answer['unusable']}")
-        self.ready.add(slot)
-        self.node_of[slot] = answer["node"]
-        return []
-
-    def _late_batch(self, slot: int) -> list | None:
-        """The batch held longest by another actor, if it is late and has no backup yet."""
-        times = self.batch_seconds
-        least = self.plan.spec.backup_after_s
-        limit = max(least, 3 * statistics.median(times)) if times else least
-        now = time.monotonic()
-        late = [(sent.at, ref) for ref, sent in self.in_flight.items()
-                if sent.slot != slot and ref not in self.backed_up and now - sent.at > limit
-                and any(t.key in self.outstanding for t in sent.batch)]
-        if not late:
-            return None
-        ref = min(late, key=lambda pair: pair[0])[1]
-        self.backed_up.add(ref)
-        return self.in_flight[ref].batch
-
-    def fill(self) -> None:
-        for slot in sorted(self.ready):
-            while sum(sent.slot == slot for sent in self.in_flight.values()) < 2:  # one read while one computes
-                batch = self.batches.popleft() if self.batches else self._late_batch(slot)
-                if batch is None:
-                    break
-                actor = self.actors[slot]
-                self.in_flight[actor.run.remote(batch)] = _Sent(slot, actor, batch, time.monotonic())
-                self.stats.batches += 1
-
-    def finished(self, ref: ray.ObjectRef) -> list[str]:
-        """Take a finished batch; returns the keys of the tiles it segmented first."""
-        sent = self.in_flight.pop(ref)
-        try:
-            results = ray.get(ref)
-            self.batch_seconds.append(time.monotonic() - sent.at)
-        except ray.exceptions.RayError as err:  # retries are used up
-            results = []
-            lost = isinstance(err, ray.exceptions.RayActorError)
-            if lost:
-                if err.actor_init_failed:
-                    raise RunFailed(f"the model actors cannot start: {_failure_line(err)}") from None
-                if self.actors[sent.slot] is sent.actor:  # its restarts are used up: a fresh actor takes the slot
-                    self._doubt_node(sent.slot)
-                    ray.kill(sent.actor)
-                    self._start(sent.slot)
-            pending = [t for t in sent.batch if t.key in self.outstanding]
-            if len(pending) > 1:  # retry tile by tile, to find the tile at fault
-                self.batches.extendleft([t] for t in reversed(pending))
-            elif pending and not any(pending[0] in other.batch for other in self.in_flight.values()):
-                tile = pending[0]
-                self.losses[tile.key] += lost
-                if lost and self.losses[tile.key] < TILE_LOSSES:
-                    self.batches.appendleft([tile])
-                else:
-                    self.stats.failed.append(TileFailure.of(tile, _failure_line(err)))
-                    self.outstanding.discard(tile.key)
-        segmented = []
-        for key, n, seconds in results:
-            if key not in self.outstanding:  # its backup's twin (or the original) came first
-                continue
-            self.outstanding.discard(key)
-            segmented.append(key)
-            self.stats.candidates += n
-            self.stats.model_seconds += seconds
-            self.stats.tiles_segmented += 1
-            self.progress.tiles_done += 1
-            self.progress.cells += n
-        return segmented
-
-    def close(self) -> None:
-        _actor_facts([self.actors[slot] for slot in sorted(self.ready)], self.stats)
-        self.kill()
-
-    def kill(self) -> None:
-        """End every actor now, their batches in flight with them, and those still waiting for room (so
-        nothing the run asked for stays requested, and an autoscaler can scale down)."""
-        for actor in self.actors:
-            ray.kill(actor)
-
-
-def _actor_facts(actors: list, stats: RunStats, timeout: float = 10) -> None:
-    """Node, GPUs, device and peak memory of every actor that answers in time: best effort, never the
-    run's failure.
-
-    An actor whose node was lost may be dead, restarting or unreachable by now. ``ray.wait`` counts a ref
-    whose task *failed* as ready, so each answer is fetched on its own, and an actor whose answer failed
-    or did not come is left out of the report's lists.
-    """
-    asked = [actor.facts.remote() for actor in actors]
-    ready = set(ray.wait(asked, num_returns=len(asked), timeout=timeout)[0])
-    for ref in asked:
-        if ref not in ready:
-            continue
-        try:
-            stats.actors.append(ray.get(ref))
-        except ray.exceptions.RayError:
-            continue
 
 
 def _tasks_in_flight() -> int:
@@ -580,69 +293,164 @@ class _HostStages:
             self.stats.stage_seconds[stage] = max(last - first, 0.0)
 
 
+class SlideWork:
+    """One slide in the loop: its plan (in the object store once), the tiles it has left to segment, its
+    streamed stages, and what it counts. ``on_segmented`` is called once every tile is segmented (and
+    persisted); with ``writes_wait`` nothing is written into the label image before it returns (an
+    overwrite swaps the old result out there)."""
+
+    def __init__(self, plan: SlidePlan, stats: RunStats, *, on_segmented: Callable[[], None] | None = None,
+                 writes_wait: bool = False) -> None:
+        self.plan, self.stats, self.on_segmented = plan, stats, on_segmented
+        self.plan_ref = ray.put(plan)  # once, into the object store; every task and actor gets the reference
+        finished = plan.work.done(CANDIDATES)
+        self.todo = [t for t in plan.tiles if t.key not in finished]
+        self.outstanding = {t.key for t in self.todo}  # emptied by the model pool as tiles are segmented
+        self.progress = Progress(tiles_total=len(plan.tiles), tiles_done=len(plan.tiles) - len(self.todo))
+        self.progress.tiles_resumed = stats.tiles_resumed = self.progress.tiles_done
+        self.streams = Streams(plan, set(finished))
+        if not writes_wait:
+            self.streams.open_writes()
+        self.host = _HostStages(self.plan_ref, plan, self.streams, stats, _tasks_in_flight())
+        self.started = time.perf_counter()
+        self.segmented = False  # every tile segmented, the swap done
+
+    def all_segmented(self) -> None:
+        self.stats.stage_seconds["segment"] = time.perf_counter() - self.started
+        self.stats.tasks["segment_batches"] = self.stats.batches
+        if self.on_segmented is not None:
+            self.on_segmented()
+        if not self.streams.writes_open:
+            self.streams.open_writes()
+        self.segmented = True
+
+
+class Loop:
+    """The driver's event loop over the slides in flight: one model pool for all of them, and each slide's
+    CPU stages streamed behind its tiles. ``step`` until every slide has left.
+
+    The pool is closed once no slide has a tile left, unless ``keep_pool(pool)`` says that more tiles come
+    (a cohort's next slides) and that they may come while the pool stands: a pool on CPUs holds the CPUs
+    the slides' remaining stages need. Each slide's stages overlap, so its report's per-stage seconds are
+    each stage's span, from its first task submitted to its last finished."""
+
+    def __init__(self, on_progress: Callable[[SlideWork], None] | None = None,
+                 keep_pool: Callable[[ModelPool], bool] = lambda pool: False) -> None:
+        self.slides: list[SlideWork] = []
+        self.pool: ModelPool | None = None
+        self.sizing = None  # how many actors of what, decided once for the run (``capacity.Pool``)
+        self.on_progress, self.keep_pool = on_progress, keep_pool
+
+    def add(self, slide: SlideWork, tiles_expected: int | None = None) -> None:
+        """Take ``slide`` in; its tiles queue behind those of the slides already in. A new pool is sized
+        for ``tiles_expected`` (default: this slide's)."""
+        self.slides.append(slide)
+        if slide.todo:
+            if self.pool is None:
+                self.pool = ModelPool(slide.plan, tiles_expected or len(slide.todo), self.sizing)
+                self.sizing = self.pool.sizing
+            self.pool.add(slide, slide.todo)
+        slide.stats.pool = self.sizing
+
+    def step(self, timeout: float = 5.0) -> list[tuple[SlideWork, BaseException | None]]:
+        """Hand out what may go, wait up to ``timeout`` for something to finish and take it. Returns the
+        slides that left: (slide, None) when it is streamed or its failed tiles end it (``stats.failed``;
+        its finished tiles are persisted, a rerun retries the rest), (slide, error) when it failed. A
+        failure of the pool itself (actors that cannot start) raises."""
+        ended: list[tuple[SlideWork, BaseException | None]] = []
+        if self.pool is not None and not any(s.outstanding for s in self.slides) and not self.keep_pool(self.pool):
+            facts = self.pool.close()
+            for slide in self.slides:
+                slide.stats.actors = list(facts)
+            self.pool = None
+        for slide in [s for s in self.slides if not s.segmented and not s.outstanding]:
+            if slide.stats.failed:
+                slide.host.drain()
+                self.slides.remove(slide)
+                ended.append((slide, None))
+                continue
+            try:
+                slide.all_segmented()
+            except Exception as err:  # noqa: BLE001 - this slide's failure (its swap), not the run's
+                ended.append(self._fail(slide, err))
+        if self.pool is not None:
+            self.pool.fill()
+        for slide in list(self.slides):
+            try:
+                slide.host.submit()
+            except Exception as err:  # noqa: BLE001
+                ended.append(self._fail(slide, err))
+                continue
+            if slide.segmented and not slide.host.in_flight:
+                if not slide.streams.complete:
+                    raise RuntimeError("the streamed stages ended before every region was written (a bug in "
+                                       "driver.streaming)")
+                self.slides.remove(slide)
+                ended.append((slide, None))
+        if ended:
+            return ended
+        waiting = (self.pool.waiting() if self.pool is not None else []) + [
+            ref for slide in self.slides for ref in slide.host.in_flight]
+        if not waiting:
+            return ended
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+        for ref in ready:
+            if self.pool is not None and self.pool.owns(ref):
+                touched = {}
+                for slide, key in self.pool.take(ref):
+                    slide.streams.tile_segmented(key)
+                    touched[id(slide)] = slide
+                for slide in touched.values() if self.on_progress else ():
+                    self.on_progress(slide)
+                continue
+            slide = next(s for s in self.slides if ref in s.host.in_flight)
+            try:
+                slide.host.finished(ref)
+            except Exception as err:  # noqa: BLE001 - a task that failed every retry fails its slide
+                ended.append(self._fail(slide, err))
+        return ended
+
+    def _fail(self, slide: SlideWork, err: BaseException) -> tuple[SlideWork, BaseException]:
+        """``slide`` failed: its tasks in flight are ended, its queued tiles dropped; the others go on."""
+        slide.host.cancel()
+        if self.pool is not None:
+            self.pool.drop(slide)
+        self.slides.remove(slide)
+        return slide, err
+
+    def actors(self) -> list:
+        """The model actors that have started (for their facts), none once the pool is closed."""
+        return self.pool.ready_actors() if self.pool is not None else []
+
+    def abort(self) -> None:
+        """Stopped, or failed as a whole: the actors ended, every slide's tasks in flight cancelled."""
+        if self.pool is not None:
+            self.pool.kill()  # no more tiles, and the CPUs they held go to ending the tasks
+            self.pool = None
+        for slide in self.slides:
+            slide.host.cancel()
+        self.slides.clear()
+
+
 def run_plan(plan: SlidePlan, on_progress: Callable[[Progress], None] | None = None, *,
              on_segmented: Callable[[], None] | None = None, writes_wait: bool = False,
              stats: RunStats | None = None) -> RunStats:
-    """Run every stage, streaming: a region is reconciled, painted and pyramided as soon as the tiles it
-    reads are segmented, while the model actors go on. ``on_segmented`` is called once every tile is
-    segmented (and persisted); with ``writes_wait`` nothing is written into the label image before it
-    returns (an overwrite swaps the old result out there). ``stats`` (filled as the run goes, so a caller
-    sees how far a failed run came) is returned. The stages overlap, so the report's per-stage seconds
-    are each stage's span, from its first task submitted to its last finished."""
+    """Run every stage of one slide, streaming: a region is reconciled, painted and pyramided as soon as
+    the tiles it reads are segmented, while the model actors go on (``SlideWork`` says what
+    ``on_segmented`` and ``writes_wait`` do). ``stats`` (filled as the run goes, so a caller sees how far
+    a failed run came) is returned."""
     stats = RunStats() if stats is None else stats
-    plan_ref = ray.put(plan)  # once, into the object store; every task gets the reference
-    finished = plan.work.done(CANDIDATES)
-    todo = [t for t in plan.tiles if t.key not in finished]
-    progress = Progress(tiles_total=len(plan.tiles), tiles_done=len(plan.tiles) - len(todo))
-    progress.tiles_resumed = progress.tiles_done
-    stats.tiles_resumed = progress.tiles_resumed
-    streams = Streams(plan, set(finished))
-    if not writes_wait:
-        streams.open_writes()
-    host = _HostStages(plan_ref, plan, streams, stats, _tasks_in_flight())
-    started = time.perf_counter()
-
-    def segmented() -> None:
-        stats.stage_seconds["segment"] = time.perf_counter() - started
-        stats.tasks["segment_batches"] = stats.batches
-        if on_segmented is not None:
-            on_segmented()
-        if not streams.writes_open:
-            streams.open_writes()
-
-    model = _ModelStage(plan, todo, stats, progress) if todo else None
+    loop = Loop(on_progress=(lambda slide: on_progress(slide.progress)) if on_progress else None)
     try:
-        if model is None:
-            segmented()
+        slide = SlideWork(plan, stats, on_segmented=on_segmented, writes_wait=writes_wait)
+        loop.add(slide)
         while True:
-            if model is not None and not model.outstanding:
-                model.close()
-                model = None
-                if stats.failed:  # the finished tiles are persisted; a rerun of the same spec retries the rest
-                    host.drain()
-                    return stats
-                segmented()
-            if model is not None:
-                model.fill()
-            host.submit()
-            waiting = (model.waiting() if model is not None else []) + list(host.in_flight)
-            if not waiting:
-                break
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=5)
-            for ref in ready:
-                if model is not None and (ref in model.in_flight or ref in model.starting):
-                    for key in model.take(ref):
-                        streams.tile_segmented(key)
-                    if on_progress:
-                        on_progress(progress)
-                else:
-                    host.finished(ref)
+            for _, err in loop.step():
+                if err is not None:
+                    raise err
+                if not stats.failed:
+                    slide.host.close()
+                return stats
     except BaseException:
-        if model is not None:
-            model.kill()  # stopped or failed: no more tiles, and the CPUs they held go to ending the tasks
-        host.cancel()
+        loop.abort()
         raise
-    if not streams.complete:
-        raise RuntimeError("the streamed stages ended before every region was written (a bug in driver.streaming)")
-    host.close()
-    return stats

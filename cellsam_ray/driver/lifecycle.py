@@ -53,7 +53,8 @@ from cellsam_ray.version import __version__
 # Spec fields that do not change the output, so a resume may differ in them.
 RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
                    "cell_table", "cell_table_h5ad", "qc_images", "storage_options_env", "storage_profile",
-                   "work_dir", "take_over", "lease_timeout_s", "backup_after_s"}
+                   "work_dir", "take_over", "lease_timeout_s", "backup_after_s", "cohort_report", "slides_at_once",
+                   "skip_bad_slides"}
 LABEL_CREATED = "label-created"  # in the work prefix: the label's arrays are this run's (after the swap)
 SIDECARS = ("report.json", "cells.parquet", "cells.h5ad")
 
@@ -116,7 +117,7 @@ class LabelRun:
 
         has_group = "labels" in image.group and self.name in image.group["labels"]
         created = resumable and work.read_file(LABEL_CREATED) is not None  # its arrays are our run's
-        if self.name in image.label_names and _marked_complete(image, self.name):
+        if complete_label(image, self.name):
             if not spec.overwrite:
                 raise UserError(f"labels/{self.name} already exists in {spec.input}: choose another --label-name or "
                                 "pass --overwrite (the old labels stay until the new ones are ready to write)")
@@ -180,6 +181,11 @@ class LabelRun:
             return self.write_report(report)
         finally:
             self.lease.release()
+
+
+def complete_label(image: NgffImage, name: str) -> bool:
+    """Whether ``labels/<name>`` is listed and marked complete: a finished run's result."""
+    return name in image.label_names and _marked_complete(image, name)
 
 
 def _marked_complete(image: NgffImage, name: str) -> bool:
@@ -261,7 +267,7 @@ def _pool(stats: RunStats) -> ActorPool | None:
 
 
 # ------------------------------------------------------------------------------------ work location
-def _location(url: str) -> str:
+def location(url: str) -> str:
     """A comparable form of a location: an absolute local path, or scheme://path without trailing '/'."""
     if is_local(url):
         return str(Path(local_path(url)).expanduser().resolve())
@@ -269,7 +275,7 @@ def _location(url: str) -> str:
     return f"{scheme.lower()}://{rest.strip('/')}"
 
 
-def _within(inner: str, outer: str) -> bool:
+def within(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
@@ -279,15 +285,15 @@ def check_work_location(plan: SlidePlan) -> None:
     spec = plan.spec
     if not spec.work_dir:
         return
-    work, slide = _location(spec.work_dir), _location(spec.input)
+    work, slide = location(spec.work_dir), location(spec.input)
     inputs = [("the input slide", spec.input), ("the weights", spec.weights)]
     if (spec.model_config_name or "").endswith(".json"):
         inputs.append(("the model config", spec.model_config_name))
     for what, url in inputs:
-        if url and _within(_location(url), work):
+        if url and within(location(url), work):
             raise UserError(f"--work-dir {spec.work_dir} is or holds {what} ({url}); a work_dir's files are written "
                             "and removed: give it an empty folder of its own, or leave it out (default: "
                             f"labels/{spec.label_name}/work)")
-    if _within(work, slide) and not _within(work, _location(join_url(spec.input, "labels", spec.label_name))):
+    if within(work, slide) and not within(work, location(join_url(spec.input, "labels", spec.label_name))):
         raise UserError(f"--work-dir {spec.work_dir} lies inside the input slide {spec.input}: the input is never "
                         f"written; choose a folder outside it, or leave it out (default: labels/{spec.label_name}/work)")

@@ -191,21 +191,42 @@ class SlideSurvey:
         return self.level_shape[self.axes.index("y")], self.level_shape[self.axes.index("x")]
 
 
-def survey_slide(spec: SegmentSpec) -> SlideSurvey:
-    """Open and check the slide and the model the spec names, and read what planning needs of them."""
+@dataclass(frozen=True)
+class CheckedSlide:
+    """A slide opened and checked against the spec (metadata only: no pixels read): what ``check_slide``
+    finds, the first part of a survey, and all a cohort's check of every slide before model time needs."""
+
+    url: str  # the image itself (a bioformats2raw root's first series)
+    image: NgffImage
+    plane: dict
+    channels: tuple[int, ...]
+    roles: tuple[tuple[int, ...], ...]
+    level: int
+
+
+def check_slide(spec: SegmentSpec) -> CheckedSlide:
+    """Open the slide the spec names and check its axes, channels and level against the spec, reading
+    metadata alone; a ``UserError`` says what is wrong."""
     # A layout that holds the image deeper (bioformats2raw's root) is planned at the image itself, so the
     # labels, the work prefix and every reader find it there.
     url = image_url(spec.input, spec.storage.options())
     image = open_slide(url, spec.storage.options())
-    axes = tuple(image.axes)
     plane = check_axes(image, spec)
-    sizes = dict(zip(axes, image.levels[0].shape))
+    sizes = dict(zip(image.axes, image.levels[0].shape))
     n_channels = sizes.get("c", 1)
-    kind = stain(spec.stain)
     nuclear = resolve_channels(spec.nuclear, image.channel_names, n_channels, "nuclear")
     whole = resolve_channels(spec.whole_cell, image.channel_names, n_channels, "whole-cell")
-    channels, roles = kind.channels(nuclear, whole, sizes, image.levels[0].dtype)
-    level = choose_level(image, spec)
+    channels, roles = stain(spec.stain).channels(nuclear, whole, sizes, image.levels[0].dtype)
+    return CheckedSlide(url, image, plane, tuple(channels), tuple(roles), choose_level(image, spec))
+
+
+def survey_slide(spec: SegmentSpec) -> SlideSurvey:
+    """Open and check the slide and the model the spec names, and read what planning needs of them."""
+    checked = check_slide(spec)
+    url, image, plane, channels, roles, level = (checked.url, checked.image, checked.plane, checked.channels,
+                                                 checked.roles, checked.level)
+    axes = tuple(image.axes)
+    kind = stain(spec.stain)
     lvl = image.levels[level]
     maps = pyramid_maps(image, level)
     weights_sha256 = check_model(spec)
