@@ -1,0 +1,69 @@
+"""One cohort run against separate runs of the same slides: the wall time a cohort saves (issue 27).
+
+``slides`` synthetic slides of ``size``² are segmented with the bundled model twice, on one running Ray
+cluster (a head of this machine's CPUs, as a job's cluster is already up when jobs are submitted): once as
+``slides`` separate ``cellsam-ray segment`` runs one after the other, each its own driver, actors and
+weights, and once as one ``cellsam-ray segment GLOB`` cohort. Each is a subprocess joined to the cluster;
+the labels of both are compared byte for byte. Numbers and machine: ``notes/pipeline.md``.
+
+    python -m cellsam_ray.bench.cohort --slides 8 --size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cellsam_ray.synth import write_synthetic_slide
+from cellsam_ray.testing.checks import label_chunk_files
+from cellsam_ray.testing.cluster import RayNodes, safe_ray_environment
+
+NO_AUTH = {**safe_ray_environment(), "RAY_AUTH_MODE": "disabled"}  # a loopback cluster of this bench alone
+
+
+def run(argv: list[str], address: str) -> float:
+    """Wall seconds of one ``cellsam-ray`` command joined to the cluster at ``address``."""
+    started = time.perf_counter()
+    env = {**os.environ, **NO_AUTH, "RAY_ADDRESS": address}  # joins on loopback
+    done = subprocess.run([sys.executable, "-m", "cellsam_ray.cli", *argv], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(argv[:3])} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - started
+
+
+def measure(slides: int, size: int, folder: Path, cpus: int, at_once: int) -> dict:
+    urls = [str(folder / f"slide{i:02d}.ome.zarr") for i in range(slides)]
+    for seed, url in enumerate(urls):
+        write_synthetic_slide(url, size=(size, size), channels=2, ngff="0.5", seed=100 + seed, chunk=256)
+    common = ["--nuclear", "DAPI", "--no-progress"]
+    with RayNodes(cpus=(cpus,), env=NO_AUTH) as cluster:
+        address = f"127.0.0.1:{cluster.gcs_port}"
+        separate = [run(["segment", url, *common, "--label-name", "separate"], address) for url in urls]
+        cohort = run(["segment", str(folder / "slide*.ome.zarr"), *common, "--label-name", "cohort",
+                      "--cohort-report", str(folder / "report"), "--slides-at-once", str(at_once)], address)
+    same = all(label_chunk_files(url, "cohort") == label_chunk_files(url, "separate") for url in urls)
+    return dict(slides=slides, size=size, cluster_cpus=cpus, slides_at_once=at_once,
+                separate_s=round(sum(separate), 1), separate_each_s=[round(s, 1) for s in separate],
+                cohort_s=round(cohort, 1), cohort_share=round(cohort / sum(separate), 3), same_labels=same)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slides", type=int, default=8)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the cluster's one node")
+    parser.add_argument("--slides-at-once", type=int, default=2)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cohort-bench-") as folder:
+        print(json.dumps(measure(args.slides, args.size, Path(folder), args.cpus, args.slides_at_once), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
