@@ -168,3 +168,13 @@ def test_an_s3_glob_names_the_slides_under_the_prefix(s3_prefix, storage_options
     slides, cohort = named_slides(f"{s3_prefix}/*.ome.zarr", storage_options)
     assert cohort and [s.url for s in slides] == [f"{s3_prefix}/one.ome.zarr", f"{s3_prefix}/two.ome.zarr"]
     assert [s.url for s in named_slides(s3_prefix, storage_options)[0]] == [s.url for s in slides]
+
+
+def test_a_job_spec_names_a_cohort_as_a_list(study, tmp_path):
+    from cellsam_ray.jobspec import load_job_spec
+
+    (tmp_path / "cohort.yaml").write_text(f"input: [{slide(study, 'a')}, {slide(study, 'b')}]\nnuclear: [DAPI]\n"
+                                          f"cohort_report: {tmp_path / 'report'}\nslides_at_once: 3\n")
+    spec = load_job_spec(str(tmp_path / "cohort.yaml"))
+    assert spec.input == [slide(study, "a"), slide(study, "b")] and spec.slides_at_once == 3
+    assert named_slides(spec.input)[0] == [SlideInput(slide(study, "a")), SlideInput(slide(study, "b"))]

@@ -48,6 +48,7 @@ TASK_RETRIES = 3
 TILE_LOSSES = 3
 """A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
 a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
+BATCH_TIMES_KEPT = 1000  # the latest batch times, whose median says when a batch is late
 PLANS_KEPT = 8
 """Slide plans an actor keeps decoded, newest used last: more than a run keeps slides in flight."""
 
@@ -190,8 +191,8 @@ class ModelPool:
             self._start(slot)
         self.batches: deque[tuple[Any, list]] = deque()  # (slide, tiles), in the order slides were added
         self.in_flight: dict[ray.ObjectRef, _Sent] = {}
-        self.backed_up: set[ray.ObjectRef] = set()
-        self.batch_seconds: list[float] = []
+        self.backed_up: set[ray.ObjectRef] = set()  # batches in flight that an idle actor also runs
+        self.batch_seconds: deque[float] = deque(maxlen=BATCH_TIMES_KEPT)
 
     @property
     def on_gpus(self) -> bool:
@@ -286,6 +287,7 @@ class ModelPool:
     def finished(self, ref: ray.ObjectRef) -> list[tuple[Any, str]]:
         """Take a finished batch; returns (slide, tile key) of the tiles it segmented first."""
         sent = self.in_flight.pop(ref)
+        self.backed_up.discard(ref)
         slide = sent.slide
         try:
             results = ray.get(ref)
