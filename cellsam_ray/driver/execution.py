@@ -134,25 +134,26 @@ def _tasks_in_flight() -> int:
     return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-HOMES_PER_TASK = 8
-"""Neighbouring homes (cores) a reconcile (write) task takes at most. A run along a row decodes fewer candidate
-files per home (a run of 4 decodes 18 instead of 36), and each task is a submission and a result the one
-driver thread handles: 8 rather than 4 took the driver's CPU from 5.3 to 4.1 ms per tile, 16 to 3.9
-(``bench.driver``, notes/pipeline.md), while a task still takes only the homes that are ready."""
-CHUNKS_PER_TASK = 16  # pyramid chunks of one chunk row a task builds at most
+HOMES_PER_TASK = 32
+"""Neighbouring homes (cores) a reconcile (write) task takes at most. Each task is a submission and a result
+the one driver thread handles, so fewer, larger tasks cost the driver less per tile; ``Streams`` holds a run
+that may still grow until it is this long (or can grow no more), so tasks are this large on a busy cluster
+too. A run along a row also decodes fewer candidate files per home. 4 → 8 homes took the driver's CPU from
+5.3 to 4.1 ms per tile at 1,024 tiles; for 32, with the held-back runs, see notes/pipeline.md. A task's
+memory grows with it: a reconcile decodes 3 × 34 tiles' candidates."""
+CHUNKS_PER_TASK = 64  # pyramid chunks of one chunk row a task builds at most (a chunk row of a level comes at once)
 
 
 class _HostStages:
     """The stages after segment (reconcile, paint, pyramid, table) as CPU tasks, each submitted as soon as
     ``Streams`` says what it reads is final: writes first, then pyramid chunks, then reconciles (what frees
-    memory first), neighbouring units of a stage together (``_runs``), at most ``limit`` tasks and ``limit × HOMES_PER_TASK`` units in flight, so the
-    driver and the object store hold what is in flight and the rows near the front, not a task per
+    memory first), neighbouring units of a stage together (``_runs``), at most ``limit`` tasks in flight,
+    so the driver and the object store hold what is in flight and the rows near the front, not a task per
     tile. A task that fails on every attempt raises on the driver and fails the run."""
 
     def __init__(self, plan_ref, plan: SlidePlan, streams: Streams, stats: RunStats, limit: int) -> None:
         self.plan_ref, self.plan, self.streams, self.stats, self.limit = plan_ref, plan, streams, stats, limit
         self.in_flight: dict[ray.ObjectRef, tuple] = {}  # ref -> (stage, units)
-        self.units_in_flight = 0
         self.kept_refs: dict = {}  # home -> its kept cells, until the last core they paint is written
         self.sums: dict = {}  # tile row -> painted core -> (complete sums, seam pieces), until no row needs them
         self.counts: dict = {}  # home -> (cells, reconciled), for the QC pictures
@@ -161,7 +162,6 @@ class _HostStages:
 
     def _sent(self, stage: str, ref, units: list) -> None:
         self.in_flight[ref] = (stage, units)
-        self.units_in_flight += len(units)
         self._counted(stage, units)
 
     def _counted(self, stage: str, units: list) -> None:
@@ -171,14 +171,13 @@ class _HostStages:
         self.stats.units[stage] = self.stats.units.get(stage, 0) + len(units)
 
     def _room(self) -> int:
-        """Units that may be handed out now."""
-        if len(self.in_flight) >= self.limit:
-            return 0
-        return max(self.limit * HOMES_PER_TASK - self.units_in_flight, 0)
+        """Units that may be handed out now: a full task's worth for every task that may be added, so that a
+        busy cluster gets fewer, larger tasks rather than many small ones."""
+        return max(self.limit - len(self.in_flight), 0) * HOMES_PER_TASK
 
     def submit(self) -> None:
         streams, grid, table = self.streams, self.plan.grid, self.plan.spec.cell_table
-        for homes in _runs(streams.take_writes(self._room()), HOMES_PER_TASK):
+        for homes in _runs(streams.take_writes(self._room(), HOMES_PER_TASK), HOMES_PER_TASK):
             near = sorted({rc for home in homes for rc in grid.neighbourhood(*home)})
             n = 1 + 2 * len(homes) if table else 1
             refs = _returns(_write_cores.options(num_returns=n).remote(
@@ -189,7 +188,7 @@ class _HostStages:
                 self.sums.setdefault(home[0], {})[home] = refs[1 + 2 * i : 3 + 2 * i]
         for run in _chunk_runs(streams.take_chunks(self._room()), streams.row_of_chunk):
             self._sent("pyramid", _pyramid_chunks.remote(self.plan_ref, run[0][0], [c for _, c in run]), run)
-        for homes in _runs(streams.take_reconciles(self._room()), HOMES_PER_TASK):
+        for homes in _runs(streams.take_reconciles(self._room(), HOMES_PER_TASK), HOMES_PER_TASK):
             refs = _reconcile.options(num_returns=1 + len(homes)).remote(self.plan_ref, homes)
             for home, ref in zip(homes, refs[1:]):
                 self.kept_refs[home] = ref
@@ -216,7 +215,7 @@ class _HostStages:
         self.table = self.table or self._start_table()
         layout, writer, appends = self.table
         grid = self.plan.grid
-        homes, pieces_per_home, sums = self.streams.take_table_rows(), [], []
+        homes, pieces_per_home, sums = self.streams.take_table_rows(HOMES_PER_TASK), [], []
         for home in homes:
             near = [self.sums.get(rc[0], {}).get(rc) for rc in grid.neighbourhood(*home)]
             pieces = [refs[1] for refs in near if refs is not None]
@@ -234,7 +233,6 @@ class _HostStages:
 
     def finished(self, ref) -> None:
         stage, units = self.in_flight.pop(ref)
-        self.units_in_flight -= len(units)
         values = ray.get(ref)  # per unit: reconcile counts, whether a core was written; None for pyramid
         self.spans[stage][1] = time.perf_counter()
         if stage == "pyramid":
@@ -281,7 +279,7 @@ class _HostStages:
         """The QC pictures, then the cell table's last rows: once every level is built."""
         qc = _qc_images.remote(self.plan_ref, self.counts) if self.plan.spec.qc_images else None
         if self.plan.spec.cell_table:
-            self._table_rows()  # a slide without cells still gets its (empty) table
+            self._table_rows()  # the last rows; a slide without cells still gets its (empty) table
             _, writer, appends = self.table
             ray.get(appends)
             self.stats.cell_table = ray.get(writer.close.remote())

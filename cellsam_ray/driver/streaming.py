@@ -34,6 +34,7 @@ class _Level:
     rows: int  # chunk rows
     unit: int  # chunk (or shard) height
     height: int
+    spans: list  # per chunk row, the rows of the source level it is made from (computed once)
     next_row: int = 0  # the first chunk row not yet handed out
     final_rows: int = 0  # chunk rows 0..final_rows-1 are written (or need nothing)
     unfinished: dict = field(default_factory=dict)  # chunk row -> chunks handed out and not built
@@ -60,22 +61,24 @@ class Streams:
             if t.key not in segmented:
                 for home in grid.neighbourhood(t.row, t.col):
                     self._waiting_tiles[home] += 1
-        self._reconcile = deque(h for h in self.homes if not self._waiting_tiles[h])
+        self._reconcile = {h for h in self.homes if not self._waiting_tiles[h]}
         self.cells: dict[Home, int] = {}
         self.offsets: dict[Home, int] = {}
         self._next_home, self._total = 0, 0
         self._undecided = {h: sum(rc in self.active for rc in grid.neighbourhood(*h)) for h in self.closure}
         self.painted: set[Home] = set()
-        self._writes: deque[Home] = deque()
+        self._writes: set[Home] = set()
         self.writes_open = False
         self._submitted: set[Home] = set()
         self._users = {h: len(grid.neighbourhood(*h)) for h in self.homes}  # closure homes still to settle
         self.released: list[Home] = []  # homes whose kept cells no write needs any more
         self._next_row_home = 0  # the cell table's pointer into ``closure``
+        self._table_ready: list[Home] = []  # rows found ready, not yet taken
         self._unsettled_in_row = [0] * grid.rows
         for h in self.closure:
             self._unsettled_in_row[h[0]] += 1
         self._final_tile_rows = 0
+        self._moved = True  # a frontier moved since the last search for chunks
         self.written_boxes: dict = {}  # tile row -> cores written there (not left empty), level ``plan.level``
         self._levels: dict[int, _Level] = {}  # in build order; known once writes open (the arrays exist then)
         self._chunks: deque[tuple[int, tuple[int, ...]]] = deque()  # ready, not yet handed out
@@ -86,7 +89,9 @@ class Streams:
         array = labels_out.label_arrays(self.plan)[level]
         unit = (array.shards or array.chunks)[[a for a in self.plan.axes if a != "c"].index("y")]
         height = self.plan.label_shapes[level][0]
-        return _Level(level, labels_out.source_level(self.plan, level), -(-height // unit), unit, height)
+        y_map = self.plan.label_maps[level][self._y]
+        spans = [y_map.source_span(lo, min(lo + unit, height)) for lo in range(0, height, unit)]
+        return _Level(level, labels_out.source_level(self.plan, level), len(spans), unit, height, spans)
 
     # ----------------------------------------------------------------------------------- reconcile
     def tile_segmented(self, key: str) -> None:
@@ -94,10 +99,32 @@ class Streams:
         for home in self.grid.neighbourhood(row, col):
             self._waiting_tiles[home] -= 1
             if not self._waiting_tiles[home]:
-                self._reconcile.append(home)
+                self._reconcile.add(home)
 
-    def take_reconciles(self, n: int) -> list[Home]:
-        return [self._reconcile.popleft() for _ in range(min(n, len(self._reconcile)))]
+    def take_reconciles(self, n: int, most: int = 1) -> list[Home]:
+        """Up to ``n`` homes whose tiles are segmented, in raster order (``most``: see ``_take``)."""
+        return self._take(self._reconcile, n, most, lambda home: self._waiting_tiles.get(home, 0) > 0)
+
+    def _take(self, queue: set[Home], n: int, most: int, may_come) -> list[Home]:
+        """Up to ``n`` units of ``queue`` in raster order. With ``most`` > 1, the part of a run of neighbours
+        along a row beyond its last ``most`` that could still grow (``may_come`` of the next home along the
+        row) is held back, so that it goes out later in one larger task rather than now in a small one:
+        every task counts for Ray's per-task cost on the driver. Once nothing can come, nothing is held."""
+        if n <= 0 or not queue:
+            return []
+        units, taken, start = sorted(queue), [], 0
+        for i, (row, col) in enumerate(units):
+            if i + 1 < len(units) and units[i + 1] == (row, col + 1):
+                continue
+            run, start = units[start : i + 1], i + 1
+            tail = len(run) % most
+            if tail and may_come((row, col + 1)):
+                run = run[:-tail]
+            taken += run[: n - len(taken)]
+            if len(taken) == n:
+                break
+        queue.difference_update(taken)
+        return taken
 
     # ------------------------------------------------------------------------------------ ids, paint
     def counted(self, home: Home, cells: int) -> None:
@@ -118,7 +145,7 @@ class Streams:
         """Every home near ``home`` is counted: paint its core if one of them holds cells."""
         if any(self.cells.get(rc, 0) for rc in self.grid.neighbourhood(*home)):
             self.painted.add(home)
-            self._writes.append(home)
+            self._writes.add(home)
         else:
             self._settle(home)
 
@@ -129,10 +156,11 @@ class Streams:
         sources = [lv.source for lv in self._levels.values()]
         self._readers = {source: sources.count(source) for source in sources}
 
-    def take_writes(self, n: int) -> list[Home]:
+    def take_writes(self, n: int, most: int = 1) -> list[Home]:
+        """Up to ``n`` cores to paint, in raster order, once writes are open (``most``: see ``_take``)."""
         if not self.writes_open:
             return []
-        taken = [self._writes.popleft() for _ in range(min(n, len(self._writes)))]
+        taken = self._take(self._writes, n, most, lambda home: self._undecided.get(home, 0) > 0)
         self._submitted.update(taken)
         return taken
 
@@ -152,23 +180,28 @@ class Streams:
                     self.released.append(rc)
 
     # ---------------------------------------------------------------------------------- cell table
-    def take_table_rows(self) -> list[Home]:
+    def take_table_rows(self, least: int = 1) -> list[Home]:
         """Painted cores whose table rows may be made, in raster order: the core and every painted core
-        near it are submitted (their seam pieces exist as refs) and no core near it is undecided."""
-        rows = []
+        near it are submitted (their seam pieces exist as refs) and no core near it is undecided. None
+        until at least ``least`` are ready or no core is left to wait for (one table task per batch)."""
         while self._next_row_home < len(self.closure):
             home = self.closure[self._next_row_home]
             if not all(self._ready_for_table(rc) for rc in self.grid.neighbourhood(*home)):
                 break
             if home in self.painted:
-                rows.append(home)
+                self._table_ready.append(home)
             self._next_row_home += 1
+        if len(self._table_ready) < least and self._next_row_home < len(self.closure):
+            return []
+        rows, self._table_ready = self._table_ready, []
         return rows
 
     @property
     def table_position(self) -> Home | None:
         """The next core the cell table waits for (None once every row is taken): a core before the
         previous row of it, in raster order, is needed by no row still to come."""
+        if self._table_ready:
+            return self._table_ready[0]
         return self.closure[self._next_row_home] if self._next_row_home < len(self.closure) else None
 
     def _ready_for_table(self, home: Home) -> bool:
@@ -183,6 +216,7 @@ class Streams:
         rows = self.grid.rows
         while self._final_tile_rows < rows and not self._unsettled_in_row[self._final_tile_rows]:
             self._final_tile_rows += 1
+            self._moved = True
 
     def _frontier(self, level: int) -> int:
         if level == self.plan.level:
@@ -205,7 +239,9 @@ class Streams:
         """Up to ``n`` chunks of the other levels whose sources are final."""
         if not self.writes_open:
             return []
-        self._find_chunks()
+        if self._moved:
+            self._moved = False
+            self._find_chunks()
         return [self._chunks.popleft() for _ in range(min(n, len(self._chunks)))]
 
     def _find_chunks(self) -> None:
@@ -216,9 +252,7 @@ class Streams:
             changed = False
             for lv in self._levels.values():
                 while lv.next_row < lv.rows:
-                    lo = lv.next_row * lv.unit
-                    y_map = self.plan.label_maps[lv.level][self._y]
-                    first, end = y_map.source_span(lo, min(lo + lv.unit, lv.height))
+                    first, end = lv.spans[lv.next_row]
                     if self._frontier(lv.source) < end:
                         break
                     by_row, unit = self._boxes(lv.source)
@@ -237,7 +271,7 @@ class Streams:
         lv = self._levels[level]
         lv.unfinished[chunk[self._y]].discard(chunk)
         lv.boxes.setdefault(chunk[self._y], []).extend(extent.chunk_boxes(self.plan, level, [chunk]))
-        self._advance_level(lv)
+        self._moved |= self._advance_level(lv)
 
     def _advance_level(self, lv: _Level) -> bool:
         before = lv.final_rows
