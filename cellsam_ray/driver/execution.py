@@ -65,40 +65,48 @@ def _chunk_runs(chunks: list[tuple], row_of) -> list[list[tuple]]:
     return runs
 
 
-def _returns(refs, n: int) -> list:
-    """A task's ``n`` return refs as a list (Ray gives one ref, not a list, when ``n`` is 1)."""
-    return [refs] if n == 1 else list(refs)
+def _by_ref(units: list, refs: dict) -> tuple[list, list]:
+    """The distinct refs that ``refs`` holds for ``units`` (a task's one result covers a run of units), and
+    per unit the position of its ref among them, -1 for a unit without one: a task's arguments name each
+    object once, since every ref the driver passes costs it CPU (serialising, counting references)."""
+    distinct: dict = {}
+    for unit in units:
+        if unit in refs:
+            distinct.setdefault(refs[unit], len(distinct))
+    return list(distinct), [distinct.get(refs[unit], -1) if unit in refs else -1 for unit in units]
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _reconcile(plan: SlidePlan, homes: list[tuple[int, int]]):
-    """Reconcile a run of homes; returns their QC counts, then each home's kept cells (one return each,
-    so each is released on its own once no write needs it). Each tile's candidates are decoded once."""
+def _reconcile(plan: SlidePlan, homes: tuple[tuple[int, int], ...]):
+    """Reconcile a run of homes; returns their QC counts (fetched by the driver), then every home's kept
+    cells as one object (home -> cells: one object per task, not per home, is what keeps the driver's
+    CPU per tile low). Each tile's candidates are decoded once."""
     grid, found = plan.grid, {}
     for rc in sorted({rc for home in homes for rc in grid.neighbourhood(*home)}):
         key = grid.tile_at(*rc).key
         found[rc] = CellSet.from_bytes(plan.work.get(CANDIDATES, key)) if key in plan.planned_keys else CellSet()
-    counts, kept = [], []
+    counts, kept = [], {}
     for home in homes:
         result = reconcile_tile(home, [found[rc] for rc in grid.neighbourhood(*home)])
         counts.append(dict(cells=len(result.kept), reconciled=result.reconciled, oversized=result.oversized,
                            cut_at_window=result.cut_at_window))
-        kept.append(result.kept)
-    return (counts, *kept)
+        kept[home] = result.kept
+    return counts, kept
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _write_cores(plan: SlidePlan, homes: list[tuple[int, int]], near: list[tuple[int, int]], offsets: list[int],
-                 *kept: CellSet | None):
+def _write_cores(plan: SlidePlan, homes: tuple[tuple[int, int], ...], near: tuple[tuple[int, int], ...],
+                 offsets: list[int], which: list[int], *kept: dict[tuple[int, int], CellSet]):
     """Paint a run of cores and write each unless it stays empty (its chunks keep the fill value).
 
-    ``near`` are the homes around the run, ``offsets`` and ``kept`` theirs (``kept`` None for a home with
-    no cell); each is numbered once for every core it reaches. Returns whether each core was written
-    (small, fetched, so a failed write raises on the driver) and, with the cell table on, the sums of the
-    cells painted in each core: (complete, seam pieces) per core.
+    ``near`` are the homes around the run, ``offsets`` theirs, and ``which`` the reconcile result among
+    ``kept`` that holds each one's cells (-1 for a home with no cell); each is numbered once for every core
+    it reaches. Returns whether each core was written (small, fetched, so a failed write raises on the
+    driver) and, with the cell table on, one object: core -> the sums of the cells painted there
+    (complete, seam pieces).
     """
-    numbered = {rc: with_ids(cells, offset) for rc, offset, cells in zip(near, offsets, kept) if cells is not None}
-    written, sums = [], []
+    numbered = {rc: with_ids(kept[i][rc], offset) for rc, offset, i in zip(near, offsets, which) if i >= 0}
+    written, sums = [], {}
     for home in homes:
         tile = plan.grid.tile_at(*home)
         cells = [numbered[rc] for rc in plan.grid.neighbourhood(*home) if rc in numbered]
@@ -107,13 +115,18 @@ def _write_cores(plan: SlidePlan, homes: list[tuple[int, int]], near: list[tuple
         if written[-1]:
             labels_out.write_core(plan, tile, labels)
         if plan.spec.cell_table:
-            sums.extend(per_tile.measure_tile(plan, tile, labels, CellSet.concat(cells)))
-    return (written, *sums) if sums else written
+            sums[home] = per_tile.measure_tile(plan, tile, labels, CellSet.concat(cells))
+    return (written, sums) if plan.spec.cell_table else written
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _cell_rows(layout: TableLayout, homes: list[tuple[int, int]], pieces_per_home: list[int], *sums: CellSums):
-    return per_tile.rows_of_homes(layout, homes, pieces_per_home, list(sums))
+def _cell_rows(layout: TableLayout, homes: tuple[tuple[int, int], ...], near: tuple[tuple[tuple[int, int], ...], ...],
+               *sums: dict[tuple[int, int], tuple[CellSums, CellSums]]):
+    """The rows of ``homes``: each home's complete sums and the seam pieces of the painted cores ``near`` it,
+    from the paint tasks' results ``sums``."""
+    found = {core: pair for part in sums for core, pair in part.items()}
+    combined = [s for home, cores in zip(homes, near) for s in (found[home][0], *(found[rc][1] for rc in cores))]
+    return per_tile.rows_of_homes(layout, homes, [len(cores) for cores in near], combined)
 
 
 @ray.remote(max_retries=TASK_RETRIES)
@@ -124,7 +137,7 @@ def _qc_images(plan: SlidePlan, counts: dict) -> dict:
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _pyramid_chunks(plan: SlidePlan, level: int, chunks: list[tuple[int, ...]]) -> None:
+def _pyramid_chunks(plan: SlidePlan, level: int, chunks: tuple[tuple[int, ...], ...]) -> None:
     for chunk_index in chunks:
         labels_out.build_label_chunk(plan, level, chunk_index)
 
@@ -139,8 +152,8 @@ HOMES_PER_TASK = 32
 the one driver thread handles, so fewer, larger tasks cost the driver less per tile; ``Streams`` holds a run
 that may still grow until it is this long (or can grow no more), so tasks are this large on a busy cluster
 too. A run along a row also decodes fewer candidate files per home. 4 → 8 homes took the driver's CPU from
-5.3 to 4.1 ms per tile at 1,024 tiles; for 32, with the held-back runs, see notes/pipeline.md. A task's
-memory grows with it: a reconcile decodes 3 × 34 tiles' candidates."""
+5.3 to 4.1 ms per tile at 1,024 tiles; for 32, with the held-back runs and one result object per task, see
+notes/pipeline.md. A task's memory grows with it: a reconcile decodes 3 × 34 tiles' candidates."""
 CHUNKS_PER_TASK = 64  # pyramid chunks of one chunk row a task builds at most (a chunk row of a level comes at once)
 
 
@@ -154,8 +167,8 @@ class _HostStages:
     def __init__(self, plan_ref, plan: SlidePlan, streams: Streams, stats: RunStats, limit: int) -> None:
         self.plan_ref, self.plan, self.streams, self.stats, self.limit = plan_ref, plan, streams, stats, limit
         self.in_flight: dict[ray.ObjectRef, tuple] = {}  # ref -> (stage, units)
-        self.kept_refs: dict = {}  # home -> its kept cells, until the last core they paint is written
-        self.sums: dict = {}  # tile row -> painted core -> (complete sums, seam pieces), until no row needs them
+        self.kept_refs: dict = {}  # home -> the reconcile result holding its kept cells, until no write needs them
+        self.sums: dict = {}  # tile row -> painted core -> the paint result holding its sums, until no row needs them
         self.counts: dict = {}  # home -> (cells, reconciled), for the QC pictures
         self.spans: dict[str, list[float]] = {}  # stage -> [first submitted, last finished]
         self.table = None  # (layout, writer actor, the appends not yet seen done), once writes open
@@ -176,23 +189,24 @@ class _HostStages:
         return max(self.limit - len(self.in_flight), 0) * HOMES_PER_TASK
 
     def submit(self) -> None:
+        """Hand out what may start. Units go as one tuple per argument: Ray's serialiser pickles each tuple
+        inside a list on its own, but a tuple of tuples at once."""
         streams, grid, table = self.streams, self.plan.grid, self.plan.spec.cell_table
         for homes in _runs(streams.take_writes(self._room(), HOMES_PER_TASK), HOMES_PER_TASK):
             near = sorted({rc for home in homes for rc in grid.neighbourhood(*home)})
-            n = 1 + 2 * len(homes) if table else 1
-            refs = _returns(_write_cores.options(num_returns=n).remote(
-                self.plan_ref, homes, near, [streams.offsets.get(rc, 0) for rc in near],
-                *[self.kept_refs.get(rc) for rc in near]), n)
-            self._sent("write", refs[0], homes)
-            for i, home in enumerate(homes if table else ()):
-                self.sums.setdefault(home[0], {})[home] = refs[1 + 2 * i : 3 + 2 * i]
+            kept, which = _by_ref(near, self.kept_refs)
+            refs = _write_cores.options(num_returns=2 if table else 1).remote(
+                self.plan_ref, tuple(homes), tuple(near), [streams.offsets.get(rc, 0) for rc in near], which, *kept)
+            self._sent("write", refs[0] if table else refs, homes)
+            for home in homes if table else ():
+                self.sums.setdefault(home[0], {})[home] = refs[1]
         for run in _chunk_runs(streams.take_chunks(self._room()), streams.row_of_chunk):
-            self._sent("pyramid", _pyramid_chunks.remote(self.plan_ref, run[0][0], [c for _, c in run]), run)
+            self._sent("pyramid", _pyramid_chunks.remote(self.plan_ref, run[0][0], tuple(c for _, c in run)), run)
         for homes in _runs(streams.take_reconciles(self._room(), HOMES_PER_TASK), HOMES_PER_TASK):
-            refs = _reconcile.options(num_returns=1 + len(homes)).remote(self.plan_ref, homes)
-            for home, ref in zip(homes, refs[1:]):
-                self.kept_refs[home] = ref
-            self._sent("reconcile", refs[0], homes)
+            counts, kept = _reconcile.options(num_returns=2).remote(self.plan_ref, tuple(homes))
+            for home in homes:
+                self.kept_refs[home] = kept
+            self._sent("reconcile", counts, homes)
         for home in streams.released:
             self.kept_refs.pop(home, None)
         streams.released.clear()
@@ -215,14 +229,12 @@ class _HostStages:
         self.table = self.table or self._start_table()
         layout, writer, appends = self.table
         grid = self.plan.grid
-        homes, pieces_per_home, sums = self.streams.take_table_rows(HOMES_PER_TASK), [], []
-        for home in homes:
-            near = [self.sums.get(rc[0], {}).get(rc) for rc in grid.neighbourhood(*home)]
-            pieces = [refs[1] for refs in near if refs is not None]
-            sums += [self.sums[home[0]][home][0], *pieces]
-            pieces_per_home.append(len(pieces))
+        homes = self.streams.take_table_rows(HOMES_PER_TASK)
         if homes:
-            appends.append(writer.append.remote(_cell_rows.remote(layout, homes, pieces_per_home, *sums)))
+            near = tuple(tuple(rc for rc in grid.neighbourhood(*home) if rc in self.sums.get(rc[0], ()))
+                         for home in homes)
+            sums = dict.fromkeys(self.sums[rc[0]][rc] for cores in near for rc in cores)  # each object once
+            appends.append(writer.append.remote(_cell_rows.remote(layout, tuple(homes), near, *sums)))
             self._counted("cell_table", homes)
         position = self.streams.table_position  # rows to come need the sums of its row and the one above
         for row in [r for r in self.sums if position is None or r < position[0] - 1]:
