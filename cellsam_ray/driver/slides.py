@@ -3,7 +3,7 @@
 - a list (``cellsam-ray segment A B``, ``input: [A, B]`` in a job spec): those slides, each of which may
   itself be a glob;
 - a glob (``s3://bucket/study/*.ome.zarr``): the matches, sorted;
-- a prefix: a folder that is not itself a Zarr group, holding slides: its ``*.zarr`` children, sorted;
+- a prefix: a folder that is not itself a Zarr group and holds slides: its ``*.zarr`` children, sorted;
 - a manifest (``*.txt``: one URL per line, ``#`` comments; ``*.csv`` / ``*.tsv``: a column ``url`` (or
   ``input``) and optional ``nuclear`` and ``whole_cell`` columns naming that slide's channels, several
   separated by commas). A relative path in a local manifest is relative to the manifest's folder.
@@ -83,12 +83,13 @@ def _glob(pattern: str, storage_options: dict | None) -> list[str]:
 
 
 def _is_prefix(url: str, storage_options: dict | None) -> bool:
-    """A folder that is not a Zarr group itself (a study folder holding slides)."""
+    """A folder that is not a Zarr group itself and holds ``*.zarr`` slides (a study folder). Anything else
+    is taken for one slide, whose own checks say what is wrong with it."""
     try:
         fs, path = _fs(url, storage_options)
-        if not fs.isdir(path):
+        if not fs.isdir(path) or any(fs.exists(f"{path.rstrip('/')}/{marker}") for marker in ZARR_MARKERS):
             return False
-        return not any(fs.exists(f"{path.rstrip('/')}/{marker}") for marker in ZARR_MARKERS)
+        return bool(_children(url, storage_options))
     except Exception:  # noqa: BLE001 - unreachable here: the one-slide path says why, in its own words
         return False
 
@@ -96,8 +97,6 @@ def _is_prefix(url: str, storage_options: dict | None) -> bool:
 def _children(url: str, storage_options: dict | None) -> list[str]:
     fs, path = _fs(url, storage_options)
     names = sorted(child.rstrip("/") for child in fs.ls(path, detail=False) if child.rstrip("/").endswith(".zarr"))
-    if not names:
-        raise UserError(f"{url} is a folder with no *.zarr slide in it, and not an OME-Zarr image itself")
     return [_with_scheme(url, name) for name in names]
 
 
