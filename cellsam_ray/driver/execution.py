@@ -413,7 +413,9 @@ class Loop:
                 for slide in touched.values() if self.on_progress else ():
                     self.on_progress(slide)
                 continue
-            slide = next(s for s in self.slides if ref in s.host.in_flight)
+            slide = next((s for s in self.slides if ref in s.host.in_flight), None)
+            if slide is None:  # its slide failed on an earlier ref of this pass
+                continue
             try:
                 slide.host.finished(ref)
             except Exception as err:  # noqa: BLE001 - a task that failed every retry fails its slide

@@ -191,6 +191,7 @@ class ModelPool:
             self._start(slot)
         self.batches: deque[tuple[Any, list]] = deque()  # (slide, tiles), in the order slides were added
         self.in_flight: dict[ray.ObjectRef, _Sent] = {}
+        self.per_slot: Counter[int] = Counter()  # slot -> its batches in flight
         self.backed_up: set[ray.ObjectRef] = set()  # batches in flight that an idle actor also runs
         self.batch_seconds: deque[float] = deque(maxlen=BATCH_TIMES_KEPT)
 
@@ -274,7 +275,7 @@ class ModelPool:
 
     def fill(self) -> None:
         for slot in sorted(self.ready):
-            while sum(sent.slot == slot for sent in self.in_flight.values()) < 2:  # one read while one computes
+            while self.per_slot[slot] < 2:  # one read while one computes
                 entry = self.batches.popleft() if self.batches else self._late_batch(slot)
                 if entry is None:
                     break
@@ -282,11 +283,13 @@ class ModelPool:
                 actor = self.actors[slot]
                 ref = actor.run.remote(batch, slide.plan.run_id, [slide.plan_ref])
                 self.in_flight[ref] = _Sent(slot, actor, slide, batch, time.monotonic())
+                self.per_slot[slot] += 1
                 slide.stats.batches += 1
 
     def finished(self, ref: ray.ObjectRef) -> list[tuple[Any, str]]:
         """Take a finished batch; returns (slide, tile key) of the tiles it segmented first."""
         sent = self.in_flight.pop(ref)
+        self.per_slot[sent.slot] -= 1
         self.backed_up.discard(ref)
         slide = sent.slide
         try:
