@@ -48,6 +48,11 @@ TASK_RETRIES = 3
 TILE_LOSSES = 3
 """A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
 a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
+BATCHES_PER_CALL = 2
+"""Model batches (``batch_size`` tiles each) an actor call takes. Every call is a submission, a wait and a
+result on the driver's one thread, about 2.5 ms of its CPU on the 2-vCPU VM with the loop around it
+(notes/pipeline.md), so two batches per call halve the driver's work per tile; the actor still runs the model
+``batch_size`` tiles at a time, and a failed call is retried tile by tile as before."""
 BATCH_TIMES_KEPT = 1000  # the latest batch times, whose median says when a batch is late
 PLANS_KEPT = 8
 """Slide plans an actor keeps decoded, newest used last: more than a run keeps slides in flight."""
@@ -201,7 +206,7 @@ class ModelPool:
 
     def add(self, slide, tiles: list) -> None:
         """Queue ``tiles`` of ``slide`` (whose ``outstanding`` holds their keys) behind what is queued."""
-        size = slide.plan.spec.batch_size
+        size = slide.plan.spec.batch_size * BATCHES_PER_CALL
         self.batches.extend((slide, tiles[i : i + size]) for i in range(0, len(tiles), size))
 
     def drop(self, slide) -> None:

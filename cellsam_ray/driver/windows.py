@@ -17,12 +17,15 @@ spec names none), the slide surveyed once (``pipeline.plan.survey_slide``), the 
 
 from __future__ import annotations
 
+import numpy as np
+import ray
+
 from cellsam_ray.driver import cell_size
 from cellsam_ray.driver.lifecycle import fingerprint
 from cellsam_ray.errors import UserError
 from cellsam_ray.model import bundled
 from cellsam_ray.model.geometry import window_geometry
-from cellsam_ray.pipeline.plan import SlidePlan, SlideSurvey, make_plan, survey_slide
+from cellsam_ray.pipeline.plan import SlidePlan, SlideSurvey, make_plan, read_overview, survey_slide
 from cellsam_ray.report import CellSize
 from cellsam_ray.spec import SegmentSpec
 
@@ -34,9 +37,25 @@ OTHER_SEGMENTER = dict(tile=768, halo=128, chunk=256)
 def plan_run(spec: SegmentSpec) -> SlidePlan:
     """The plan of the run ``spec`` asks for: model chosen, slide surveyed, windows decided, each once."""
     spec, own_windows = choose_model(spec)
-    survey = survey_slide(spec)
+    survey = survey_slide(spec, read=_overview_in_a_task if ray.is_initialized() else read_overview)
     spec, size = decide(spec, survey, own_windows=own_windows)
     return make_plan(spec, survey, cell_size=size)
+
+
+# No CPU reserved: one at a time (one planning thread), and a cohort plans while a CPU-only pool holds
+# every CPU but CPU_RESERVE, which a reservation would wait for.
+_read_overview = ray.remote(max_retries=3, num_cpus=0)(read_overview)
+
+
+def _overview_in_a_task(*args) -> np.ndarray:
+    """``read_overview`` as a Ray task: once this process has joined Ray (a cohort plans its next slides
+    while its loop runs; a bench), the survey's one large read decodes elsewhere, so the driver's one core
+    stays with the loop. A one-slide run surveys before it joins, so bad input is refused before Ray starts.
+    A failure is raised as the task raised it."""
+    try:
+        return ray.get(_read_overview.remote(*args))
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None
 
 
 def choose_model(spec: SegmentSpec) -> tuple[SegmentSpec, dict[str, int] | None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import posixpath
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -23,7 +24,7 @@ from cellsam_ray.errors import UserError
 from cellsam_ray.io.layouts import image_url
 from cellsam_ray.io.ngff import NgffImage, open_slide
 from cellsam_ray.io.pyramid import AxisMap, level_maps
-from cellsam_ray.io.storage import join_url
+from cellsam_ray.io.storage import StorageAccess, join_url
 from cellsam_ray.pipeline.intensity import ChannelScale, tissue_mask
 from cellsam_ray.pipeline.overview import overview
 from cellsam_ray.pipeline.stain import stain
@@ -220,8 +221,17 @@ def check_slide(spec: SegmentSpec) -> CheckedSlide:
     return CheckedSlide(url, image, plane, tuple(channels), tuple(roles), choose_level(image, spec))
 
 
-def survey_slide(spec: SegmentSpec) -> SlideSurvey:
-    """Open and check the slide and the model the spec names, and read what planning needs of them."""
+def read_overview(url: str, storage: StorageAccess, level: int, axes: tuple[str, ...], plane: dict,
+                  channels: tuple[int, ...]) -> np.ndarray:
+    """The channels of ``level`` of the image at ``url`` within ``COARSE_PIXELS`` (``overview``): what the
+    statistics and the tissue mask are computed from, and the survey's one large read."""
+    image = open_slide(url, storage.options())
+    return overview(image.array(level), axes, plane, channels, COARSE_PIXELS)[0]
+
+
+def survey_slide(spec: SegmentSpec, *, read: Callable[..., np.ndarray] = read_overview) -> SlideSurvey:
+    """Open and check the slide and the model the spec names, and read what planning needs of them
+    (``read``: how the overview is read, ``read_overview`` here or elsewhere with the same arguments)."""
     checked = check_slide(spec)
     url, image, plane, channels, roles, level = (checked.url, checked.image, checked.plane, checked.channels,
                                                  checked.roles, checked.level)
@@ -240,7 +250,7 @@ def survey_slide(spec: SegmentSpec) -> SlideSurvey:
         if shape[axes.index("y")] * shape[axes.index("x")] <= COARSE_PIXELS:
             break
     dtype = image.levels[coarse_index].dtype
-    coarse, _ = overview(image.array(coarse_index), axes, plane, channels, COARSE_PIXELS)
+    coarse = read(url, spec.storage, coarse_index, axes, plane, channels)
     scales = kind.scales(coarse, dtype)
     mask = tissue_mask(kind.tissue_signal(coarse, roles, scales, dtype)) if spec.tissue_mask else None
 
