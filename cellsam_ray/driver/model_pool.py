@@ -3,8 +3,9 @@
 - One model per actor (``num_gpus`` when the cluster has GPUs or its autoscaler can add them:
   ``capacity``). An actor gets tiles once it has started, so a run begins with the first actor ready and
   grows as nodes join; actors that never find room hold no tiles.
-- Tile descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch
-  is on the model (``max_concurrency=2``), and the pool keeps two batches in flight per actor. An actor
+- Tile descriptors travel, not pixels: an actor reads its own windows in a thread while its previous call
+  is on the model (``max_concurrency=2``), and the pool keeps two calls (of ``BATCHES_PER_CALL`` model
+  batches each) in flight per actor. An actor
   writes a batch's candidates to the slide's work store itself, after releasing the model to the other
   batch in flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
 - A batch names its slide (its run id and plan reference): an actor fetches a slide's plan once and keeps
