@@ -176,7 +176,7 @@ class Cohort:
         """Plan the slide, take its label (lease, resume or refuse) and list its finished tiles: off the loop's
         thread, while the actors work on the slides before it."""
         started = time.perf_counter()
-        plan = plan_run(self.specs[index])
+        plan = plan_run(self.specs[index], overview_in_a_task=True)
         run = LabelRun(plan)
         run.start()
         stats = RunStats()

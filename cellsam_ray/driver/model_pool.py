@@ -3,9 +3,8 @@
 - One model per actor (``num_gpus`` when the cluster has GPUs or its autoscaler can add them:
   ``capacity``). An actor gets tiles once it has started, so a run begins with the first actor ready and
   grows as nodes join; actors that never find room hold no tiles.
-- Tile descriptors travel, not pixels: an actor reads its own windows in a thread while its previous call
-  is on the model (``max_concurrency=2``), and the pool keeps two calls (of ``BATCHES_PER_CALL`` model
-  batches each) in flight per actor. An actor
+- Tile descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch
+  is on the model (``max_concurrency=2``), and the pool keeps two batches in flight per actor. An actor
   writes a batch's candidates to the slide's work store itself, after releasing the model to the other
   batch in flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
 - A batch names its slide (its run id and plan reference): an actor fetches a slide's plan once and keeps
@@ -49,11 +48,6 @@ TASK_RETRIES = 3
 TILE_LOSSES = 3
 """A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
 a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
-BATCHES_PER_CALL = 2
-"""Model batches (``batch_size`` tiles each) an actor call takes. Every call is a submission, a wait and a
-result on the driver's one thread, about 2.5 ms of its CPU on the 2-vCPU VM with the loop around it
-(notes/pipeline.md), so two batches per call halve the driver's work per tile; the actor still runs the model
-``batch_size`` tiles at a time, and a failed call is retried tile by tile as before."""
 BATCH_TIMES_KEPT = 1000  # the latest batch times, whose median says when a batch is late
 PLANS_KEPT = 8
 """Slide plans an actor keeps decoded, newest used last: more than a run keeps slides in flight."""
@@ -207,7 +201,7 @@ class ModelPool:
 
     def add(self, slide, tiles: list) -> None:
         """Queue ``tiles`` of ``slide`` (whose ``outstanding`` holds their keys) behind what is queued."""
-        size = slide.plan.spec.batch_size * BATCHES_PER_CALL
+        size = slide.plan.spec.batch_size
         self.batches.extend((slide, tiles[i : i + size]) for i in range(0, len(tiles), size))
 
     def drop(self, slide) -> None:

@@ -34,10 +34,11 @@ OTHER_SEGMENTER = dict(tile=768, halo=128, chunk=256)
 """Windows for a segmenter that is not CellSAM: 1024 px, CellSAM v1.2's input at its native scale."""
 
 
-def plan_run(spec: SegmentSpec) -> SlidePlan:
-    """The plan of the run ``spec`` asks for: model chosen, slide surveyed, windows decided, each once."""
+def plan_run(spec: SegmentSpec, *, overview_in_a_task: bool = False) -> SlidePlan:
+    """The plan of the run ``spec`` asks for: model chosen, slide surveyed, windows decided, each once.
+    ``overview_in_a_task``: the survey's overview is read in a Ray task (``_overview_in_a_task``)."""
     spec, own_windows = choose_model(spec)
-    survey = survey_slide(spec, read=_overview_in_a_task if ray.is_initialized() else read_overview)
+    survey = survey_slide(spec, read=_overview_in_a_task if overview_in_a_task else read_overview)
     spec, size = decide(spec, survey, own_windows=own_windows)
     return make_plan(spec, survey, cell_size=size)
 
@@ -48,10 +49,10 @@ _read_overview = ray.remote(max_retries=3, num_cpus=0)(read_overview)
 
 
 def _overview_in_a_task(*args) -> np.ndarray:
-    """``read_overview`` as a Ray task: once this process has joined Ray (a cohort plans its next slides
-    while its loop runs; a bench), the survey's one large read decodes elsewhere, so the driver's one core
-    stays with the loop. A one-slide run surveys before it joins, so bad input is refused before Ray starts.
-    A failure is raised as the task raised it."""
+    """``read_overview`` as a Ray task: a cohort plans its next slides while its loop runs, and the survey's
+    one large read decodes elsewhere, so the driver's one core stays with the loop. The task reads the slide
+    with the storage options its own process resolves (as every worker of a run does). A failure is raised
+    as the task raised it."""
     try:
         return ray.get(_read_overview.remote(*args))
     except ray.exceptions.RayTaskError as err:
