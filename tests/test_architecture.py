@@ -22,6 +22,7 @@ LAYERS = [  # lowest first; a module imports from its own package and from lower
     ("train",),
     ("jobspec", "jobclient", "schemas"),
     ("testing",),
+    ("oracle",),
     ("bench",),
     ("commands",),
     ("cli", "__init__"),

@@ -11,12 +11,18 @@ image's own bytes untouched.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from cellsam_ray.cli import main
 from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.testing.checks import array_checksums, same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing.checks import array_checksums, label_chunk_files, same_up_to_relabelling, validate_ome_zarr
+from cellsam_ray.testing.cluster import safe_ray_environment
 from cellsam_ray.testing.ecosystem import (brightfield, disc_cells, fluorescence, write_bioformats2raw,
                                             write_with_ome_zarr_py)
 from cellsam_ray.testing.s3 import spec_storage
@@ -230,4 +236,24 @@ def test_brightfield_rgb_end_to_end(tmp_path, ray_cluster):
     assert report["summary"]["tiles_skipped_no_tissue"] >= 4
     check_labels(url, truth)
     read_back_with_ome_zarr_py(url, "0.5", len(open_image(url).levels))
+    assert array_checksums(url) == before
+
+
+def test_the_oracle_keeps_its_first_public_name_and_variable(floor_pyramid, ray_cluster):
+    """``cellsam_ray.oracle:GroundTruthSegmenter`` on an ome-zarr-py slide from the command line, its cells
+    named as specs first named them (``CELLSAM_RAY_ORACLE_LABELS``, read by every process of the run) and
+    as they are named now (``--segmenter-option labels=``): the same labels."""
+    url, truth = floor_pyramid
+    before = array_checksums(url)
+    argv = [sys.executable, "-m", "cellsam_ray.cli", "segment", url, "--nuclear", "DAPI", "--whole-cell", "CD45",
+            "--segmenter", "cellsam_ray.oracle:GroundTruthSegmenter", "--no-progress",
+            *[f"--{name}={value}" for name, value in TILING.items()]]
+    # Its own local cluster, whose processes all have the variable (the session's started without it).
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **safe_ray_environment(),
+           "CELLSAM_RAY_ORACLE_LABELS": url}
+    done = subprocess.run([*argv, "--label-name", "by-variable"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert main([*argv[3:], "--label-name", "by-option", "--segmenter-option", f"labels={url}"]) == 0
+    assert same_up_to_relabelling(check_labels(url, truth, name="by-variable"), truth)
+    assert label_chunk_files(url, "by-variable") == label_chunk_files(url, "by-option")
     assert array_checksums(url) == before
