@@ -15,31 +15,17 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import yaml
 
 from cellsam_ray.errors import UserError
-from cellsam_ray.io.storage import is_local, local_path
+from cellsam_ray.io.storage import read_text
 from cellsam_ray.spec import SegmentSpec, validate_spec
 
 
 def load_job_spec(source: str, storage_options: dict | None = None) -> SegmentSpec:
     """The spec in the YAML or JSON file at ``source`` (a path or fsspec URL), checked."""
-    return spec_from_mapping(parse_spec_text(read_text(source, storage_options), source), source)
-
-
-def read_text(source: str, storage_options: dict | None = None) -> str:
-    try:
-        if is_local(source):
-            return local_path(source).read_text()
-        with fsspec.open(source, "rt", **(storage_options or {})) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise UserError(f"job spec {source} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"job spec {source} is a folder, not a YAML or JSON file") from None
-    except Exception as err:  # noqa: BLE001 - permissions, network, credentials: all the user's to fix
-        raise UserError(f"cannot read job spec {source}: {type(err).__name__}: {err}") from None
+    text = read_text(source, storage_options, what="job spec", expected="a YAML or JSON file")
+    return spec_from_mapping(parse_spec_text(text, source), source)
 
 
 def parse_spec_text(text: str, source: str) -> Any:

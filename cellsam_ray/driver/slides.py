@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import fsspec
 
 from cellsam_ray.errors import UserError
-from cellsam_ray.io.storage import is_local, join_url, local_path
+from cellsam_ray.io.storage import is_local, join_url, local_path, read_text
 
 MANIFESTS = (".txt", ".csv", ".tsv")
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs")
@@ -101,16 +101,7 @@ def _children(url: str, storage_options: dict | None) -> list[str]:
 
 
 def _manifest(url: str, storage_options: dict | None) -> list[SlideInput]:
-    try:
-        if is_local(url):
-            text = local_path(url).read_text()
-        else:
-            with fsspec.open(url, "rt", **(storage_options or {})) as f:
-                text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"manifest {url} not found") from None
-    except OSError as err:
-        raise UserError(f"cannot read manifest {url}: {type(err).__name__}: {err}") from None
+    text = read_text(url, storage_options, what="manifest", expected="a list of slides")
     base = str(local_path(url).parent) if is_local(url) else None
     if url.lower().endswith(".txt"):
         rows = [dict(url=line.strip()) for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]

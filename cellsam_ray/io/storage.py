@@ -116,6 +116,22 @@ def local_path(url: str) -> Path:
     return Path(url[len("file://") :] if url.startswith("file://") else url)
 
 
+def read_text(url: str, storage_options: dict | None = None, *, what: str, expected: str) -> str:
+    """The text of the file at ``url`` (a path or fsspec URL), or a one-line UserError naming it as ``what``
+    (a job spec, a manifest) and saying what it should have been (``expected``) when it is a folder."""
+    try:
+        if is_local(url):
+            return local_path(url).read_text()
+        with fsspec.open(url, "rt", **(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} {url} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {url} is a folder, not {expected}") from None
+    except Exception as err:  # noqa: BLE001 - permissions, network, credentials: all the user's to fix
+        raise UserError(f"cannot read {what} {url}: {type(err).__name__}: {err}") from None
+
+
 def join_url(url: str, *parts: str) -> str:
     """``url`` with path components appended, for local paths and URLs alike."""
     if is_local(url) and not str(url).startswith("file://"):
