@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cellsam_ray.bench.simulated import SIMULATED
+from cellsam_ray.bench.simulated import NO_AUTH, SIMULATED
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import label_chunk_files
-from cellsam_ray.testing.cluster import RayNodes, safe_ray_environment
-
-NO_AUTH = {**safe_ray_environment(), "RAY_AUTH_MODE": "disabled"}  # a loopback cluster of this bench alone
+from cellsam_ray.testing.cluster import RayNodes
 
 
 def run(argv: list[str], address: str) -> float:

@@ -31,6 +31,7 @@ from cellsam_ray.bench.merge import TreeCPU
 from cellsam_ray.testing.cluster import RayNodes, safe_ray_environment
 
 SIMULATED = "cellsam_ray.bench.simulated:SimulatedGPU"
+NO_AUTH = {**safe_ray_environment(), "RAY_AUTH_MODE": "disabled"}  # a loopback cluster of a bench alone
 
 
 class SimulatedGPU:
@@ -72,9 +73,8 @@ def measure(gpus: int, slides: int, size: int, tile: int, seconds_per_tile: floa
             "--chunk", str(tile), "--no-tissue-mask", "--no-qc-images", "--label-name", "simulated",
             "--cohort-report", str(folder / "report"), "--no-progress",
             "--cpus-per-worker", "0.05"]  # a simulated GPU's actor needs next to no CPU: the node's go to the stages
-    no_auth = {**safe_ray_environment(), "RAY_AUTH_MODE": "disabled"}  # a loopback cluster of this bench alone
-    with RayNodes(cpus=(cpus,), gpus=(gpus,), env=no_auth) as cluster:
-        env = {**os.environ, **no_auth, "RAY_ADDRESS": f"127.0.0.1:{cluster.gcs_port}"}
+    with RayNodes(cpus=(cpus,), gpus=(gpus,), env=NO_AUTH) as cluster:
+        env = {**os.environ, **NO_AUTH, "RAY_ADDRESS": f"127.0.0.1:{cluster.gcs_port}"}
         with TreeCPU() as tree:
             before, started = _children_cpu(), time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "cellsam_ray.cli", *argv], env=env, capture_output=True,
