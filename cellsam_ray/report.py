@@ -138,8 +138,8 @@ class RunReport(_Strict):
     spec: dict = Field(description="The job spec, storage options left out.")
     model: ModelInfo
     timings: dict[str, float] = Field(description="Seconds per stage (segment, reconcile, write, pyramid, ...).")
-    tasks: dict[str, int] = Field(default_factory=dict, description="Ray tasks per stage (model batches for "
-                                  "segment): after segmenting they follow the tissue, not the slide's area.")
+    tasks: dict[str, int] = Field(default_factory=dict, description="Ray tasks per stage (model batches "
+                                  "for segment, and the actor calls that carried them): after segmenting they follow the tissue, not the slide's area.")
     units: dict[str, int] = Field(default_factory=dict, description="Units of work per stage, a task taking "
                                   "several neighbours: homes reconciled, cores painted (written or found "
                                   "empty), pyramid chunks built, homes whose table rows were made.")

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cellsam_ray.cli import main
+from cellsam_ray.driver import model_pool
 from cellsam_ray.driver.api import segment
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import array_checksums, label_chunk_files
@@ -84,6 +86,40 @@ def slide(tmp_path_factory, ray_cluster):
 def faults(slide, tmp_path):
     """The folder of one test: its runs' files are in ``run1``."""
     return tmp_path
+
+
+def test_a_call_of_several_batches_persists_each_batch_as_it_is_done(slide, faults, monkeypatch):
+    """While the queue is long an actor call carries several batches (the driver's cost is per call);
+    each batch's candidates are written as soon as it is done, so a batch, not a call, is what a crash
+    loses and a rerun redoes. One-tile batches and a queue counted long from one batch per actor: the
+    first call takes tiles (0, 0)-(0, 3); with (0, 2) held on the model, the two before it are done while
+    the call has not returned."""
+    monkeypatch.setattr(model_pool, "QUEUE_PER_ACTOR", 1)  # the driver is this process
+    spec = dict(input=slide, label_name="calls", **dict(faulty(slide, faults / "run1", hold_at=origin_option(0, 2)),
+                                                        batch_size=1))
+    outcome: dict = {}
+    run = threading.Thread(target=lambda: outcome.update(report=segment(spec, progress=False)))
+    run.start()
+    held = faults / "run1" / "held"
+    deadline = time.monotonic() + 180
+    try:
+        while not any(held.glob("*")):
+            assert run.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.2)
+        time.sleep(1)  # what else would be written meanwhile, would be by now
+        done_while_held = done_tiles(slide, "calls")
+    finally:
+        (faults / "run1" / "release").touch()
+        run.join(timeout=300)
+    first_row = [GRID.tile_at(0, col).key for col in range(4)]
+    # The other call in flight (row 1) may have batches done too: the two threads take the model in turns.
+    assert set(first_row[:2]) <= done_while_held and not set(first_row[2:]) & done_while_held, done_while_held
+
+    report = outcome["report"]
+    assert report["status"] == "succeeded" and report["summary"]["tiles_segmented"] == 16
+    assert report["tasks"]["segment_batches"] == 16 and report["tasks"]["segment_calls"] < 16
+    assert Counter(window_calls(faults / "run1")) == {t.origin: 1 for t in GRID.tiles()}
+    assert_same_labels(slide, "calls")
 
 
 def test_a_model_actor_killed_mid_run_is_restarted_and_the_output_is_unchanged(slide, faults):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import deque
 
 import numpy as np
 import pytest
@@ -145,3 +146,20 @@ def test_a_sticky_cuda_error_ends_the_process():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "still alive" not in done.stdout and "restarting this model actor" in done.stderr
     device.exit_if_device_broken(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # returns
+
+
+def test_a_call_carries_several_batches_of_one_slide_while_the_queue_is_long():
+    pool = model_pool.ModelPool.__new__(model_pool.ModelPool)  # the queue alone, without actors
+    pool.ready = {0, 1}
+    first, second = object(), object()
+    long = model_pool.QUEUE_PER_ACTOR * len(pool.ready) * model_pool.BATCHES_PER_CALL
+    pool.batches = deque([(first, [n], False) for n in range(long)] + [(second, [long], False)])
+    slide, batches = pool._next_call(0)
+    assert slide is first and [b[0] for b in batches] == list(range(model_pool.BATCHES_PER_CALL))
+    calls = []
+    while pool.batches:
+        calls.append(pool._next_call(0))
+    assert all(len(b) == 1 for _, b in calls[-5:])  # a short queue: a batch per call, for every actor to share
+    assert [s for s, b in calls if long in [t[0] for t in b]] == [second]  # slides are not mixed in a call
+    pool.batches = deque([(first, [1], True), (first, [2], True)] + [(first, [n], False) for n in range(long)])
+    assert pool._next_call(0) == (first, ([1],))  # a tile retried on its own goes alone

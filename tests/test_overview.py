@@ -37,6 +37,9 @@ def test_overview_is_the_block_mean_whatever_the_chunks(chunks, max_pixels):
     assert stride == max(1, int(np.ceil(np.sqrt(203 * 191 / max_pixels))))
     assert picture.shape[1] * picture.shape[2] <= max_pixels
     np.testing.assert_allclose(picture, block_means(pixels[[2, 0], 0].astype(np.float64), stride), rtol=1e-6)
+    if stride == 1:  # a level that fits is the picture itself, value for value
+        assert picture.dtype == np.float32
+        np.testing.assert_array_equal(picture, pixels[[2, 0], 0].astype(np.float32))
 
 
 def test_nan_is_background_in_the_overview():

@@ -328,6 +328,7 @@ class SlideWork:
     def all_segmented(self) -> None:
         self.stats.stage_seconds["segment"] = time.perf_counter() - self.started
         self.stats.tasks["segment_batches"] = self.stats.batches
+        self.stats.tasks["segment_calls"] = self.stats.calls
         if self.on_segmented is not None:
             self.on_segmented()
         if not self.streams.writes_open:

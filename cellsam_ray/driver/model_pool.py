@@ -4,17 +4,21 @@
   ``capacity``). An actor gets tiles once it has started, so a run begins with the first actor ready and
   grows as nodes join; actors that never find room hold no tiles.
 - Tile descriptors travel, not pixels: an actor reads its own windows in a thread while its previous batch
-  is on the model (``max_concurrency=2``), and the pool keeps two batches in flight per actor. An actor
-  writes a batch's candidates to the slide's work store itself, after releasing the model to the other
-  batch in flight, so a batch the driver sees finished is persisted (no task per tile to schedule).
-- A batch names its slide (its run id and plan reference): an actor fetches a slide's plan once and keeps
+  is on the model (``max_concurrency=2``), and the pool keeps two calls in flight per actor. An actor
+  writes each batch's candidates to the slide's work store itself, after releasing the model to the other
+  call in flight, so a batch is persisted as soon as it is done (no task per tile to schedule), and a
+  rerun resumes after it even if its call was lost.
+- A call carries up to ``BATCHES_PER_CALL`` batches of one slide while the queue is long
+  (``QUEUE_PER_ACTOR`` batches per actor), one once it is short: each call costs the driver's one thread
+  about as much as a batch, and one batch per call at the end spreads the last tiles over every actor.
+- A call names its slide (its run id and plan reference): an actor fetches a slide's plan once and keeps
   the last few, so the weights are loaded once per actor for a whole cohort and the next slide's tiles
   follow the last one's without a pause. Every slide of a run shares the spec's model fields, so the
   model built from the first slide's plan serves them all.
-- Actors restart and calls retry (set explicitly: Ray's defaults for actors are 0). A batch held too long
+- Actors restart and calls retry (set explicitly: Ray's defaults for actors are 0). A call held too long
   (an actor waiting for room to restart after its node was lost, or a straggler) is also given to an idle
   actor once the queue is empty; the first copy to finish counts.
-- A batch that still fails is retried tile by tile; a tile that fails on every attempt is recorded in its
+- A call that still fails is retried tile by tile; a tile that fails on every attempt is recorded in its
   slide's ``RunStats.failed``. Device out of memory halves an actor's batch, down to one tile, and shrinks
   CellSAM's decoder chunk; a sticky CUDA error ends the actor's process, so Ray restarts it with a fresh
   context.
@@ -48,7 +52,12 @@ TASK_RETRIES = 3
 TILE_LOSSES = 3
 """A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
 a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
-BATCH_TIMES_KEPT = 1000  # the latest batch times, whose median says when a batch is late
+CALL_TIMES_KEPT = 1000  # the latest call times, whose median says when a call is late
+BATCHES_PER_CALL = 4
+"""Batches an actor call carries at most: the driver's CPU per tile falls with it (a 16,384² slide of 256-px
+tiles: notes/pipeline.md); more would hold more tiles back from the streamed stages per call."""
+QUEUE_PER_ACTOR = 8
+"""Below this many queued batches per started actor, calls carry fewer batches, down to one."""
 PLANS_KEPT = 8
 """Slide plans an actor keeps decoded, newest used last: more than a run keeps slides in flight."""
 
@@ -84,7 +93,7 @@ class SegmentWorker:
 
     def _plan(self, run_id: str, plan_ref: list) -> SlidePlan:
         """The plan of the slide ``run_id``, fetched once (``plan_ref``: its reference, in a list so that
-        Ray passes the reference and not the plan with every batch)."""
+        Ray passes the reference and not the plan with every call)."""
         plan = self.plans.get(run_id)
         if plan is None:
             plan = self.plans[run_id] = ray.get(plan_ref[0])
@@ -94,15 +103,19 @@ class SegmentWorker:
         return plan
 
     @ray.method(retry_exceptions=True)  # a transient error (a storage hiccup) costs a retry, not the tile
-    def run(self, tiles: list, run_id: str, plan_ref: list) -> list[tuple[str, int, float]]:
+    def run(self, batches: tuple[list, ...], run_id: str, plan_ref: list) -> list[tuple[str, int, float]]:
+        """Segment ``batches`` of the slide ``run_id`` one after the other, each persisted once done."""
         if self.unusable:  # restarted on a node that cannot run the model
             raise RuntimeError(self.unusable)
         plan = self._plan(run_id, plan_ref)
+        return [found for tiles in batches for found in self._batch(plan, tiles)]
+
+    def _batch(self, plan: SlidePlan, tiles: list) -> list[tuple[str, int, float]]:
         windows = source.read_windows(plan, tiles)
         try:
             with self.model_lock:
                 inferred = self._infer(tiles, windows)
-            # Host work (the segmenter's cleanup, the candidates) outside the lock: the other batch in
+            # Host work (the segmenter's cleanup, the candidates) outside the lock: the other call in
             # flight has the model meanwhile.
             results = [r for part, done in inferred for r in finish_tiles(plan, part, done)]
         except Exception as err:
@@ -151,23 +164,27 @@ def failure_line(err: BaseException) -> str:
 
 @dataclass
 class _Sent:
-    """A batch of one slide's tiles given to the actor in ``slot``, and when."""
+    """A call with batches of one slide's tiles given to the actor in ``slot``, and when."""
 
     slot: int
     actor: Any
     slide: Any  # the slide's loop state (``execution.SlideWork``): plan, plan_ref, outstanding, stats, progress
-    batch: list
+    batches: tuple[list, ...]
     at: float
+
+    @property
+    def tiles(self) -> list:
+        return [tile for batch in self.batches for tile in batch]
 
 
 class ModelPool:
-    """Every queued tile through the model actors, two batches in flight per started actor.
+    """Every queued tile through the model actors, two calls in flight per started actor.
 
     The pool is what ``capacity`` says the cluster has or can become (``sizing``; sized once per run); an
     actor is given batches once it has started (``started`` answered), so on a cluster that scales from
     zero the run begins with the first node that joins. Slides are queued in the order they are added, so
     the first slide finishes segmenting first. Once the queue is empty, an actor with room also runs a
-    batch that another actor has held for the spec's ``backup_after_s`` (and 3× the median batch time):
+    call that another actor has held for the spec's ``backup_after_s`` (and 3× the median call time):
     an actor whose node was lost waits for room to restart, forever on a cluster without any, and a
     straggler holds the whole run back. Whichever copy finishes first counts; the other's results are the
     same bytes under the same keys.
@@ -189,11 +206,12 @@ class ModelPool:
         self.losses: Counter[tuple[str, str]] = Counter()  # (run id, tile key) -> actors lost with it alone
         for slot in range(len(self.actors)):
             self._start(slot)
-        self.batches: deque[tuple[Any, list]] = deque()  # (slide, tiles), in the order slides were added
+        # (slide, tiles, alone): batches in the order slides were added; ``alone`` for a tile retried on its own
+        self.batches: deque[tuple[Any, list, bool]] = deque()
         self.in_flight: dict[ray.ObjectRef, _Sent] = {}
         self.per_slot: Counter[int] = Counter()  # slot -> its batches in flight
-        self.backed_up: set[ray.ObjectRef] = set()  # batches in flight that an idle actor also runs
-        self.batch_seconds: deque[float] = deque(maxlen=BATCH_TIMES_KEPT)
+        self.backed_up: set[ray.ObjectRef] = set()  # calls in flight that an idle actor also runs
+        self.call_seconds: deque[float] = deque(maxlen=CALL_TIMES_KEPT)
 
     @property
     def on_gpus(self) -> bool:
@@ -202,7 +220,7 @@ class ModelPool:
     def add(self, slide, tiles: list) -> None:
         """Queue ``tiles`` of ``slide`` (whose ``outstanding`` holds their keys) behind what is queued."""
         size = slide.plan.spec.batch_size
-        self.batches.extend((slide, tiles[i : i + size]) for i in range(0, len(tiles), size))
+        self.batches.extend((slide, tiles[i : i + size], False) for i in range(0, len(tiles), size))
 
     def drop(self, slide) -> None:
         """Forget ``slide`` (it failed): its queued batches go; those in flight finish and are ignored."""
@@ -240,7 +258,7 @@ class ModelPool:
         return [self.actors[slot] for slot in sorted(self.ready)]
 
     def take(self, ref: ray.ObjectRef) -> list[tuple[Any, str]]:
-        """Take a finished batch or a started actor; returns (slide, tile key) of the tiles segmented first."""
+        """Take a finished call or a started actor; returns (slide, tile key) of the tiles segmented first."""
         if ref not in self.starting:
             return self.finished(ref)
         slot = self.starting.pop(ref)
@@ -258,43 +276,56 @@ class ModelPool:
         self.node_of[slot] = answer["node"]
         return []
 
-    def _late_batch(self, slot: int) -> tuple[Any, list] | None:
-        """The batch held longest by another actor, if it is late and has no backup yet."""
-        times = self.batch_seconds
+    def _next_call(self, slot: int) -> tuple[Any, tuple[list, ...]] | None:
+        """The next call for ``slot``: queued batches of one slide, as many as the queue's length allows
+        (a tile retried on its own goes alone), else a late call of another actor's."""
+        if not self.batches:
+            return self._late_call(slot)
+        slide, tiles, alone = self.batches.popleft()
+        batches = [tiles]
+        most = 1 if alone else min(BATCHES_PER_CALL, len(self.batches) // (QUEUE_PER_ACTOR * len(self.ready)))
+        while len(batches) < most and self.batches[0][0] is slide and not self.batches[0][2]:
+            batches.append(self.batches.popleft()[1])
+        return slide, tuple(batches)
+
+    def _late_call(self, slot: int) -> tuple[Any, tuple[list, ...]] | None:
+        """The call held longest by another actor, if it is late and has no backup yet."""
+        times = self.call_seconds
         least = self.plan.spec.backup_after_s
         limit = max(least, 3 * statistics.median(times)) if times else least
         now = time.monotonic()
         late = [(sent.at, ref) for ref, sent in self.in_flight.items()
                 if sent.slot != slot and ref not in self.backed_up and now - sent.at > limit
-                and any(t.key in sent.slide.outstanding for t in sent.batch)]
+                and any(t.key in sent.slide.outstanding for t in sent.tiles)]
         if not late:
             return None
         ref = min(late, key=lambda pair: pair[0])[1]
         self.backed_up.add(ref)
-        return self.in_flight[ref].slide, self.in_flight[ref].batch
+        return self.in_flight[ref].slide, self.in_flight[ref].batches
 
     def fill(self) -> None:
         for slot in sorted(self.ready):
             while self.per_slot[slot] < 2:  # one read while one computes
-                entry = self.batches.popleft() if self.batches else self._late_batch(slot)
-                if entry is None:
+                call = self._next_call(slot)
+                if call is None:
                     break
-                slide, batch = entry
+                slide, batches = call
                 actor = self.actors[slot]
-                ref = actor.run.remote(batch, slide.plan.run_id, [slide.plan_ref])
-                self.in_flight[ref] = _Sent(slot, actor, slide, batch, time.monotonic())
+                ref = actor.run.remote(batches, slide.plan.run_id, [slide.plan_ref])
+                self.in_flight[ref] = _Sent(slot, actor, slide, batches, time.monotonic())
                 self.per_slot[slot] += 1
-                slide.stats.batches += 1
+                slide.stats.batches += len(batches)
+                slide.stats.calls += 1
 
     def finished(self, ref: ray.ObjectRef) -> list[tuple[Any, str]]:
-        """Take a finished batch; returns (slide, tile key) of the tiles it segmented first."""
+        """Take a finished call; returns (slide, tile key) of the tiles it segmented first."""
         sent = self.in_flight.pop(ref)
         self.per_slot[sent.slot] -= 1
         self.backed_up.discard(ref)
         slide = sent.slide
         try:
             results = ray.get(ref)
-            self.batch_seconds.append(time.monotonic() - sent.at)
+            self.call_seconds.append(time.monotonic() - sent.at)
         except ray.exceptions.RayError as err:  # retries are used up
             results = []
             lost = isinstance(err, ray.exceptions.RayActorError)
@@ -305,15 +336,15 @@ class ModelPool:
                     self._doubt_node(sent.slot)
                     ray.kill(sent.actor)
                     self._start(sent.slot)
-            pending = [t for t in sent.batch if t.key in slide.outstanding]
+            pending = [t for t in sent.tiles if t.key in slide.outstanding]
             if len(pending) > 1:  # retry tile by tile, to find the tile at fault
-                self.batches.extendleft((slide, [t]) for t in reversed(pending))
-            elif pending and not any(other.slide is slide and pending[0] in other.batch
+                self.batches.extendleft((slide, [t], True) for t in reversed(pending))
+            elif pending and not any(other.slide is slide and pending[0] in other.tiles
                                      for other in self.in_flight.values()):
                 tile = pending[0]
                 self.losses[slide.plan.run_id, tile.key] += lost
                 if lost and self.losses[slide.plan.run_id, tile.key] < TILE_LOSSES:
-                    self.batches.appendleft((slide, [tile]))
+                    self.batches.appendleft((slide, [tile], True))
                 else:
                     slide.stats.failed.append(TileFailure.of(tile, failure_line(err)))
                     slide.outstanding.discard(tile.key)

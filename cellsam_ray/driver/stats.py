@@ -43,4 +43,5 @@ class RunStats:
     tasks: dict = field(default_factory=dict)  # tasks (or actor calls) per stage
     units: dict = field(default_factory=dict)  # per stage: homes reconciled, cores painted, chunks built, ...
     batches: int = 0  # model batches handed to the actors
+    calls: int = 0  # actor calls that carried them
     failed: list[TileFailure] = field(default_factory=list)

@@ -30,7 +30,9 @@ def overview(array, axes, plane, channels, max_pixels: int) -> tuple[np.ndarray,
     height, width = array.shape[axes.index("y")], array.shape[axes.index("x")]
     stride = max(1, math.ceil(math.sqrt(height * width / max_pixels)))
     rows, cols = -(-height // stride), -(-width // stride)
-    sums = np.zeros((len(channels), rows, cols), dtype=np.float64)
+    # Block sums in float64; at stride 1 the pixels themselves, in the picture's float32 (the same values:
+    # a pixel's float64 sum over one pixel, divided by one, rounds to float32 as the pixel does).
+    sums = np.zeros((len(channels), rows, cols), dtype=np.float32 if stride == 1 else np.float64)
     chunks = array.chunks  # inner chunks of a sharded array: a read of one does not fetch its whole shard
     step_y, step_x = (_read_step(chunks[axes.index(a)]) for a in ("y", "x"))
     regions = itertools.product(range(0, height, step_y), range(0, width, step_x))
@@ -39,6 +41,8 @@ def overview(array, axes, plane, channels, max_pixels: int) -> tuple[np.ndarray,
         y0, x0 = region
         y1, x1 = min(y0 + step_y, height), min(x0 + step_x, width)
         pixels = read_channels(array, axes, plane, channels, slice(y0, y1), slice(x0, x1))
+        if stride == 1:  # a level that fits is its own picture: no blocks to sum
+            return y0, x0, pixels
         block = _block_sums(_block_sums(pixels, y0, stride, axis=1), x0, stride, axis=2)
         return y0 // stride, x0 // stride, block
 
@@ -54,6 +58,8 @@ def overview(array, axes, plane, channels, max_pixels: int) -> tuple[np.ndarray,
                 add(in_flight.popleft())
         while in_flight:
             add(in_flight.popleft())
+    if stride == 1:
+        return sums, stride
     counts = np.outer(_block_sizes(height, stride), _block_sizes(width, stride))
     return (sums / counts).astype(np.float32), stride
 
