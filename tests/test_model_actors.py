@@ -150,7 +150,7 @@ def test_a_sticky_cuda_error_ends_the_process():
 
 def test_a_call_carries_several_batches_of_one_slide_while_the_queue_is_long():
     pool = model_pool.ModelPool.__new__(model_pool.ModelPool)  # the queue alone, without actors
-    pool.ready = {0, 1}
+    pool.ready, pool.batch_seconds = {0, 1}, deque([0.01])  # quick batches
     first, second = object(), object()
     long = model_pool.QUEUE_PER_ACTOR * len(pool.ready) * model_pool.BATCHES_PER_CALL
     pool.batches = deque([(first, [n], False) for n in range(long)] + [(second, [long], False)])
@@ -163,3 +163,6 @@ def test_a_call_carries_several_batches_of_one_slide_while_the_queue_is_long():
     assert [s for s, b in calls if long in [t[0] for t in b]] == [second]  # slides are not mixed in a call
     pool.batches = deque([(first, [1], True), (first, [2], True)] + [(first, [n], False) for n in range(long)])
     assert pool._next_call(0) == (first, ([1],))  # a tile retried on its own goes alone
+    pool.batch_seconds = deque([model_pool.CALL_SECONDS])  # slow batches: one a call, so progress moves
+    pool.batches = deque([(first, [n], False) for n in range(long)])
+    assert len(pool._next_call(0)[1]) == 1

@@ -8,9 +8,11 @@
   writes each batch's candidates to the slide's work store itself, after releasing the model to the other
   call in flight, so a batch is persisted as soon as it is done (no task per tile to schedule), and a
   rerun resumes after it even if its call was lost.
-- A call carries up to ``BATCHES_PER_CALL`` batches of one slide while the queue is long
-  (``QUEUE_PER_ACTOR`` batches per actor), one once it is short: each call costs the driver's one thread
-  about as much as a batch, and one batch per call at the end spreads the last tiles over every actor.
+- A call carries several batches of one slide when batches are quick (up to ``BATCHES_PER_CALL``, about
+  ``CALL_SECONDS`` of work) and the queue is long (``QUEUE_PER_ACTOR`` batches per actor), one otherwise:
+  each call costs the driver's one thread about as much as a batch, so a fast model (a GPU) needs fewer
+  calls for the driver to keep up; a slow one (CPUs) keeps a call per batch, so progress moves with every
+  batch; and one batch per call at the end spreads the last tiles over every actor.
 - A call names its slide (its run id and plan reference): an actor fetches a slide's plan once and keeps
   the last few, so the weights are loaded once per actor for a whole cohort and the next slide's tiles
   follow the last one's without a pause. Every slide of a run shares the spec's model fields, so the
@@ -52,10 +54,14 @@ TASK_RETRIES = 3
 TILE_LOSSES = 3
 """A tile alone in a batch whose actor was lost this many times fails (it kills its actor: out of host memory,
 a crash in native code); before that, losing an actor is not the tile's fault (its node went away)."""
-CALL_TIMES_KEPT = 1000  # the latest call times, whose median says when a call is late
-BATCHES_PER_CALL = 4
+TIMES_KEPT = 1000  # the latest call times, whose median says when a call is late, and per batch
+BATCHES_PER_CALL = 8
 """Batches an actor call carries at most: the driver's CPU per tile falls with it (a 16,384² slide of 256-px
 tiles: notes/pipeline.md); more would hold more tiles back from the streamed stages per call."""
+CALL_SECONDS = 4.0
+"""Calls carry as many batches as take about this long from sent to done (the median batch so far; with two
+calls in flight per actor, about half of it the call's own work), so that progress and the streamed stages
+still move every few seconds."""
 QUEUE_PER_ACTOR = 8
 """Below this many queued batches per started actor, calls carry fewer batches, down to one."""
 PLANS_KEPT = 8
@@ -211,7 +217,8 @@ class ModelPool:
         self.in_flight: dict[ray.ObjectRef, _Sent] = {}
         self.per_slot: Counter[int] = Counter()  # slot -> its batches in flight
         self.backed_up: set[ray.ObjectRef] = set()  # calls in flight that an idle actor also runs
-        self.call_seconds: deque[float] = deque(maxlen=CALL_TIMES_KEPT)
+        self.call_seconds: deque[float] = deque(maxlen=TIMES_KEPT)
+        self.batch_seconds: deque[float] = deque(maxlen=TIMES_KEPT)  # a call's time over its batches
 
     @property
     def on_gpus(self) -> bool:
@@ -283,10 +290,17 @@ class ModelPool:
             return self._late_call(slot)
         slide, tiles, alone = self.batches.popleft()
         batches = [tiles]
-        most = 1 if alone else min(BATCHES_PER_CALL, len(self.batches) // (QUEUE_PER_ACTOR * len(self.ready)))
+        most = 1 if alone else min(self._quick_batches(),
+                                   len(self.batches) // (QUEUE_PER_ACTOR * len(self.ready)))
         while len(batches) < most and self.batches[0][0] is slide and not self.batches[0][2]:
             batches.append(self.batches.popleft()[1])
         return slide, tuple(batches)
+
+    def _quick_batches(self) -> int:
+        """How many batches fit ``CALL_SECONDS`` at the median batch time so far (one until a call is back)."""
+        if not self.batch_seconds:
+            return 1
+        return max(1, min(BATCHES_PER_CALL, int(CALL_SECONDS / max(statistics.median(self.batch_seconds), 1e-3))))
 
     def _late_call(self, slot: int) -> tuple[Any, tuple[list, ...]] | None:
         """The call held longest by another actor, if it is late and has no backup yet."""
@@ -326,6 +340,7 @@ class ModelPool:
         try:
             results = ray.get(ref)
             self.call_seconds.append(time.monotonic() - sent.at)
+            self.batch_seconds.append(self.call_seconds[-1] / len(sent.batches))
         except ray.exceptions.RayError as err:  # retries are used up
             results = []
             lost = isinstance(err, ray.exceptions.RayActorError)

@@ -31,7 +31,8 @@ def channel_scales(coarse: np.ndarray) -> list[ChannelScale]:
         if values.size == 0:
             scales.append(ChannelScale(0.0, 1.0))
             continue
-        low, high = np.percentile(values.astype(np.float64), [LOW_PERCENTILE, HIGH_PERCENTILE])
+        # The float64 copy is ours: the percentiles may reorder it in place rather than copy it again
+        low, high = np.percentile(values.astype(np.float64), [LOW_PERCENTILE, HIGH_PERCENTILE], overwrite_input=True)
         if high <= low:
             high = low + 1.0
         scales.append(ChannelScale(float(low), float(high)))

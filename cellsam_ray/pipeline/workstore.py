@@ -110,24 +110,46 @@ class WorkStore:
     def remove(self) -> None:
         """Delete the files of this layout, by name (nothing else the prefix holds), then the folders
         that are left empty on a local disk."""
+        if isinstance(self.fs, LocalFileSystem):
+            self._remove_local()
+            return
         try:
             entries = self.fs.ls(self.root, detail=True, refresh=True)
         except FileNotFoundError:
             return
-        ours, stages = [], []
+        ours = []
         for entry in entries:
             name = posixpath.basename(entry["name"].rstrip("/"))
             if entry["type"] == "directory":
-                stages.append(entry["name"])
                 ours += [p for p in self.fs.ls(entry["name"], detail=False, refresh=True)
                          if _STAGE_FILE.match(posixpath.basename(p))]
             elif name in TOP_FILES:
                 ours.append(entry["name"])
         if ours:
-            self.fs.rm(ours)
-        if isinstance(self.fs, LocalFileSystem):
-            for folder in stages + [self.root]:
-                try:
-                    os.rmdir(folder)
-                except OSError:  # not empty: it holds something this run did not write
-                    pass
+            self.fs.rm(ours)  # an object store deletes them in batches (S3: a thousand a request)
+
+    def _remove_local(self) -> None:
+        """``remove`` on a local disk, by ``os.scandir``: fsspec's listing and removal look up every file
+        again (about 0.3 s of the driver's CPU for a 4,096-tile slide's 8,192 files, twice this)."""
+        try:
+            top = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        for entry in top:
+            if entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as listing:
+                    files = list(listing)
+                for file in files:
+                    if _STAGE_FILE.match(file.name) and file.is_file(follow_symlinks=False):
+                        os.remove(file.path)
+                _remove_if_empty(entry.path)
+            elif entry.name in TOP_FILES:
+                os.remove(entry.path)
+        _remove_if_empty(self.root)
+
+
+def _remove_if_empty(folder: str) -> None:
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty: it holds something this run did not write
+        pass
