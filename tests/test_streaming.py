@@ -86,13 +86,17 @@ def test_rows_are_written_and_pyramided_while_the_last_tile_is_on_the_model(tmp_
 
 
 def test_a_task_takes_neighbours_of_one_row_at_most_so_many_at_a_time():
-    from cellsam_ray.driver.execution import CHUNKS_PER_TASK, _chunk_runs, _runs
+    from cellsam_ray.driver.execution import CHUNKS_PER_TASK, HOMES_PER_TASK, _chunk_runs, _runs, homes_per_task
 
     homes = [(1, 0), (0, 5), (0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 7), (1, 1)]
     assert _runs(homes, 4) == [[(0, 0), (0, 1), (0, 2), (0, 3)], [(0, 4), (0, 5)], [(0, 7)], [(1, 0), (1, 1)]]
     chunks = [(1, (0, c)) for c in range(CHUNKS_PER_TASK + 2)] + [(1, (1, 0)), (2, (1, 1))]
     runs = _chunk_runs(chunks, lambda chunk: chunk[0])
     assert [len(r) for r in runs] == [CHUNKS_PER_TASK, 2, 1, 1]  # one level and chunk row per task, at most so many
+    # Homes per task by their pixels: CellSAM's native 768-px cores 32 at a time, smaller cores more (to a
+    # limit), larger ones fewer (down to one), so a task's memory does not grow with the tile.
+    assert homes_per_task(768) == 32 and homes_per_task(256) == HOMES_PER_TASK == 64
+    assert homes_per_task(1024) == 18 and homes_per_task(8192) == 1
 
 
 # The rules of ``Streams`` alone: a 5 × 4 grid of 128² cores; label levels 640×448, 320×224 and 160×112,

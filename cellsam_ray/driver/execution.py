@@ -147,14 +147,21 @@ def _tasks_in_flight() -> int:
     return max(8, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-HOMES_PER_TASK = 32
-"""Neighbouring homes (cores) a reconcile (write) task takes at most. Each task is a submission and a result
-the one driver thread handles, so fewer, larger tasks cost the driver less per tile; ``Streams`` holds a run
-that may still grow until it is this long (or can grow no more), so tasks are this large on a busy cluster
-too. A run along a row also decodes fewer candidate files per home. 4 → 8 homes took the driver's CPU from
-5.3 to 4.1 ms per tile at 1,024 tiles; for 32, with the held-back runs and one result object per task, see
-notes/pipeline.md. A task's memory grows with it: a reconcile decodes 3 × 34 tiles' candidates."""
+TASK_PIXELS = 32 * 768 * 768
+"""Core pixels of the neighbouring homes a reconcile, write or table task takes at most: 32 of CellSAM's
+native 768-px cores. Each task is a submission and a result the one driver thread handles, so fewer, larger
+tasks cost the driver less per tile; ``Streams`` holds a run that may still grow until it is this long (or
+can grow no more), so tasks are this large on a busy cluster too. A run along a row also decodes fewer
+candidate files per home. A task's memory and time grow with its pixels (a reconcile decodes the candidates
+of 3 rows of its homes and two more), so smaller tiles make tasks of more homes, not larger tasks
+(``homes_per_task``); measurements in notes/pipeline.md."""
+HOMES_PER_TASK = 64  # at most, however small the tiles
 CHUNKS_PER_TASK = 64  # pyramid chunks of one chunk row a task builds at most (a chunk row of a level comes at once)
+
+
+def homes_per_task(tile: int) -> int:
+    """Homes a task takes at most with ``tile``-px cores: ``TASK_PIXELS`` of them, at most ``HOMES_PER_TASK``."""
+    return max(1, min(HOMES_PER_TASK, TASK_PIXELS // (tile * tile)))
 
 
 class _HostStages:
@@ -166,6 +173,7 @@ class _HostStages:
 
     def __init__(self, plan_ref, plan: SlidePlan, streams: Streams, stats: RunStats, limit: int) -> None:
         self.plan_ref, self.plan, self.streams, self.stats, self.limit = plan_ref, plan, streams, stats, limit
+        self.homes = homes_per_task(plan.grid.tile)  # homes a reconcile, write or table task takes at most
         self.in_flight: dict[ray.ObjectRef, tuple] = {}  # ref -> (stage, units)
         self.kept_refs: dict = {}  # home -> the reconcile result holding its kept cells, until no write needs them
         self.sums: dict = {}  # tile row -> painted core -> the paint result holding its sums, until no row needs them
@@ -186,13 +194,13 @@ class _HostStages:
     def _room(self) -> int:
         """Units that may be handed out now: a full task's worth for every task that may be added, so that a
         busy cluster gets fewer, larger tasks rather than many small ones."""
-        return max(self.limit - len(self.in_flight), 0) * HOMES_PER_TASK
+        return max(self.limit - len(self.in_flight), 0) * self.homes
 
     def submit(self) -> None:
         """Hand out what may start. Units go as one tuple per argument: Ray's serialiser pickles each tuple
         inside a list on its own, but a tuple of tuples at once."""
         streams, grid, table = self.streams, self.plan.grid, self.plan.spec.cell_table
-        for homes in _runs(streams.take_writes(self._room(), HOMES_PER_TASK), HOMES_PER_TASK):
+        for homes in _runs(streams.take_writes(self._room(), self.homes), self.homes):
             near = sorted({rc for home in homes for rc in grid.neighbourhood(*home)})
             kept, which = _by_ref(near, self.kept_refs)
             refs = _write_cores.options(num_returns=2 if table else 1).remote(
@@ -202,7 +210,7 @@ class _HostStages:
                 self.sums.setdefault(home[0], {})[home] = refs[1]
         for run in _chunk_runs(streams.take_chunks(self._room()), streams.row_of_chunk):
             self._sent("pyramid", _pyramid_chunks.remote(self.plan_ref, run[0][0], tuple(c for _, c in run)), run)
-        for homes in _runs(streams.take_reconciles(self._room(), HOMES_PER_TASK), HOMES_PER_TASK):
+        for homes in _runs(streams.take_reconciles(self._room(), self.homes), self.homes):
             counts, kept = _reconcile.options(num_returns=2).remote(self.plan_ref, tuple(homes))
             for home in homes:
                 self.kept_refs[home] = kept
@@ -229,7 +237,7 @@ class _HostStages:
         self.table = self.table or self._start_table()
         layout, writer, appends = self.table
         grid = self.plan.grid
-        homes = self.streams.take_table_rows(HOMES_PER_TASK)
+        homes = self.streams.take_table_rows(self.homes)
         if homes:
             near = tuple(tuple(rc for rc in grid.neighbourhood(*home) if rc in self.sums.get(rc[0], ()))
                          for home in homes)
