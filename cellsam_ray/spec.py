@@ -153,8 +153,8 @@ class SegmentSpec(BaseModel):
         "and nothing runs."
     )
     backup_after_s: float = Field(
-        default=120, gt=0, description="Once no tiles wait, a batch one model actor has held this long (and 3x "
-        "the median batch time) is run by an idle actor too: a lost node's actor may never restart, and a "
+        default=120, gt=0, description="Once no tiles wait, a call (a batch or several) one model actor has held "
+        "this long (and 3x the median call time) is run by an idle actor too: a lost node's actor may never restart, and a "
         "straggler holds the whole run back."
     )
 
