@@ -6,6 +6,11 @@ report lists every slide."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -132,6 +137,53 @@ def test_a_failing_slide_is_recorded_the_others_go_on_and_a_rerun_resumes_it(stu
     assert rows[c]["cells"] == report_of(c, "faulty")["summary"]["cells"]
     assert Counter(window_calls(calls)) - Counter(first) == {bad: 1}  # a's failed tile alone, nothing of c again
     assert report_of(a, "faulty")["summary"]["tiles_resumed"] == len(grid) - 1
+    assert {url: array_checksums(url) for url in (a, c)} == before
+
+
+def test_a_stopped_cohort_ends_each_held_slide_stopped_and_a_rerun_resumes_it(study, ray_cluster, tmp_path):
+    """SIGTERM (``ray job stop``, a cluster going down) while slide a's tile is on the model: the driver
+    exits 130 with one line; a's report says stopped, its label is not listed, its lease is given back;
+    c, not started yet, is listed as such; the slides' bytes are untouched. The same command, run again,
+    resumes a (only its unfinished tiles) and segments c."""
+    a, c = slide(study, "a"), slide(study, "c")
+    grid = plan_grid(512, 512, tile=128, halo=32, chunk=64, band=16)
+    held_tile = grid.tile_at(3, 2)  # row 3: slide c (320 px high) has rows 0..2
+    calls = tmp_path / "calls"
+    argv = ["segment", a, c, "--nuclear", "DAPI", "--segmenter", FAULTY, "--segmenter-option", f"labels={a}",
+            "--segmenter-option", f"folder={calls}", "--segmenter-option", "hold_at={},{}".format(*held_tile.origin),
+            "--tile", "128", "--halo", "32", "--chunk", "64", "--no-tissue-mask", "--workers", "1",
+            "--slides-at-once", "1", "--label-name", "stopped", "--cohort-report", str(tmp_path / "report"),
+            "--no-progress"]
+    before = {url: array_checksums(url) for url in (a, c)}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "cellsam_ray.cli", *argv], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not ((calls / "held").is_dir() and any((calls / "held").iterdir())):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+
+    assert driver.returncode == 130, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("cellsam-ray: stopped; finished slides and tiles are kept: rerun the same spec"), err
+    rows = {row["url"]: row for row in rows_of(tmp_path / "report")}
+    assert rows[a]["status"] == "stopped" and rows[c]["status"] == "not_started", rows
+    assert report_of(a, "stopped")["status"] == "stopped"
+    assert "stopped" not in open_image(a).label_names and not Path(c, "labels", "stopped").exists()
+    done_before = len(list(Path(a, "labels", "stopped", "work", "candidates").glob("*.done")))
+    assert 0 < done_before < len(grid)
+
+    (calls / "release").touch()
+    first = window_calls(calls)
+    assert main(argv) == 0  # the lease was given back: taken at once
+    rows = {row["url"]: row for row in rows_of(tmp_path / "report")}
+    assert rows[a]["status"] == rows[c]["status"] == "succeeded", rows
+    assert report_of(a, "stopped")["summary"]["tiles_resumed"] == done_before
+    redone = Counter(window_calls(calls)) - Counter(first)
+    c_tiles = len(plan_grid(320, 512, tile=128, halo=32, chunk=64, band=16))
+    assert sum(redone.values()) == len(grid) - done_before + c_tiles  # a's unfinished tiles and c's, once each
     assert {url: array_checksums(url) for url in (a, c)} == before
 
 

@@ -235,6 +235,34 @@ def test_a_killed_run_leaves_its_report_running_and_no_reader_takes_its_label_fo
     assert array_checksums(slide) == before
 
 
+def test_a_stopped_run_says_so_in_one_line_ends_its_report_stopped_and_gives_its_lease_back(
+        slide, ray_cluster, tmp_path):
+    """SIGTERM (``ray job stop``, a node shutting down) after the driver joined Ray: Ray's own handler would
+    end the process at once (exit 1, the report left running); the run takes the signal back and stops as
+    Ctrl-C would."""
+    before = array_checksums(slide)
+    spec = tmp_path / "spec.json"
+    calls = tmp_path / "hold"
+    spec.write_text(json.dumps(dict(input=slide, label_name="sigterm", **hold_last_tile(slide, calls))))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "segment.py"), str(spec), "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: held(calls), "the last tile to be held")
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+
+    assert driver.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("cellsam-ray: stopped; the finished tiles are kept"), err
+    report = json.loads(Path(slide, "labels", "sigterm", "report.json").read_text())
+    assert report["status"] == "stopped" and "sigterm" not in open_image(slide).label_names
+
+    (calls / "release").touch()
+    assert main(["run", str(spec), "--no-progress"]) == 0  # its lease was given back: taken at once
+    report = json.loads(Path(slide, "labels", "sigterm", "report.json").read_text())
+    assert report["status"] == "succeeded" and report["summary"]["tiles_resumed"] >= 14
+    assert array_checksums(slide) == before
+
+
 def test_a_checkpoint_changed_under_the_same_url_is_not_resumed_into_the_old_tiles(
         s3_prefix, storage_options, ray_cluster, tmp_path):
     slide, weights = f"{s3_prefix}/slide.ome.zarr", f"{s3_prefix}/models/cellsam.pt"

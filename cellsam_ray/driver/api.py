@@ -9,10 +9,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import ray
 
+from cellsam_ray.driver import stopping
 from cellsam_ray.driver.cohort import run_cohort
 from cellsam_ray.driver.execution import run_plan
 from cellsam_ray.driver.lifecycle import LabelRun, build_report
@@ -61,20 +62,21 @@ def ensure_ray() -> None:
 
 @contextmanager
 def stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM (``cellsam-ray stop``, a cluster shutting down) ends the run like Ctrl-C: as ``RunStopped``,
-    so its report says ``stopped`` and its lease is released. Only the main thread can take signals."""
+    """SIGTERM (``cellsam-ray stop``, a cluster shutting down) ends the run like Ctrl-C: as ``RunStopped``
+    (raised by the driver's loop, ``driver.stopping``), so its report says ``stopped`` and its lease is
+    released. Only the main thread can take signals. Enter it once this process has joined Ray: joining
+    installs Ray's own handler, which ends the process at once (exit 1, no report, the lease left to
+    expire)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum, frame):
-        raise RunStopped("stopped (SIGTERM)")
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    stopping.clear()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.request())
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stopping.clear()
 
 
 def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
@@ -88,8 +90,12 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
         require_anndata()
     slides, is_cohort = named_slides(spec.input, spec.storage.options())
     if is_cohort:
-        with stop_on_sigterm():
-            return run_cohort(spec, slides, connect=ensure_ray, progress=progress)
+        with ExitStack() as sigterm:
+            def connect() -> None:
+                ensure_ray()
+                sigterm.enter_context(stop_on_sigterm())
+
+            return run_cohort(spec, slides, connect=connect, progress=progress)
     started = time.perf_counter()
     plan = plan_run(spec)  # the model chosen, the slide surveyed and the windows decided, once each
     if plan.cell_size and progress:
@@ -99,8 +105,8 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
     run.start()
     stats = RunStats()
     try:
+        ensure_ray()
         with stop_on_sigterm():
-            ensure_ray()
             run_plan(plan, ProgressPrinter() if progress else None, on_segmented=run.swap, writes_wait=run.replaces,
                      stats=stats)
     except BaseException as err:
@@ -108,11 +114,11 @@ def segment(spec: SegmentSpec | dict, *, progress: bool = True) -> dict:
         report = build_report(plan, stats, wall_seconds=time.perf_counter() - started,
                               status="stopped" if stopped else "failed", error=one_line(err))
         where = run.end(report)
-        if isinstance(err, (UserError, RunFailed)):
-            raise
-        if stopped:
+        if stopped:  # before RunFailed, which RunStopped is
             raise RunStopped(f"stopped; the finished tiles are kept: run the same spec again to resume "
                              f"(report: {where})") from None
+        if isinstance(err, (UserError, RunFailed)):
+            raise
         raise RunFailed(f"{one_line(err)} (report: {where}; the finished tiles are kept: run the same spec again "
                         "to resume)") from err
     report = build_report(plan, stats, wall_seconds=time.perf_counter() - started)

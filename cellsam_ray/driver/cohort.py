@@ -156,7 +156,7 @@ class Cohort:
                     self.preparing[self.planner.submit(self._prepare, index)] = index
                 self._take_prepared()
                 busy = self.preparing or self.finishing
-                for work, err in self.loop.step(timeout=0.2 if busy else 5.0):
+                for work, err in self.loop.step(timeout=0.2 if busy else 1.0):
                     slide = self.held[id(work)]
                     facts = [] if work.stats.actors else self.loop.actors()
                     self.finishing[self.finisher.submit(self._finish, slide, err, facts)] = slide.index
@@ -295,12 +295,18 @@ def run_cohort(spec: SegmentSpec, slides: list[SlideInput], *, connect: Callable
     rows = check_cohort(spec, specs)
     cohort = Cohort(spec, specs, rows, progress)
     options = spec.storage.options()
+    stopped = False
     try:
         if cohort.queue:
             connect()
             cohort.run()
+    except (RunStopped, KeyboardInterrupt):
+        stopped = True
     finally:
         where = write_cohort_report(spec.cohort_report, rows, options)
+    if stopped:
+        raise RunStopped(f"stopped; finished slides and tiles are kept: rerun the same spec to resume (cohort "
+                         f"report: {where['html']})")
     counts = {status: sum(row.status == status for row in rows) for status in {row.status for row in rows}}
     summary = dict(slides=len(rows), **counts, cells=sum(row.cells or 0 for row in rows),
                    cohort_report=where["html"], cohort_table=where["parquet"])

@@ -26,6 +26,7 @@ from typing import Callable
 
 import ray
 
+from cellsam_ray.driver import stopping
 from cellsam_ray.driver.model_pool import CANDIDATES, TASK_RETRIES, ModelPool
 from cellsam_ray.driver.stats import Progress, RunStats
 from cellsam_ray.driver.streaming import Streams
@@ -371,11 +372,13 @@ class Loop:
             self.pool.add(slide, slide.todo)
         slide.stats.pool = self.sizing
 
-    def step(self, timeout: float = 5.0) -> list[tuple[SlideWork, BaseException | None]]:
-        """Hand out what may go, wait up to ``timeout`` for something to finish and take it. Returns the
+    def step(self, timeout: float = 1.0) -> list[tuple[SlideWork, BaseException | None]]:
+        """Hand out what may go, wait up to ``timeout`` for something to finish and take it (short: a SIGTERM
+        is taken between waits, and ``ray job stop`` kills the driver 3 s after it). Returns the
         slides that left: (slide, None) when it is streamed or its failed tiles end it (``stats.failed``;
         its finished tiles are persisted, a rerun retries the rest), (slide, error) when it failed. A
         failure of the pool itself (actors that cannot start) raises."""
+        stopping.check()  # a SIGTERM taken since the last pass
         ended: list[tuple[SlideWork, BaseException | None]] = []
         if self.pool is not None and not any(s.outstanding for s in self.slides) and not self.keep_pool(self.pool):
             facts = self.pool.close()
@@ -413,6 +416,7 @@ class Loop:
         if not waiting:
             return ended
         ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+        stopping.check()
         for ref in ready:
             if self.pool is not None and self.pool.owns(ref):
                 touched = {}
