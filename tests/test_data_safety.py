@@ -75,6 +75,18 @@ def held(folder: Path) -> bool:
     return (folder / "held").is_dir() and any((folder / "held").iterdir())
 
 
+def driver_holding_last_tile(slide: str, label: str, ray_cluster, folder: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """A job driver (``jobs/segment.py``, its own process, joined to the test's cluster) writing
+    ``labels/<label>``, once its last tile is held on the model; with its spec file and the hold's folder."""
+    spec, calls = folder / "spec.json", folder / "hold"
+    spec.write_text(json.dumps(dict(input=slide, label_name=label, **hold_last_tile(slide, calls))))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "segment.py"), str(spec), "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: held(calls), "the last tile to be held")
+    return driver, spec, calls
+
+
 def in_thread(spec: dict) -> tuple[threading.Thread, dict]:
     """``segment(spec)`` in a thread of this process (the driver joins the test's cluster); what it
     returned or raised lands in the dict."""
@@ -208,13 +220,7 @@ def test_a_second_run_on_a_label_is_refused_while_the_first_finishes(slide, ray_
 def test_a_killed_run_leaves_its_report_running_and_no_reader_takes_its_label_for_complete(
         slide, ray_cluster, tmp_path, capsys):
     before = array_checksums(slide)
-    spec = tmp_path / "spec.json"
-    calls = tmp_path / "hold"
-    spec.write_text(json.dumps(dict(input=slide, label_name="killed", **hold_last_tile(slide, calls))))
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "segment.py"), str(spec), "--no-progress"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: held(calls), "the last tile to be held")
+    driver, spec, calls = driver_holding_last_tile(slide, "killed", ray_cluster, tmp_path)
     driver.send_signal(signal.SIGKILL)
     driver.communicate()
 
@@ -241,13 +247,7 @@ def test_a_stopped_run_says_so_in_one_line_ends_its_report_stopped_and_gives_its
     end the process at once (exit 1, the report left running); the run takes the signal back and stops as
     Ctrl-C would."""
     before = array_checksums(slide)
-    spec = tmp_path / "spec.json"
-    calls = tmp_path / "hold"
-    spec.write_text(json.dumps(dict(input=slide, label_name="sigterm", **hold_last_tile(slide, calls))))
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "segment.py"), str(spec), "--no-progress"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: held(calls), "the last tile to be held")
+    driver, spec, calls = driver_holding_last_tile(slide, "sigterm", ray_cluster, tmp_path)
     driver.send_signal(signal.SIGTERM)
     _, err = driver.communicate(timeout=120)
 

@@ -25,6 +25,7 @@ import resource
 import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 from cellsam_ray.bench.merge import DENSE_ROLES, ORACLE, dense_slide
@@ -112,12 +113,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="Keep the generated slide in DIR and reuse it in later runs (default: a temporary "
                              "folder; a 16384² slide takes minutes to write).")
     args = parser.parse_args(argv)
-    if args.slides:
-        args.slides.mkdir(parents=True, exist_ok=True)
-        print(json.dumps(measure(args.size, args.tile, args.slides, args.profile, args.top)))
-        return
-    with tempfile.TemporaryDirectory(prefix="cellsam-ray-driver-") as folder:
-        print(json.dumps(measure(args.size, args.tile, Path(folder), args.profile, args.top)))
+    with ExitStack() as stack:
+        folder = args.slides or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cellsam-ray-driver-")))
+        folder.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(measure(args.size, args.tile, folder, args.profile, args.top)))
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ class ModelPool:
         # (slide, tiles, alone): batches in the order slides were added; ``alone`` for a tile retried on its own
         self.batches: deque[tuple[Any, list, bool]] = deque()
         self.in_flight: dict[ray.ObjectRef, _Sent] = {}
-        self.per_slot: Counter[int] = Counter()  # slot -> its batches in flight
+        self.per_slot: Counter[int] = Counter()  # slot -> its calls in flight
         self.backed_up: set[ray.ObjectRef] = set()  # calls in flight that an idle actor also runs
         self.call_seconds: deque[float] = deque(maxlen=TIMES_KEPT)
         self.batch_seconds: deque[float] = deque(maxlen=TIMES_KEPT)  # a call's time over its batches
