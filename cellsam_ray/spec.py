@@ -119,6 +119,11 @@ class SegmentSpec(BaseModel):
         default=True, description="Write labels/<label_name>/cells.parquet: each cell's position, shape, scores "
         "and mean and total intensity in every image channel."
     )
+    outlines: bool = Field(
+        default=True, description="Write each cell's outline, in level-0 pixels, beside the cell table: "
+        "labels/<label_name>/cells.geojson (QuPath's cell objects, the table's columns as measurements) and "
+        "cells.geoparquet (GeoPandas, Sopa, SpatialData shapes). On by default with the cell table."
+    )
     cell_table_h5ad: bool = Field(
         default=False, description="Also write the cell table as cells.h5ad (AnnData; needs the scverse extra)."
     )
@@ -256,9 +261,14 @@ class SegmentSpec(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _h5ad_needs_table(self) -> "SegmentSpec":
+    def _outputs_need_table(self) -> "SegmentSpec":
         if self.cell_table_h5ad and not self.cell_table:
             raise ValueError("--cell-table-h5ad needs the cell table: drop --no-cell-table")
+        if self.outlines and not self.cell_table:
+            if "outlines" in self.model_fields_set:
+                raise ValueError("--outlines needs the cell table (the outlines carry its columns): drop "
+                                 "--no-cell-table")
+            self.outlines = False  # the default follows the table
         return self
 
 

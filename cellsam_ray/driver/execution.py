@@ -8,7 +8,8 @@
   a chunk row) that are ready together, so what they share is decoded once and Ray's per-task cost is paid
   once.
 - The cell table is measured in the paint stage; per-tile tasks combine seam pieces as the cores are
-  painted, and one small writer actor streams their rows, in id order, to one Parquet file. The QC
+  painted, and one small writer actor streams their rows, in id order, to one Parquet file (and the
+  cells' outlines, made the same way, to a GeoJSON and a GeoParquet file). The QC
   pictures are one task after the pyramid stage (they need the label pyramid).
 - Tasks retry (set explicitly); every write is to a key derived from the tile or chunk alone, so a retry
   rewrites the same bytes. A tile that fails on every attempt is recorded (``RunStats.failed``): nothing
@@ -36,7 +37,7 @@ from cellsam_ray.pipeline import labels_out
 from cellsam_ray.pipeline.plan import SlidePlan
 from cellsam_ray.pipeline.stages import reconcile_tile, with_ids
 from cellsam_ray.table import per_tile
-from cellsam_ray.table.measure import CellSums
+from cellsam_ray.table.geo import OutlineLayout
 from cellsam_ray.table.schema import TableLayout
 from cellsam_ray.table.write import ParquetStream
 
@@ -103,8 +104,8 @@ def _write_cores(plan: SlidePlan, homes: tuple[tuple[int, int], ...], near: tupl
     ``near`` are the homes around the run, ``offsets`` theirs, and ``which`` the reconcile result among
     ``kept`` that holds each one's cells (-1 for a home with no cell); each is numbered once for every core
     it reaches. Returns whether each core was written (small, fetched, so a failed write raises on the
-    driver) and, with the cell table on, one object: core -> the sums of the cells painted there
-    (complete, seam pieces).
+    driver) and, with the cell table on, one object: core -> what its cells give the table
+    (``per_tile.CoreCells``).
     """
     numbered = {rc: with_ids(kept[i][rc], offset) for rc, offset, i in zip(near, offsets, which) if i >= 0}
     written, sums = [], {}
@@ -116,18 +117,17 @@ def _write_cores(plan: SlidePlan, homes: tuple[tuple[int, int], ...], near: tupl
         if written[-1]:
             labels_out.write_core(plan, tile, labels)
         if plan.spec.cell_table:
-            sums[home] = per_tile.measure_tile(plan, tile, labels, CellSet.concat(cells))
+            sums[home] = per_tile.core_cells(plan, tile, labels, CellSet.concat(cells))
     return (written, sums) if plan.spec.cell_table else written
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _cell_rows(layout: TableLayout, homes: tuple[tuple[int, int], ...], near: tuple[tuple[tuple[int, int], ...], ...],
-               *sums: dict[tuple[int, int], tuple[CellSums, CellSums]]):
-    """The rows of ``homes``: each home's complete sums and the seam pieces of the painted cores ``near`` it,
-    from the paint tasks' results ``sums``."""
-    found = {core: pair for part in sums for core, pair in part.items()}
-    combined = [s for home, cores in zip(homes, near) for s in (found[home][0], *(found[rc][1] for rc in cores))]
-    return per_tile.rows_of_homes(layout, homes, [len(cores) for cores in near], combined)
+def _cell_rows(layout: TableLayout, outlines: OutlineLayout | None, homes: tuple[tuple[int, int], ...],
+               near: tuple[tuple[tuple[int, int], ...], ...], *sums: dict[tuple[int, int], per_tile.CoreCells]):
+    """The rows (and outlines) of ``homes`` from what the painted cores ``near`` each gave (the paint tasks'
+    results ``sums``)."""
+    found = {core: cells for part in sums for core, cells in part.items()}
+    return per_tile.rows_of_homes(layout, outlines, list(homes), [list(cores) for cores in near], found)
 
 
 @ray.remote(max_retries=TASK_RETRIES)
@@ -180,7 +180,7 @@ class _HostStages:
         self.sums: dict = {}  # tile row -> painted core -> the paint result holding its sums, until no row needs them
         self.counts: dict = {}  # home -> (cells, reconciled), for the QC pictures
         self.spans: dict[str, list[float]] = {}  # stage -> [first submitted, last finished]
-        self.table = None  # (layout, writer actor, the appends not yet seen done), once writes open
+        self.table = None  # (layouts, writer actor, the appends not yet seen done), once writes open
 
     def _sent(self, stage: str, ref, units: list) -> None:
         self.in_flight[ref] = (stage, units)
@@ -225,25 +225,27 @@ class _HostStages:
     def _start_table(self) -> tuple:
         """The table's one writer; it creates the file beside the labels, so only once writes may start."""
         plan = self.plan
-        layout = per_tile.table_layout(plan)
+        layouts = per_tile.table_layout(plan), per_tile.outline_layout(plan) if plan.spec.outlines else None
         h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
+        outlines = (labels_out.sidecar_url(plan, "cells.geojson"), labels_out.sidecar_url(plan, "cells.geoparquet"),
+                    layouts[1]) if plan.spec.outlines else None
         # No CPU reserved: its work is small, and for the run's whole length a fractional reservation would
         # keep a whole CPU task from every node it sits on.
         writer = ray.remote(ParquetStream).options(num_cpus=0).remote(
-            labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad)
-        return layout, writer, []
+            labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layouts[0], h5ad, outlines)
+        return layouts, writer, []
 
     def _table_rows(self) -> None:
         """Rows of the cores the table may take, appended in raster (= id) order to the one writer."""
         self.table = self.table or self._start_table()
-        layout, writer, appends = self.table
+        layouts, writer, appends = self.table
         grid = self.plan.grid
         homes = self.streams.take_table_rows(self.homes)
         if homes:
             near = tuple(tuple(rc for rc in grid.neighbourhood(*home) if rc in self.sums.get(rc[0], ()))
                          for home in homes)
             sums = dict.fromkeys(self.sums[rc[0]][rc] for cores in near for rc in cores)  # each object once
-            appends.append(writer.append.remote(_cell_rows.remote(layout, tuple(homes), near, *sums)))
+            appends.append(writer.append.remote(_cell_rows.remote(*layouts, tuple(homes), near, *sums)))
             self._counted("cell_table", homes)
         position = self.streams.table_position  # rows to come need the sums of its row and the one above
         for row in [r for r in self.sums if position is None or r < position[0] - 1]:

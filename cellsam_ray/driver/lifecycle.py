@@ -52,11 +52,11 @@ from cellsam_ray.version import __version__
 
 # Spec fields that do not change the output, so a resume may differ in them.
 RUN_ONLY_FIELDS = {"workers", "gpus_per_worker", "batch_size", "overwrite", "storage_options", "device",
-                   "cell_table", "cell_table_h5ad", "qc_images", "storage_options_env", "storage_profile",
+                   "cell_table", "cell_table_h5ad", "outlines", "qc_images", "storage_options_env", "storage_profile",
                    "work_dir", "take_over", "lease_timeout_s", "backup_after_s", "cohort_report", "slides_at_once",
                    "skip_bad_slides"}
 LABEL_CREATED = "label-created"  # in the work prefix: the label's arrays are this run's (after the swap)
-SIDECARS = ("report.json", "cells.parquet", "cells.h5ad")
+SIDECARS = ("report.json", "cells.parquet", "cells.h5ad", "cells.geojson", "cells.geoparquet")
 
 
 def fingerprint(plan: SlidePlan) -> dict:

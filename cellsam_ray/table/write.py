@@ -1,8 +1,9 @@
-"""Writing the cell table: one Parquet file streamed tile by tile, and an optional AnnData copy.
+"""Writing the cell table: one Parquet file streamed tile by tile, the outlines beside it (``geo``) and an
+optional AnnData copy.
 
 Rows arrive per home tile in raster order, which is id order, and are written in row groups of at least
-``ROW_GROUP_ROWS`` cells, so the writer holds one row group whatever the slide's size. The file is one
-object (readers and AnnData want one table), so it has one writer.
+``ROW_GROUP_ROWS`` cells, so the writer holds one row group whatever the slide's size. Each file is one
+object (readers and AnnData want one table), so they have one writer.
 """
 
 from __future__ import annotations
@@ -20,42 +21,52 @@ import pyarrow.parquet as pq
 
 from cellsam_ray.errors import UserError
 from cellsam_ray.io.storage import StorageAccess
+from cellsam_ray.table.geo import GeoBlock, GeoStreams, OutlineLayout
 from cellsam_ray.table.schema import CHANNEL_COLUMNS, METADATA_KEY, TableLayout
 
 ROW_GROUP_ROWS = 65_536
 
 
 class ParquetStream:
-    """Appends tables of rows to one Parquet file at ``url``; ``close`` finishes it (and the AnnData copy)."""
+    """Appends blocks of rows to one Parquet file at ``url``, and their outlines to the two files that
+    ``outlines`` names (GeoJSON, GeoParquet URLs and the layout) when given; ``close`` finishes them (and
+    the AnnData copy)."""
 
-    def __init__(self, url: str, storage: StorageAccess, layout: TableLayout, h5ad_url: str | None = None) -> None:
+    def __init__(self, url: str, storage: StorageAccess, layout: TableLayout, h5ad_url: str | None = None,
+                 outlines: tuple[str, str, OutlineLayout] | None = None) -> None:
         # Resolved here, in the writer's process: actor arguments are kept by Ray and must hold no secret.
         self.url, self.storage_options, self.layout, self.h5ad_url = url, storage.options() or {}, layout, h5ad_url
         fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.file = fs.open(path, "wb")
         self.writer = pq.ParquetWriter(self.file, layout.arrow_schema())
-        self.pending: list[pa.Table] = []
+        self.geo = GeoStreams(*outlines[:2], self.storage_options, layout, outlines[2]) if outlines else None
+        self.pending: list[tuple[pa.Table, GeoBlock | None]] = []
         self.rows = 0
 
-    def append(self, rows: pa.Table) -> None:
-        self.pending.append(rows)
-        if sum(t.num_rows for t in self.pending) >= ROW_GROUP_ROWS:
+    def append(self, block: tuple[pa.Table, GeoBlock | None]) -> None:
+        """Take one row task's rows and, with outlines on, their outlines."""
+        self.pending.append(block)
+        if sum(rows.num_rows for rows, _ in self.pending) >= ROW_GROUP_ROWS:
             self._flush()
 
     def _flush(self) -> None:
         if self.pending:
-            table = pa.concat_tables(self.pending)
+            table = pa.concat_tables([rows for rows, _ in self.pending])
             self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            if self.geo:
+                self.geo.write(table, GeoBlock.concat([geo for _, geo in self.pending]))
             self.rows += table.num_rows
             self.pending = []
 
     def close(self) -> dict:
-        """Finish the file; what the report says about it."""
+        """Finish the files; what the report says about them."""
         self._flush()
         self.writer.close()
         self.file.close()
         out = dict(url=self.url, rows=self.rows, columns=len(self.layout.column_names))
+        if self.geo:
+            out["outlines"] = self.geo.close()
         if self.h5ad_url:
             write_h5ad(self.url, self.h5ad_url, self.storage_options)
             out["h5ad"] = self.h5ad_url
