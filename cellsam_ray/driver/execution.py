@@ -230,7 +230,7 @@ class _HostStages:
         # No CPU reserved: its work is small, and for the run's whole length a fractional reservation would
         # keep a whole CPU task from every node it sits on.
         writer = ray.remote(ParquetStream).options(num_cpus=0).remote(
-            labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad)
+            labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layout, h5ad, plan.spec.label_name)
         return layout, writer, []
 
     def _table_rows(self) -> None:
