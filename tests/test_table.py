@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from skimage.measure import regionprops
@@ -179,13 +180,75 @@ def test_anndata_copy_holds_the_same_cells(segmented):
     url, report, *_ = segmented
     table = pq.read_table(f"{url}/labels/cells/cells.parquet")
     adata = anndata.read_h5ad(report["cell_table"]["h5ad"])
-    channels = list(adata.var_names)
+    channels = list(adata.var["column"])
     assert adata.n_obs == table.num_rows and adata.n_vars == 4
     assert list(adata.obs_names) == [str(i) for i in table.column("id").to_pylist()]
     assert np.array_equal(adata.X, np.stack([table.column(f"mean_{c}").to_numpy() for c in channels], axis=1))
     assert np.array_equal(adata.layers["total"][:, 0], table.column(f"total_{channels[0]}").to_numpy())
-    assert np.array_equal(adata.obsm["spatial"][:, 0], table.column("centroid_x").to_numpy())
-    assert list(adata.var["name"])[0] == "DAPI"
+    assert channels == [c["column"] for c in json.loads(table.schema.metadata[b"cellsam_ray"])["channels"]]
+
+
+def test_anndata_copy_is_a_spatialdata_table_of_the_labels(segmented):
+    """What SpatialData's TableModel requires to link a table to a label image, and what squidpy reads."""
+    anndata = pytest.importorskip("anndata")
+    import pandas as pd
+
+    url, report, labels, _ = segmented
+    adata = anndata.read_h5ad(report["cell_table"]["h5ad"])
+    assert adata.uns["spatialdata_attrs"] == dict(region="cells", region_key="region", instance_key="id")
+    region = adata.obs["region"]
+    assert isinstance(region.dtype, pd.CategoricalDtype) and list(region.cat.categories) == ["cells"]
+    assert (region == "cells").all()
+    ids = adata.obs["id"]
+    assert np.issubdtype(ids.dtype, np.integer)
+    painted = np.unique(labels)
+    assert ids.tolist() == painted[painted > 0].tolist()  # every painted label, once, and nothing else
+    # Physical centroids (0.5 µm pixels), x then y, in the unit uns names; the pixel ones would differ.
+    assert adata.uns["cellsam_ray"]["unit"] == "micrometer"
+    physical = adata.obs[["centroid_x_physical", "centroid_y_physical"]].to_numpy()
+    assert np.array_equal(adata.obsm["spatial"], physical)
+    assert np.allclose(adata.obsm["spatial"], 0.5 * adata.obs[["centroid_x", "centroid_y"]].to_numpy())
+    # Channels by the names the file gives ("E-cadherin", not its column suffix "E_cadherin").
+    image = open_image(url)
+    assert list(adata.var_names) == list(image.channel_names) and "E-cadherin" in adata.var_names
+    assert "E_cadherin" in list(adata.var["column"])
+
+
+def h5ad_of(tmp_path, names: tuple[str, ...], ids: list[int]):
+    """Write a table with ``names`` for channel names and rows ``ids`` through the writer; read it back."""
+    import anndata
+
+    from cellsam_ray.io.storage import StorageAccess
+    from cellsam_ray.table.write import ParquetStream
+
+    layout = TableLayout(channels=channel_columns(names, len(names)), channel_names=names, level=0,
+                         scale=(2.0, 2.0), translation=(10.0, 20.0), unit="micrometer")
+    schema = layout.arrow_schema()
+    rows = {f.name: np.zeros(len(ids), f.type.to_pandas_dtype()) for f in schema}
+    rows["id"] = np.array(ids, np.uint32)
+    stream = ParquetStream(str(tmp_path / "cells.parquet"), StorageAccess(), layout, str(tmp_path / "cells.h5ad"),
+                           region="nuclei")
+    stream.append(pa.Table.from_pydict(rows, schema=schema))
+    stream.close()
+    return anndata.read_h5ad(tmp_path / "cells.h5ad")
+
+
+def test_anndata_channel_names_fall_back_to_the_column_suffixes(tmp_path):
+    """var is indexed by the image's channel names; where one is missing or two are equal, by the suffixes."""
+    pytest.importorskip("anndata")
+    assert list(h5ad_of(tmp_path, ("DAPI", "CD3 (T)"), [1, 2]).var_names) == ["DAPI", "CD3 (T)"]
+    assert list(h5ad_of(tmp_path, ("DAPI", "DAPI"), [1]).var_names) == ["c0", "c1"]
+    adata = h5ad_of(tmp_path, ("DAPI", ""), [4])
+    assert list(adata.var_names) == ["c0", "c1"] and list(adata.uns["cellsam_ray"]["channel_names"]) == ["DAPI", ""]
+    assert adata.uns["spatialdata_attrs"]["region"] == "nuclei" and adata.obs["id"].tolist() == [4]
+
+
+def test_anndata_copy_of_no_cells_annotates_nothing(tmp_path):
+    """SpatialData refuses a table whose region has no rows: a table of no cells names no region."""
+    pytest.importorskip("anndata")
+    adata = h5ad_of(tmp_path, ("DAPI",), [])
+    assert adata.n_obs == 0 and "spatialdata_attrs" not in adata.uns
+    assert list(adata.obs["region"].cat.categories) == ["nuclei"]
 
 
 def test_flags_turn_the_table_and_pictures_off(tmp_path, ray_cluster):

@@ -232,7 +232,8 @@ class _HostStages:
         # No CPU reserved: its work is small, and for the run's whole length a fractional reservation would
         # keep a whole CPU task from every node it sits on.
         writer = ray.remote(ParquetStream).options(num_cpus=0).remote(
-            labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layouts[0], h5ad, outlines)
+            labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layouts[0], h5ad, plan.spec.label_name,
+            outlines)
         return layouts, writer, []
 
     def _table_rows(self) -> None:

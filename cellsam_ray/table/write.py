@@ -33,9 +33,10 @@ class ParquetStream:
     the AnnData copy)."""
 
     def __init__(self, url: str, storage: StorageAccess, layout: TableLayout, h5ad_url: str | None = None,
-                 outlines: tuple[str, str, OutlineLayout] | None = None) -> None:
+                 region: str = "", outlines: tuple[str, str, OutlineLayout] | None = None) -> None:
         # Resolved here, in the writer's process: actor arguments are kept by Ray and must hold no secret.
-        self.url, self.storage_options, self.layout, self.h5ad_url = url, storage.options() or {}, layout, h5ad_url
+        self.url, self.storage_options, self.layout = url, storage.options() or {}, layout
+        self.h5ad_url, self.region = h5ad_url, region  # region: the label image the AnnData copy annotates
         fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.file = fs.open(path, "wb")
@@ -68,7 +69,7 @@ class ParquetStream:
         if self.geo:
             out["outlines"] = self.geo.close()
         if self.h5ad_url:
-            write_h5ad(self.url, self.h5ad_url, self.storage_options)
+            write_h5ad(self.url, self.h5ad_url, self.region, self.storage_options)
             out["h5ad"] = self.h5ad_url
         return out
 
@@ -81,10 +82,24 @@ def require_anndata() -> None:
         raise UserError("--cell-table-h5ad needs anndata: pip install 'cellsam-ray[scverse]'") from None
 
 
-def write_h5ad(parquet_url: str, h5ad_url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Write the table as AnnData for scverse tools: X = mean intensities (cells × channels), the totals in
-    ``layers["total"]``, every other column in ``obs`` (indexed by id), centroids (x, y in level pixels)
-    in ``obsm["spatial"]``, and the level's geometry in ``uns["cellsam_ray"]``.
+def write_h5ad(parquet_url: str, h5ad_url: str, region: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write the table as AnnData that SpatialData's ``TableModel`` and squidpy take as it is.
+
+    - ``X``: mean intensities (cells × channels); ``layers["total"]``: the totals.
+    - ``var``: indexed by the channels' names as the image's omero metadata gives them; where a name is
+      missing or two are equal (AnnData wants unique names) every channel goes by its column suffix
+      (``c0``, ``c1``, ...) instead. ``var["column"]`` is that suffix, naming the Parquet columns.
+    - ``obs``: every other column, indexed by id as text (AnnData's index is text). ``obs["region"]`` is
+      categorical with ``region`` as its one category: the label image's name, which is the element name
+      SpatialData gives ``labels/<name>``. ``obs["id"]`` (uint32) holds the label ids, the values the
+      label image paints. ``uns["spatialdata_attrs"]`` names the region, ``region_key="region"`` and
+      ``instance_key="id"``; a table of no cells has none, as SpatialData refuses a region with no rows.
+    - ``obsm["spatial"]``: centroids (x, y) in physical units, the unit in ``uns["cellsam_ray"]["unit"]``
+      (``centroid_x_physical``, ``centroid_y_physical``; the pixel ones stay in ``obs``). squidpy reads it
+      as it is (``coord_type="generic"``); it needs no ``uns["spatial"]``, which only holds Visium images.
+      The table counts pixel (0, 0)'s centre at ``translation``; SpatialData counts it half a pixel further
+      (pixel centres at i + 0.5), so its ``get_centroids`` of the labels come out ``scale / 2`` larger.
+    - ``uns["cellsam_ray"]``: the level's geometry and the channels' names as the image gives them.
 
     AnnData holds the whole table in memory: cells × channels × 16 bytes (mean and total).
     """
@@ -96,22 +111,28 @@ def write_h5ad(parquet_url: str, h5ad_url: str, storage_options: dict[str, Any] 
         table = pq.read_table(f)
     layout = json.loads(table.schema.metadata[METADATA_KEY])
     channels = [c["column"] for c in layout["channels"]]
+    names = [c["name"] for c in layout["channels"]]
     mean_name, total_name = (c.name for c in CHANNEL_COLUMNS)
     per_channel = {spec.format(channel=ch) for spec in (mean_name, total_name) for ch in channels}
     obs = table.drop_columns(sorted(per_channel)).to_pandas()
     obs.index = pd.Index(obs["id"].astype(str).to_numpy())
+    obs["region"] = pd.Categorical([region] * len(obs), categories=[region])
 
     def matrix(spec: str) -> np.ndarray:
         return np.stack([table.column(spec.format(channel=ch)).to_numpy() for ch in channels], axis=1)
 
+    uns = {"cellsam_ray": dict(level=layout["level"], scale=layout["scale"], translation=layout["translation"],
+                               unit=layout["unit"], channel_names=names)}
+    if len(obs):
+        uns["spatialdata_attrs"] = dict(region=region, region_key="region", instance_key="id")
     adata = anndata.AnnData(
         X=matrix(mean_name),
         obs=obs,
-        var=pd.DataFrame({"name": [c["name"] for c in layout["channels"]]}, index=channels),
+        var=pd.DataFrame({"column": channels}, index=names if all(names) and len(set(names)) == len(names)
+                         else channels),
         layers={"total": matrix(total_name)},
-        obsm={"spatial": obs[["centroid_x", "centroid_y"]].to_numpy()},
-        uns={"cellsam_ray": dict(level=layout["level"], scale=layout["scale"], translation=layout["translation"],
-                                 unit=layout["unit"], channel_names=[c["name"] for c in layout["channels"]])},
+        obsm={"spatial": obs[["centroid_x_physical", "centroid_y_physical"]].to_numpy()},
+        uns=uns,
     )
     fs, path = fsspec.core.url_to_fs(h5ad_url, **options)
     with tempfile.TemporaryDirectory() as tmp:
