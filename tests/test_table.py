@@ -228,7 +228,7 @@ def h5ad_of(tmp_path, names: tuple[str, ...], ids: list[int]):
     rows["id"] = np.array(ids, np.uint32)
     stream = ParquetStream(str(tmp_path / "cells.parquet"), StorageAccess(), layout, str(tmp_path / "cells.h5ad"),
                            region="nuclei")
-    stream.append(pa.Table.from_pydict(rows, schema=schema))
+    stream.append((pa.Table.from_pydict(rows, schema=schema), None))
     stream.close()
     return anndata.read_h5ad(tmp_path / "cells.h5ad")
 
