@@ -69,6 +69,9 @@ def test_a_cohort_gives_each_slide_the_labels_a_one_slide_run_gives(study, ray_c
         files, expected = label_chunk_files(url, "cohort"), label_chunk_files(url, "single")
         assert sorted(files) == sorted(expected) and len(files) > 4
         assert all(files[path] == expected[path] for path in files), f"labels differ in {name}"
+        for outlines in ("cells.geojson", "cells.geoparquet"):
+            ours, alone = (Path(url, "labels", label, outlines).read_bytes() for label in ("cohort", "single"))
+            assert ours == alone, f"{outlines} differs in {name}"
         ours, alone = report_of(url, "cohort"), report_of(url, "single")
         assert ours["status"] == "succeeded" and ours["summary"]["cells"] == alone["summary"]["cells"] > 0
         assert row["status"] == "succeeded" and row["cells"] == ours["summary"]["cells"]

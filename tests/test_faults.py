@@ -64,6 +64,9 @@ def assert_same_labels(slide: str, name: str, reference: str = "clean") -> None:
     assert sorted(files) == sorted(expected) and len(files) > 10
     different = [path for path in files if files[path] != expected[path]]
     assert not different, f"labels/{name} differs from labels/{reference} in {different[:5]}"
+    for outlines in ("cells.geojson", "cells.geoparquet"):  # the cells' outlines too, byte for byte
+        ours, theirs = (Path(slide, "labels", label, outlines).read_bytes() for label in (name, reference))
+        assert ours == theirs and len(ours) > 1000, f"labels/{name}/{outlines} differs from labels/{reference}'s"
 
 
 def done_tiles(slide: str, name: str) -> set[str]:

@@ -259,6 +259,7 @@ def test_flags_turn_the_table_and_pictures_off(tmp_path, ray_cluster):
     assert report["cell_table"] is None and report["qc"] is None and report["summary"]["cell_table"] is None
     written = sorted(p.name for p in (tmp_path / "off.ome.zarr" / "labels" / "cells").iterdir())
     assert "cells.parquet" not in written and "qc" not in written and "report.json" in written
+    assert "cells.geojson" not in written and "cells.geoparquet" not in written  # outlines follow the table
 
 
 def test_intensity_sums_stay_exact_at_the_dtype_limits():
