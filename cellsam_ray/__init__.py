@@ -6,6 +6,7 @@ The public face, what ``cellsam-ray segment`` does from Python::
 
     report = segment(SegmentSpec(input="s3://bucket/slide.ome.zarr", nuclear=["DAPI"]))
     cells = open_labels("s3://bucket/slide.ome.zarr").array(0)   # labels/cells, level 0
+    pyramid = open_labels("s3://bucket/slide.ome.zarr").dask_levels()   # every level, lazy dask arrays
 
 The three names are imported on first use, so that importing one part of the package costs that part
 alone: the model's code runs where Ray and zarr are not installed (a GPU check machine).

@@ -6,7 +6,8 @@ floor-halved pyramids, factor 3 and anisotropic pyramids, sharded zarr v3, uint8
 with NaN, no ``omero``, 42 channels with names repeated across cycles, a single-level image, brightfield
 RGB. Every run must give the ground truth up to relabelling, label levels shaped and scaled as the image's,
 output that ome-zarr-models validates and ome-zarr-py's ``Reader`` reads back with every level, and the
-image's own bytes untouched.
+image's own bytes untouched. napari opens a run's output through napari-ome-zarr, whose reader is its own
+(not ome-zarr-py's): it is tested on its own, headless, on a slide like the demo's.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import pytest
 
 from cellsam_ray.cli import main
 from cellsam_ray.driver.api import segment
-from cellsam_ray.io.ngff import open_image
+from cellsam_ray.io.ngff import open_image, open_labels
 from cellsam_ray.testing.checks import array_checksums, label_chunk_files, same_up_to_relabelling, validate_ome_zarr
 from cellsam_ray.testing.cluster import safe_ray_environment
 from cellsam_ray.testing.ecosystem import (brightfield, disc_cells, fluorescence, write_bioformats2raw,
                                             write_with_ome_zarr_py)
+from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.s3 import spec_storage
 
 ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
@@ -63,8 +65,8 @@ def check_labels(url, truth, storage_options=None, *, name="cells", level=0) -> 
 
 
 def read_back_with_ome_zarr_py(url, version: str, image_levels: int, labels=("ground_truth", "cells")):
-    """ome-zarr-py's Reader (what napari's plugin uses) lists every label image, each with all its levels
-    and its image-label metadata."""
+    """ome-zarr-py's Reader (the library's own, not napari-ome-zarr's) lists every label image, each with
+    all its levels and its image-label metadata."""
     from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Reader
@@ -257,3 +259,38 @@ def test_the_oracle_keeps_its_first_public_name_and_variable(floor_pyramid, ray_
     assert same_up_to_relabelling(check_labels(url, truth, name="by-variable"), truth)
     assert label_chunk_files(url, "by-variable") == label_chunk_files(url, "by-option")
     assert array_checksums(url) == before
+
+
+# ------------------------------------------------------------------------------------------ napari
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_napari_ome_zarr_opens_the_image_and_every_level_of_the_labels(ngff, tmp_path, ray_cluster):
+    """napari-ome-zarr's reader, headless (no Qt, no viewer), on a segmented slide like the demo's (4
+    channels, 2 levels): one image layer per channel with every level, and ``labels/cells`` as a labels
+    layer with every level, in the image's scale and place."""
+    url = str(tmp_path / "slide.ome.zarr")
+    write_synthetic_slide(url, size=(512, 512), channels=4, ngff=ngff, seed=8, chunk=256)
+    segment(dict(input=url, nuclear=["DAPI"], whole_cell=["1"], segmenter=ORACLE, segmenter_options=dict(labels=url),
+                 cell_table=False, qc_images=False, **TILING), progress=False)
+    from napari_ome_zarr._reader import napari_get_reader
+
+    assert not {"PyQt5", "PyQt6", "PySide2", "PySide6", "qtpy"} & set(sys.modules)  # a reader, not a viewer
+    (data, meta, kind), *labels = napari_get_reader(url)()  # the image layers first, then each label image
+    image, cells = open_image(url), open_labels(url)
+    assert len(image.levels) == 2
+    assert kind == "image" and meta["channel_axis"] == 0
+    assert meta["name"] == [f"{image.name}: {c}" for c in image.channel_names]
+    assert [d.shape for d in data] == [lv.shape for lv in image.levels]
+    yx = meta["scale"]
+    assert yx == list(image.levels[0].scale[1:])
+    for k, level in enumerate(image.levels):  # napari scales a level by its shape: the metadata must agree
+        assert [s * n / m for s, n, m in zip(yx, data[0].shape[1:], data[k].shape[1:])] == list(level.scale[1:])
+
+    found = {m["name"].split("/")[-1]: (d, m) for d, m, k in labels if k == "labels"}
+    assert len(labels) == len(found) and set(found) == {"cells", "ground_truth"}
+    label_data, label_meta = found["cells"]
+    assert [d.shape for d in label_data] == [d.shape[1:] for d in data]
+    assert label_meta["scale"] == yx and label_meta["axis_labels"] == meta["axis_labels"] == ("y", "x")
+    assert np.array_equal(label_meta["affine"].affine_matrix, meta["affine"].affine_matrix)
+    for k, level in enumerate(label_data):
+        assert np.array_equal(level.compute(), cells.array(k)[:])
+    assert label_data[0].max().compute() > 0

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import zarr
 
 from cellsam_ray.errors import UserError
 from cellsam_ray.io import ngff
-from cellsam_ray.io.storage import open_group
+from cellsam_ray.io.storage import open_group, open_store
+from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import InvalidOmeZarr, validate_ome_zarr
 
 CHANNELS = [ngff.Channel("DAPI", "0000FF", (100, 2000)), ngff.Channel("CD45", "FFFF00")]
@@ -79,6 +86,51 @@ def test_image_on_s3_validates(s3_prefix, storage_options, version):
     ngff.publish_label(image, "cells")
     validate_ome_zarr(s3_prefix, storage_options)
     assert ngff.open_image(s3_prefix, storage_options).label_names == ("cells",)
+
+
+class ChunkReads(logging.Handler):
+    """The chunk keys a zarr ``LoggingStore`` is asked for (metadata left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list[str] = []
+
+    def emit(self, record):
+        read = re.fullmatch(r" Calling \w+\.get\((.+)\)", record.getMessage())
+        if read and not read[1].endswith(("zarr.json", ".zattrs", ".zarray", ".zgroup", ".zmetadata")):
+            self.keys.append(read[1])
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_levels_as_lazy_dask_arrays_on_s3(s3_prefix, storage_options, version):
+    """``open_labels(url).dask_levels()``: every level as stored, no chunk read until computed, then the
+    zarr arrays' values, each chunk read once."""
+    write_synthetic_slide(s3_prefix, size=(384, 320), channels=2, chunk=128, ngff=version,
+                          storage_options=storage_options)
+    labels = ngff.open_labels(s3_prefix, "ground_truth", storage_options)
+    levels = labels.dask_levels()
+    assert [(a.shape, a.chunksize, a.dtype) for a in levels] == [(lv.shape, lv.chunks, lv.dtype) for lv in labels.levels]
+    assert len(levels) == 2 and levels[0].numblocks == (3, 3)
+
+    store = zarr.storage.LoggingStore(open_store(s3_prefix, storage_options, read_only=True),
+                                      log_handler=logging.NullHandler())
+    reads = ChunkReads()
+    store.logger.addHandler(reads)
+    try:
+        lazy = ngff.open_image(zarr.open_group(store, mode="r")).label("ground_truth").dask_levels()
+        assert reads.keys == []
+        for k, values in enumerate(labels.arrays()):
+            assert np.array_equal(lazy[k].compute(), values[:]) and np.array_equal(levels[k].compute(), values[:])
+        assert sorted(reads.keys) == sorted(set(reads.keys))
+        assert len(reads.keys) == sum(math.prod(a.numblocks) for a in lazy)
+    finally:
+        store.logger.removeHandler(reads)
+
+
+def test_the_module_leaves_dask_unimported():
+    """dask is imported by ``dask_levels`` alone: opening an image does not pay for it."""
+    code = "import sys, cellsam_ray.io.ngff; assert 'dask' not in sys.modules, 'dask imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_label_name_rules(tmp_path):

@@ -69,7 +69,7 @@ def test_oracle_slide_is_reproduced_and_valid(tmp_path, ray_cluster, ngff):
         assert set(np.unique(label.array(k)[:])) <= set(np.unique(label.array(k - 1)[:]))
     validate_ome_zarr(url)
     assert image_checksums(url) == before  # the image's own arrays were never written
-    # ome-zarr-py's reader (what napari's plugin uses) finds both label images with their pixels.
+    # ome-zarr-py's reader finds both label images with their pixels.
     from ome_zarr.format import FormatV04, FormatV05
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Reader

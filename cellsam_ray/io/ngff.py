@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -29,6 +29,9 @@ from cellsam_ray.errors import UserError
 from cellsam_ray.io import pyramid
 from cellsam_ray.io.layouts import image_group
 from cellsam_ray.io.storage import Mode, open_group, relative_url
+
+if TYPE_CHECKING:
+    import dask.array
 
 # Attribute of a label image this package writes: {"complete": bool, "run_id": str} (see NgffImage.label).
 RUN_MARKER = "cellsam_ray"
@@ -213,6 +216,14 @@ class NgffImage:
 
     def arrays(self) -> list[zarr.Array]:
         return [self.array(i) for i in range(len(self.levels))]
+
+    def dask_levels(self) -> list[dask.array.Array]:
+        """Every level as a lazy dask array, level 0 first, one dask chunk per stored chunk (per shard when
+        sharded): for analyses larger than memory, which read only what they compute. dask is imported
+        here, not with this module, so that opening an image does not pay for it."""
+        import dask.array as da
+
+        return [da.from_zarr(self.array(i), chunks=level.chunks) for i, level in enumerate(self.levels)]
 
     def label(self, name: str, *, complete: bool = True) -> NgffImage:
         """The label image ``labels/<name>``, opened like its image.
