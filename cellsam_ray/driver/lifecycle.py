@@ -36,6 +36,7 @@ from cellsam_ray.io.ngff import (
     RUN_MARKER,
     NgffImage,
     create_labels,
+    label_metadata,
     listed_labels,
     open_image,
     publish_label,
@@ -89,6 +90,7 @@ class LabelRun:
         check_work_location(self.plan)
         image = open_image(self.plan.spec.input, self.plan.spec.storage.options(), mode="r+")
         listed_labels(image.group, image.version)  # a listing we could not extend is refused, untouched
+        label_metadata(image, self.name)  # so is a label ome-zarr-models would refuse, before any tile is segmented
         self.lease.take(take_over=self.plan.spec.take_over, label=self.where)
         try:
             self._claim(image)

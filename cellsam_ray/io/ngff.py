@@ -10,9 +10,12 @@ version    zarr format  OME metadata                                          di
 =========  ===========  ====================================================  ================
 
 So each version is an object (``V04``, ``V05``) that the rest of the code asks, as ome-zarr-py's
-``format.py`` does, instead of branching on version strings. Metadata is written here directly (it is a
-few dictionaries); ome-zarr-models validates the result in the tests. Arrays are created empty, with their
-final shapes and chunks, so that many writers can later fill whole chunks in parallel (stack.md §4).
+``format.py`` does, instead of branching on version strings. The metadata is a few dictionaries written
+here: ome-zarr-py's writer functions would drop or duplicate what we keep, and importing ome-zarr-py costs
+every process that reads a slide its dask import (notes/ngff.md, piece by piece). What this package writes
+into others' images, a label image's metadata, is checked with ome-zarr-models before anything is written
+(``label_metadata``). Arrays are created empty, with their final shapes and chunks, so that many writers
+can later fill whole chunks in parallel.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class NgffVersion:
 
     name: ClassVar[str]
     zarr_format: ClassVar[int]
+    models: ClassVar[str]  # ome-zarr-models' package for this version
 
     def read_ome(self, group: zarr.Group) -> dict[str, Any]:
         """The group's OME metadata (``multiscales``, ``omero``, ``image-label``, ``labels``) as one dict."""
@@ -78,6 +82,7 @@ class NgffVersion:
 class _V04(NgffVersion):
     name = "0.4"
     zarr_format = 2
+    models = "ome_zarr_models.v04"
 
     def read_ome(self, group: zarr.Group) -> dict[str, Any]:
         return dict(group.attrs)
@@ -92,20 +97,21 @@ class _V04(NgffVersion):
         return {"version": self.name, **super().image_label(source)}
 
     def array_options(self, axes: Sequence[str]) -> dict[str, Any]:
-        # 0.4 requires "/" between chunk indices; zarr v2 defaults to ".".
+        # 0.4 requires "/" between chunk indices; zarr v2 defaults to "." (ome-zarr-py's FormatV04 says the same).
         return {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
 
 
 class _V05(NgffVersion):
     name = "0.5"
     zarr_format = 3
+    models = "ome_zarr_models.v05"
 
     def read_ome(self, group: zarr.Group) -> dict[str, Any]:
         return dict(group.attrs.get("ome", {}))
 
     def write_ome(self, group: zarr.Group, ome: Mapping[str, Any]) -> None:
         # Every OME group carries ome.version in 0.5, including "labels" (ome-zarr-py 0.18 forgets it there:
-        # stack.md 4.4).
+        # notes/ngff.md).
         group.attrs["ome"] = {**self.read_ome(group), **dict(ome), "version": self.name}
 
     def array_options(self, axes: Sequence[str]) -> dict[str, Any]:
@@ -289,7 +295,7 @@ def open_slide(url: str, storage_options: dict[str, Any] | None = None) -> NgffI
     segmenting one would write a label group inside it, where no viewer looks. The error names the image
     they belong to."""
     group = image_group(open_group(url, storage_options))
-    attrs = dict(group.attrs)  # read before the version: ome-zarr-py's 0.5 labels groups have none (stack.md 4.4)
+    attrs = dict(group.attrs)  # read before the version: ome-zarr-py's 0.5 labels groups have none (notes/ngff.md)
     ome = attrs["ome"] if isinstance(attrs.get("ome"), dict) else attrs
     if isinstance(ome.get("image-label"), dict):
         source = (ome["image-label"].get("source") or {}).get("image") or "../../"
@@ -442,6 +448,53 @@ def create_image(
     return read_image(group)
 
 
+def label_metadata(image: NgffImage, name: str) -> dict[str, Any]:
+    """The OME metadata (``multiscales``, ``image-label``) of label image ``labels/<name>`` of ``image``, as
+    ome-zarr-models accepts it; a UserError, before anything is written, where it would not.
+
+    It copies the image's axes without ``c`` and each level's transforms (whatever pyramid another writer
+    made), so what ome-zarr-models refuses here is the image's own metadata: axes without types, levels
+    that get finer, repeated axis names. A run checks it at its start (``driver.lifecycle``): a run that
+    replaces a label creates the new one only after segmenting.
+    """
+    if not name or "/" in name:
+        raise UserError(f"invalid label name {name!r}")
+    version = image.version
+    keep = [i for i, a in enumerate(image.axes) if a != "c"]
+    axes = [Axis(image.axes[i], image.axis_types[i], image.axis_units[i]) for i in keep]
+    datasets = [{
+        "path": level.path,
+        "coordinateTransformations": [
+            {"type": "scale", "scale": [level.scale[i] for i in keep]},
+            {"type": "translation", "translation": [level.translation[i] for i in keep]},
+        ],
+    } for level in image.levels]
+    ome = {
+        "multiscales": [version.multiscale(name, axes, datasets, kind="mode")],
+        "image-label": version.image_label("../../"),
+    }
+    _check(version, ome, f"{_where(image.group)}/labels/{name}")
+    return ome
+
+
+def _check(version: NgffVersion, ome: dict[str, Any], where: str) -> None:
+    """UserError (one line) where ome-zarr-models' ``ImageLabelAttrs`` refuses ``ome`` (about 1 ms; its first
+    import about 0.2 s, so it is imported here, only by a process that creates a label image)."""
+    from importlib import import_module
+
+    from pydantic import ValidationError
+
+    model = import_module(f"{version.models}.image_label").ImageLabelAttrs
+    try:
+        model.model_validate({**ome, "version": version.name} if version.zarr_format == 3 else ome)
+    except ValidationError as err:
+        first = err.errors()[0]
+        at = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise UserError(f"{where} would not be valid OME-Zarr {version.name} ({at}: {message}): it copies the "
+                        "image's axes and level transforms, so fix the image's metadata; nothing was written") from err
+
+
 def create_labels(
     image: NgffImage,
     name: str,
@@ -455,11 +508,11 @@ def create_labels(
 
     The label image has the image's axes without ``c``, as many levels as the image (ome-zarr-models
     insists), the same physical transforms, and ``chunks`` (one per label axis) at every level. Its
-    ``image-label`` metadata points back at the image. Arrays already at those paths are replaced; nothing
-    else under ``labels/<name>`` (a work prefix) is touched.
+    ``image-label`` metadata points back at the image (``label_metadata``, checked before anything is
+    written). Arrays already at those paths are replaced; nothing else under ``labels/<name>`` (a work
+    prefix) is touched.
     """
-    if not name or "/" in name:
-        raise UserError(f"invalid label name {name!r}")
+    ome = label_metadata(image, name)
     if np.dtype(dtype).kind not in "iu":
         raise ValueError("label images hold integers")
     keep = [i for i, a in enumerate(image.axes) if a != "c"]
@@ -469,9 +522,7 @@ def create_labels(
     labels_group = image.group.require_group("labels")
     listed_labels(image.group, version)  # refuse a listing we could not extend later, before writing
     group = labels_group.require_group(name)
-    axes = [Axis(image.axes[i], image.axis_types[i], image.axis_units[i]) for i in keep]
-    names = [a.name for a in axes]
-    datasets = []
+    names = [image.axes[i] for i in keep]
     for level in image.levels:
         shape = [level.shape[i] for i in keep]
         array_chunks = tuple(min(c, n) for c, n in zip(chunks, shape))
@@ -479,18 +530,8 @@ def create_labels(
             level.path, shape=shape, dtype=dtype, chunks=array_chunks, fill_value=0, overwrite=True,
             **version.array_options(names),
         )
-        datasets.append({
-            "path": level.path,
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [level.scale[i] for i in keep]},
-                {"type": "translation", "translation": [level.translation[i] for i in keep]},
-            ],
-        })
     group.attrs[RUN_MARKER] = {"complete": False, "run_id": run_id}
-    version.write_ome(group, {
-        "multiscales": [version.multiscale(name, axes, datasets, kind="mode")],
-        "image-label": version.image_label("../../"),
-    })
+    version.write_ome(group, ome)
     return read_image(group)
 
 
