@@ -192,9 +192,6 @@ def test_a_label_image_or_labels_group_is_not_taken_for_the_image(tmp_path, caps
     (image_axes("czyx"), (1, 3, 64, 64), "uint16", ["--z", "5"], "plane --z 5 does not exist: the image has 3"),
     (image_axes("cyx"), (1, 64, 64), "uint16", ["--z", "2"], "--z 2 does not exist: the image has no z axis (its axes are cyx)"),
     (image_axes("czyx"), (1, 1, 64, 64), "uint16", ["--t", "1"], "--t 1 does not exist: the image has no t axis (its axes are czyx)"),
-    # Readable, but a label copying its axes would not be valid NGFF: refused before anything is written.
-    ((Axis("c", "channel"), Axis("y"), Axis("x")), (1, 64, 64), "uint16", [],
-     "labels/cells would not be valid OME-Zarr 0.5 (multiscales.0.axes: Length of space axes (0) not valid"),
 ])
 def test_unsupported_images_are_refused(tmp_path, capsys, axes, shape, dtype, argv, message):
     url = image_with(tmp_path, axes, shape, dtype)

@@ -448,20 +448,25 @@ def create_image(
     return read_image(group)
 
 
+_TYPE_OF_NAME = {"x": "space", "y": "space", "z": "space", "t": "time"}
+
+
 def label_metadata(image: NgffImage, name: str) -> dict[str, Any]:
     """The OME metadata (``multiscales``, ``image-label``) of label image ``labels/<name>`` of ``image``, as
     ome-zarr-models accepts it; a UserError, before anything is written, where it would not.
 
     It copies the image's axes without ``c`` and each level's transforms (whatever pyramid another writer
-    made), so what ome-zarr-models refuses here is the image's own metadata: axes without types, levels
-    that get finer, repeated axis names. A run checks it at its start (``driver.lifecycle``): a run that
-    replaces a label creates the new one only after segmenting.
+    made). An axis the image leaves untyped (NGFF 0.4 allows it) gets the type its name says (x, y, z:
+    space; t: time), so such an image gets a valid label; what ome-zarr-models still refuses is the image's
+    own metadata: levels that get finer, repeated axis names. A run checks it at its start
+    (``driver.lifecycle``): a run that replaces a label creates the new one only after segmenting.
     """
     if not name or "/" in name:
         raise UserError(f"invalid label name {name!r}")
     version = image.version
     keep = [i for i, a in enumerate(image.axes) if a != "c"]
-    axes = [Axis(image.axes[i], image.axis_types[i], image.axis_units[i]) for i in keep]
+    axes = [Axis(image.axes[i], image.axis_types[i] or _TYPE_OF_NAME.get(image.axes[i]), image.axis_units[i])
+            for i in keep]
     datasets = [{
         "path": level.path,
         "coordinateTransformations": [
