@@ -35,7 +35,7 @@ FAULTY = "cellsam_ray.testing.faults:FaultySegmenter"
 SIZE = (512, 512)
 TILING = dict(tile=128, halo=32, band=8, chunk=64)
 SPEC = dict(nuclear=["DAPI"], segmenter=FAULTY, tissue_mask=False, batch_size=4, workers=1,
-            cell_table=False, qc_images=False, **TILING)
+            qc_images=False, **TILING)  # the cell table and outlines on: a faulty run must reproduce them too
 GRID = plan_grid(*SIZE, **TILING)
 
 
@@ -181,7 +181,7 @@ def test_a_tile_that_always_fails_fails_the_run_with_its_coordinates_then_resume
             "--segmenter-option", f"folder={faults / 'run1'}", "--segmenter-option", f"fail_at={origin_option(2, 1)}",
             "--label-name", "failing",
             "--tile", "128", "--halo", "32", "--band", "8", "--chunk", "64", "--batch-size", "4", "--workers", "1",
-            "--no-tissue-mask", "--no-cell-table", "--no-qc-images", "--no-progress"]
+            "--no-tissue-mask", "--no-qc-images", "--no-progress"]
 
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]

@@ -10,7 +10,8 @@ Three measurements (numbers and machines in ``notes/pipeline.md``):
   under this per tile to keep its GPU fed. Measured by sampling, twice a second, the CPU time of every
   process descended from this one (a process that ends between samples loses at most half a second).
 - ``--stages``: the same stage functions called in this process, without Ray: CPU ms per tile of each
-  step, to tell the functions' own cost from Ray's per-task cost.
+  step, to tell the functions' own cost from Ray's per-task cost (the outlines' two steps included: the
+  cells whole in a core, and a home's rows with their outlines against its rows alone).
 - ``--dense N --against TREE --repeat R``: R rounds of one run of this tree and one of another checkout
   (``git worktree add ../old <commit>``) on the same slide, each in a fresh process and cluster. The VM's
   speed drifts by tens of percent over minutes, so a change is measured only by runs side by side.
@@ -242,6 +243,7 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
     from cellsam_ray.pipeline.stages import finish_tiles, reconcile_tile, run_model, with_ids
     from cellsam_ray.spec import SegmentSpec
     from cellsam_ray.table import per_tile
+    from cellsam_ray.table.outlines import outline_core
 
     url, info, truth = dense_slide(folder, size, "profile")
     plan = plan_run(SegmentSpec(input=url, nuclear=[info.channel_names[0]], whole_cell=[info.channel_names[1]],
@@ -268,12 +270,22 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
                        plan.work.get("candidates", grid.tile_at(*rc).key)) for rc in grid.neighbourhood(*home)]
         kept[home] = timed("reconcile: keep or drop the candidates", reconcile_tile, home, found).kept
     offsets = dict(zip(homes, global_offsets([len(kept[h]) for h in homes])))
+    cores = {}
     for home in homes:
         tile = grid.tile_at(*home)
         numbered = [with_ids(kept[rc], offsets[rc]) for rc in grid.neighbourhood(*home)]
         labels = timed("paint: paint the core", rasterise_core, tile, numbered)
         timed("paint: write the core", labels_out.write_core, plan, tile, labels)
-        timed("table: cell-table sums", per_tile.measure_tile, plan, tile, labels, CellSet.concat(numbered))
+        sums = timed("table: cell-table sums", per_tile.measure_tile, plan, tile, labels, CellSet.concat(numbered))
+        outlines = timed("outlines: the core's whole cells, seam pieces", outline_core, labels,
+                         (tile.core_y0, tile.core_x0), CellSet.concat(numbered))
+        cores[home] = per_tile.CoreCells(*sums, outlines)
+    layout, outline_layout = per_tile.table_layout(plan), per_tile.outline_layout(plan)
+    for home in homes:
+        near = [[rc for rc in grid.neighbourhood(*home) if rc in cores]]
+        timed("table: a home's rows", per_tile.rows_of_homes, layout, None, [home], near, cores)
+        timed("outlines: a home's rows with outlines (less the line above: seam cells, encoding)",
+              per_tile.rows_of_homes, layout, outline_layout, [home], near, cores)
     chunks = 0
     for level in labels_out.build_order(plan):
         for index in labels_out.chunk_indices(plan, level):
