@@ -5,6 +5,7 @@ A resumed run's and a cohort's outlines equal a clean run's: tests/test_faults.p
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -19,11 +20,17 @@ from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
 from cellsam_ray.merge.objects import META_COLUMNS, CellSet
 from cellsam_ray.synth import write_synthetic_slide
-from cellsam_ray.table.outlines import home_outlines, mask_outline, outline_core
+from cellsam_ray.table.outlines import home_outlines, outline_core
+from cellsam_ray.table.trace import trace_labels
 
 ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
 TILE = 128
 TILING = dict(tile=TILE, halo=40, band=8, chunk=64)
+
+
+def mask_outline(mask: np.ndarray, origin: tuple[int, int]):
+    """The outline of one mask whose top-left pixel is ``origin`` (row, column)."""
+    return trace_labels(mask.astype(np.uint8), origin)[1][0]
 
 
 def centres_inside(geometry, box: tuple[int, int, int, int], downsample=(1.0, 1.0)) -> np.ndarray:
@@ -36,6 +43,9 @@ def centres_inside(geometry, box: tuple[int, int, int, int], downsample=(1.0, 1.
 
 # ------------------------------------------------------------------------------------- without Ray
 def test_a_mask_becomes_a_polygon_holding_exactly_its_pixel_centres():
+    """The traced polygon is marching squares' (skimage's ``find_contours`` at 0.5, background connected)."""
+    from skimage.measure import find_contours
+
     rng = np.random.default_rng(0)
     shapes_seen = set()
     for _ in range(200):  # noisy masks: holes, parts, pixels touching at a corner only
@@ -47,10 +57,15 @@ def test_a_mask_becomes_a_polygon_holding_exactly_its_pixel_centres():
         assert outline.is_valid
         shapes_seen.add(outline.geom_type)
         assert np.array_equal(centres_inside(outline, (40, 70, 40 + h, 70 + w)), mask)
+        rings = [shapely.Polygon(c[:, ::-1] + (70 - 0.5, 40 - 0.5)) for c in find_contours(np.pad(mask, 1).astype(float), 0.5)]
+        assert shapely.equals(outline, functools.reduce(shapely.symmetric_difference, rings))  # even-odd
     assert shapes_seen == {"Polygon", "MultiPolygon"}
     ring = np.ones((5, 5), bool)
     ring[2, 2] = False
     assert len(mask_outline(ring, (0, 0)).interiors) == 1  # a hole stays a hole
+    labels = np.array([[1, 1, 0], [2, 2, 2], [0, 1, 0]], np.uint32)  # cells side by side, one in two parts
+    ids, shapes = trace_labels(labels)
+    assert ids.tolist() == [1, 2] and shapes[0].geom_type == "MultiPolygon" and shapes[0].area + shapes[1].area < 9
 
 
 def records(labels: np.ndarray) -> CellSet:

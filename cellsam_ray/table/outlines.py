@@ -7,24 +7,20 @@ pixels in that core) with every core it reaches, and its home's row task pastes 
 outlines the whole cell once (``home_outlines``). Every piece of a cell homed at a tile lies in that tile's
 3×3 neighbourhood, as for the table.
 
-A mask becomes a polygon by marching squares at level 0.5 (``skimage.measure.find_contours``): the
-contour runs half-way between each cell pixel's centre and its neighbours', so a pixel's centre lies inside
-the polygon exactly when the pixel is the cell's. Coordinates are those of QuPath and GeoJSON users: x
-right, y down, pixel (r, c) covering [c, c+1) × [r, r+1) of level 0. Holes and parts (a cell cut in two
-by a higher-ranked neighbour) are kept: the rings are combined even-odd (symmetric difference).
+The polygons are ``trace``'s: marching squares' contour through the midpoints of the cell's boundary
+pixel edges, so a pixel's centre lies inside exactly when the pixel is the cell's. Coordinates are those of
+QuPath and GeoJSON users: x right, y down, pixel (r, c) covering [c, c+1) × [r, r+1).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import shapely
-from scipy import ndimage
-from skimage.measure import find_contours
 
 from cellsam_ray.merge.objects import CellSet, PackedMasks
+from cellsam_ray.table.trace import trace_labels
 
 
 @dataclass
@@ -51,84 +47,64 @@ def outline_core(labels: np.ndarray, origin: tuple[int, int], cells: CellSet) ->
     """The outlines of the cells painted in one core (``labels``, top-left ``origin`` in level pixels),
     and the pieces of those that reach beyond it. ``cells`` are the numbered cells painted there: a cell
     whose kept mask lies inside the core is whole here (the same rule as the table's ``measure_core``)."""
-    painted = labels != 0
-    if not painted.any():
+    if not labels.any():
         return CoreOutlines.empty()
+    ids, shapes = trace_labels(labels, origin)
     oy, ox = origin
-    low = int(labels[painted].min())
-    shifted = np.where(painted, labels.astype(np.int64) - low + 1, 0)
-    slices = ndimage.find_objects(shifted)
-    ids = np.array([i + low for i, s in enumerate(slices) if s is not None], dtype=np.int64)
-    boxes = [s for s in slices if s is not None]
-    carried = cells.col("id").astype(np.int64)
-    record = {cell: i for i, cell in enumerate(carried.tolist())}
-    bounds = cells.bounds()
-    home_rows, home_cols = cells.col("home_row"), cells.col("home_col")
     h, w = labels.shape
-    whole, shapes, piece_ids, piece_homes, piece_origins, piece_masks = [], [], [], [], [], []
-    for cell, (rows, cols) in zip(ids.tolist(), boxes):
-        mask = labels[rows, cols] == cell
-        i = record[cell]
-        y0, x0, y1, x1 = bounds[i].tolist()
-        if y0 >= oy and x0 >= ox and y1 <= oy + h and x1 <= ox + w:
-            whole.append(cell)
-            shapes.append(mask_outline(mask, (oy + rows.start, ox + cols.start)))
-        else:
-            piece_ids.append(cell)
-            piece_homes.append((int(home_rows[i]), int(home_cols[i])))
-            piece_origins.append((oy + rows.start, ox + cols.start))
-            piece_masks.append(mask)
-    shapes_of_pieces = np.array([m.shape for m in piece_masks], np.int64).reshape(-1, 2)
+    carried = cells.col("id").astype(np.int64)
+    order = np.argsort(carried, kind="stable")
+    record = order[np.searchsorted(carried[order], ids)]
+    y0, x0, y1, x1 = cells.bounds()[record].T
+    whole = (y0 >= oy) & (x0 >= ox) & (y1 <= oy + h) & (x1 <= ox + w)
+    cut = np.flatnonzero(~whole)
+    # A traced outline's bounds are its cell's pixel box (the contour runs through the edges' midpoints).
+    boxes = shapely.bounds(shapes[cut]).astype(np.int64) - [ox, oy, ox, oy]
+    piece_origins = [(oy + y0, ox + x0) for x0, y0, _, _ in boxes.tolist()]
+    piece_masks = [labels[y0:y1, x0:x1] == cell for cell, (x0, y0, x1, y1) in zip(ids[cut].tolist(), boxes.tolist())]
+    homes = np.stack([cells.col("home_row"), cells.col("home_col")], axis=1).astype(np.int64)[record[cut]]
+    sizes = np.array([m.shape for m in piece_masks], np.int64).reshape(-1, 2)
     flat = np.concatenate([m.ravel() for m in piece_masks]) if piece_masks else np.zeros(0, bool)
-    return CoreOutlines(np.array(whole, np.int64), _objects(shapes), np.array(piece_ids, np.int64),
-                        np.array(piece_homes, np.int64).reshape(-1, 2),
-                        np.array(piece_origins, np.int64).reshape(-1, 2), PackedMasks.of_buffer(flat, shapes_of_pieces))
+    return CoreOutlines(ids[whole], shapes[whole], ids[cut], homes.reshape(-1, 2),
+                        np.array(piece_origins, np.int64).reshape(-1, 2), PackedMasks.of_buffer(flat, sizes))
 
 
 def home_outlines(home: tuple[int, int], own: CoreOutlines, near: list[CoreOutlines]) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, shapes)`` of the cells homed at ``home``, in id order: the whole ones its own core
     outlined, and those whose pieces the cores ``near`` it (its 3×3 neighbourhood, itself included)
     hold, each pasted together and outlined once."""
-    ids, shapes = [own.ids], [own.shapes]
     by_cell: dict[int, list[tuple[tuple[int, int], np.ndarray]]] = {}
     for core in near:
         mine = np.flatnonzero((core.piece_homes[:, 0] == home[0]) & (core.piece_homes[:, 1] == home[1]))
         for i in mine.tolist():
             by_cell.setdefault(int(core.piece_ids[i]), []).append((tuple(core.piece_origins[i].tolist()), core.pieces[i]))
-    joined = sorted(by_cell)
-    ids.append(np.array(joined, np.int64))
-    shapes.append(_objects([_pasted_outline(by_cell[cell]) for cell in joined]))
-    ids, shapes = np.concatenate(ids), np.concatenate(shapes)
+    joined = np.array(sorted(by_cell), np.int64)
+    shapes = _pasted_outlines([by_cell[cell] for cell in joined.tolist()])
+    ids, shapes = np.concatenate([own.ids, joined]), np.concatenate([own.shapes, shapes])
     order = np.argsort(ids, kind="stable")
     return ids[order], shapes[order]
 
 
-def _pasted_outline(pieces: list[tuple[tuple[int, int], np.ndarray]]) -> shapely.Geometry:
-    """The outline of a cell from its pieces (top-left, mask) in several cores."""
-    y0 = min(o[0] for o, _ in pieces)
-    x0 = min(o[1] for o, _ in pieces)
-    y1 = max(o[0] + m.shape[0] for o, m in pieces)
-    x1 = max(o[1] + m.shape[1] for o, m in pieces)
-    mask = np.zeros((y1 - y0, x1 - x0), bool)
-    for (oy, ox), piece in pieces:
-        mask[oy - y0 : oy - y0 + piece.shape[0], ox - x0 : ox - x0 + piece.shape[1]] |= piece
-    return mask_outline(mask, (y0, x0))
-
-
-def mask_outline(mask: np.ndarray, origin: tuple[int, int]) -> shapely.Geometry:
-    """The polygon (or multipolygon) whose inside holds exactly the centres of ``mask``'s pixels, in level
-    pixel coordinates (x, y) with ``mask[0, 0]`` at ``origin`` (row, column)."""
-    # Padded, so every contour closes; a padded index i is pixel i - 1, whose centre is at i - 1 + 0.5.
-    contours = find_contours(np.pad(mask, 1).astype(np.uint8), 0.5)
-    shift = np.array([origin[1] - 0.5, origin[0] - 0.5])
-    rings = [shapely.Polygon(c[:, ::-1] + shift) for c in contours if len(c) >= 4]
-    if len(rings) == 1:
-        return rings[0]
-    return functools.reduce(shapely.symmetric_difference, rings)
-
-
-def _objects(items: list) -> np.ndarray:
-    """A 1-D object array of ``items`` (numpy would otherwise try to see inside the geometries)."""
-    out = np.empty(len(items), dtype=object)
-    out[:] = items
-    return out
+def _pasted_outlines(cells: list[list[tuple[tuple[int, int], np.ndarray]]]) -> np.ndarray:
+    """The outlines of cells given as pieces (top-left, mask) from several cores: each cell's pieces pasted
+    side by side with the others' into one label image (cell k labelled k + 1), traced at once, and moved
+    back to where the cell lies."""
+    if not cells:
+        return np.zeros(0, object)
+    boxes = []
+    for pieces in cells:
+        y0 = min(o[0] for o, _ in pieces)
+        x0 = min(o[1] for o, _ in pieces)
+        boxes.append((y0, x0, max(o[0] + m.shape[0] for o, m in pieces), max(o[1] + m.shape[1] for o, m in pieces)))
+    widths = [x1 - x0 for _, x0, _, x1 in boxes]
+    left = np.cumsum([0] + widths[:-1])
+    canvas = np.zeros((max(y1 - y0 for y0, _, y1, _ in boxes), sum(widths)), np.int32)
+    for k, (pieces, (y0, x0, _, _), at) in enumerate(zip(cells, boxes, left.tolist())):
+        for (oy, ox), piece in pieces:
+            view = canvas[oy - y0 : oy - y0 + piece.shape[0], at + ox - x0 : at + ox - x0 + piece.shape[1]]
+            view[piece] = k + 1
+    offsets = np.array([(y0, x0 - at) for (y0, x0, _, _), at in zip(boxes, left.tolist())])
+    ids, shapes = trace_labels(canvas, offsets=offsets)
+    if ids.size != len(cells):
+        raise RuntimeError("a seam cell without pixels (a bug in table.outlines)")
+    return shapes
