@@ -12,11 +12,15 @@ the last two."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 
+from cellsam_ray import open_labels
 from cellsam_ray.cli import main
 from cellsam_ray.evaluate import score_arrays
 from cellsam_ray.model import bundled
@@ -24,6 +28,7 @@ from cellsam_ray.model.weights import load_cellsam
 from cellsam_ray.pipeline.intensity import channel_scales, combine_roles
 from cellsam_ray.synth import TissueModel
 from cellsam_ray.synth.styles import render_style
+from cellsam_ray.testing.checks import outline_ious, qupath_problems
 from cellsam_ray.train.synthetic import scaled_roles
 
 UNSEEN_SEED = 123  # the model card lists the seeds training used; this is none of them
@@ -44,6 +49,15 @@ def test_demo_segments_an_unseen_slide_with_the_bundled_model(ray_cluster, tmp_p
     assert "the bundled demo model" in out and "oracle" not in out
     f1 = float(re.search(r"F1@0.5 ([0-9.]+)", out).group(1))
     assert f1 >= DEMO_FLOOR, out
+    # Its outlines: what QuPath's GeoJSON reader takes as cells, each cell of the labels once, rasterising back.
+    collection = json.loads(Path(re.search(r"outlines: (\S+)", out).group(1)).read_text())
+    assert qupath_problems(collection) == []
+    labels = np.asarray(open_labels(str(next(tmp_path.glob("*.ome.zarr")))).array(0)[:])
+    ids = [f["id"] for f in collection["features"]]
+    assert ids == np.unique(labels[labels > 0]).tolist()
+    geometries = [shapely.from_geojson(json.dumps(f["geometry"])) for f in collection["features"]]
+    overlap = outline_ious(ids, geometries, labels)
+    assert np.mean(list(overlap.values())) >= 0.9, sorted(overlap.values())[:5]
 
 
 def test_segment_image_defaults_to_the_bundled_model(tmp_path, capsys):

@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"    report:  {summary['labels']}/report.json")
     if summary.get("cell_table"):
         print(f"    cells:   {summary['cell_table']}  (position, shape, scores, intensity in every channel)")
+    outlines = (report.get("cell_table") or {}).get("outlines")
+    if outlines:
+        print(f"    outlines: {outlines['geojson']}  (QuPath: File > Import objects from file)")
+        print(f"              {outlines['geoparquet']}  (geopandas.read_parquet)")
     if summary.get("qc_overview"):
         print(f"    QC:      {summary['qc_overview']}  (tile and seam crops beside it)")
     print(f"    vs ground truth: F1@0.5 {score.f1:.3f}  precision {score.precision:.3f}  recall {score.recall:.3f}"

@@ -9,8 +9,9 @@ The encodings are made in the row tasks (``encode``), so the one writer only app
   that is not finite is left out, as JSON has no NaN), the label id as
   the feature's ``id`` and ``properties.label_id``. QuPath reads a feature's ``id`` as a UUID and ignores
   one that is not.
-- GeoParquet 1.1: the table's columns plus ``geometry`` (WKB), with the ``geo`` key-value metadata; the
-  coordinates are pixels, not a map's, so the column's ``crs`` is null (the spec's "undefined").
+- GeoParquet 1.1: the label id and ``geometry`` (WKB), with the ``geo`` key-value metadata; the
+  coordinates are pixels, not a map's, so the column's ``crs`` is null (the spec's "undefined"). The
+  measurements are the table's, joined on ``id`` (``cells.parquet``): not written twice.
 """
 
 from __future__ import annotations
@@ -25,14 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from cellsam_ray.table.outlines import SIMPLIFY_PX
 from cellsam_ray.table.schema import METADATA_KEY, TableLayout
 
-SIMPLIFY_PX = 0.4
-"""Douglas-Peucker tolerance, in pixels of the segmented level, with the topology kept (a polygon stays
-valid). Marching squares gives a vertex per boundary pixel edge; at 0.4 px the 514 cells of a synthetic
-slide keep 25 of their 92 vertices on average and, rasterised back, cover their pixels with IoU ≥ 0.989
-(mean 0.9995). At 0.5 a straight edge may move half a pixel, onto the pixel centres of its last column,
-and thin cells lose that column (IoU down to 0.29): notes/pipeline.md, "Outlines"."""
 GEOPARQUET_VERSION = "1.1.0"
 GEOMETRY = "geometry"
 
@@ -69,13 +65,12 @@ class GeoBlock:
 
 
 def encode(rows: pa.Table, shapes: np.ndarray, outlines: OutlineLayout) -> GeoBlock:
-    """The outlines of ``rows``' cells (``shapes`` in segmented-level pixels, in the rows' order),
-    simplified and moved to level 0."""
-    simple = simplified(shapes)
+    """The outlines of ``rows``' cells (``shapes``, simplified, in segmented-level pixels, in the rows'
+    order) moved to level 0 and encoded."""
     fy, fx = outlines.downsample
     if (fy, fx) != (1.0, 1.0):
-        simple = shapely.transform(simple, lambda xy: xy * np.array([fx, fy]))
-    geometry = shapely.to_geojson(simple).tolist()
+        shapes = shapely.transform(shapes, lambda xy: xy * np.array([fx, fy]))
+    geometry = shapely.to_geojson(shapes).tolist()
     names = [json.dumps(name) + ":" for name in rows.column_names]
     values = [_json_numbers(rows.column(name).to_numpy(zero_copy_only=False)) for name in rows.column_names]
     features = []
@@ -83,18 +78,7 @@ def encode(rows: pa.Table, shapes: np.ndarray, outlines: OutlineLayout) -> GeoBl
         measurements = ",".join(name + value for name, value in zip(names, row) if value is not None)
         features.append(f'{{"type":"Feature","id":{cell},"geometry":{text},"properties":{{"objectType":"cell",'
                         f'"label_id":{cell},"measurements":{{{measurements}}}}}}}')
-    return GeoBlock(pa.array(shapely.to_wkb(simple), pa.binary()), ",\n".join(features))
-
-
-def simplified(shapes: np.ndarray) -> np.ndarray:
-    """``shapes`` simplified by ``SIMPLIFY_PX``: plain Douglas-Peucker (ten times faster than GEOS's
-    topology-preserving simplifier), and the topology-preserving one for the few it leaves invalid or
-    empty."""
-    simple = shapely.simplify(shapes, SIMPLIFY_PX, preserve_topology=False)
-    broken = ~shapely.is_valid(simple) | shapely.is_empty(simple)
-    if broken.any():
-        simple[broken] = shapely.simplify(shapes[broken], SIMPLIFY_PX, preserve_topology=True)
-    return simple
+    return GeoBlock(pa.array(shapely.to_wkb(shapes), pa.binary()), ",\n".join(features))
 
 
 def _json_numbers(column: np.ndarray) -> list[str | None]:
@@ -109,13 +93,14 @@ def _json_numbers(column: np.ndarray) -> list[str | None]:
 
 
 def geoparquet_schema(layout: TableLayout, outlines: OutlineLayout) -> pa.Schema:
-    """The table's schema with a WKB ``geometry`` column and the ``geo`` metadata GeoParquet readers need."""
+    """The label id and a WKB ``geometry`` column, with the ``geo`` metadata GeoParquet readers need and
+    ours (the table's layout, the outlines' coordinates)."""
     table = layout.arrow_schema()
     geo = dict(version=GEOPARQUET_VERSION, primary_column=GEOMETRY,
                columns={GEOMETRY: dict(encoding="WKB", geometry_types=["Polygon", "MultiPolygon"], crs=None)})
     ours = {**json.loads(table.metadata[METADATA_KEY]), "outlines": outlines.metadata()}
-    return table.append(pa.field(GEOMETRY, pa.binary(), nullable=False)).with_metadata(
-        {b"geo": json.dumps(geo).encode(), METADATA_KEY: json.dumps(ours).encode()})
+    return pa.schema([table.field("id"), pa.field(GEOMETRY, pa.binary(), nullable=False)],
+                     metadata={b"geo": json.dumps(geo).encode(), METADATA_KEY: json.dumps(ours).encode()})
 
 
 class GeoStreams:
@@ -138,7 +123,7 @@ class GeoStreams:
             return
         self.geojson.write((",\n" if self.features else "").encode() + block.features.encode())
         self.features += rows.num_rows
-        table = pa.Table.from_arrays([*rows.columns, block.wkb], schema=self.schema)
+        table = pa.Table.from_arrays([rows.column("id"), block.wkb], schema=self.schema)
         self.parquet.write_table(table, row_group_size=max(table.num_rows, 1))
 
     def close(self) -> dict:

@@ -1,9 +1,11 @@
 """What tests assert with: the OME-Zarr validator (ome-zarr-models, the reference), checksums that prove
-bytes unchanged, label images equal up to relabelling, and the shared reference data."""
+bytes unchanged, label images equal up to relabelling, outlines against QuPath's GeoJSON reader and
+against the labels they outline, and the shared reference data."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -83,3 +85,47 @@ def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
     return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def qupath_problems(collection: dict) -> list[str]:
+    """What QuPath's GeoJSON reader (``PathObjectTypeAdapters`` in qupath-core) would not take as cell
+    objects: a FeatureCollection of Features with a Polygon or MultiPolygon geometry,
+    ``properties.objectType`` "cell", ``properties.measurements`` an object of numbers (it reads them as
+    doubles: no strings, no booleans, no NaN), and no string ``id`` that it would read as another object's
+    UUID."""
+    if collection.get("type") != "FeatureCollection" or not isinstance(collection.get("features"), list):
+        return ["not a FeatureCollection"]
+    problems = []
+    for f in collection["features"]:
+        props = f.get("properties", {})
+        if f.get("type") != "Feature" or f.get("geometry", {}).get("type") not in ("Polygon", "MultiPolygon"):
+            problems.append(f"feature {f.get('id')}: not a polygon feature")
+        if props.get("objectType") != "cell":
+            problems.append(f"feature {f.get('id')}: objectType {props.get('objectType')!r}")
+        values = props.get("measurements")
+        if not isinstance(values, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()):
+            problems.append(f"feature {f.get('id')}: measurements not all numbers")
+        if isinstance(f.get("id"), str):
+            problems.append(f"feature {f.get('id')}: a string id QuPath would parse as a UUID")
+    return problems
+
+
+def outline_ious(ids: list[int], geometries, labels: np.ndarray, downsample=(1.0, 1.0)) -> dict[int, float]:
+    """Each outline's IoU with its cell in ``labels`` (a level ``downsample`` times coarser than the
+    outlines' coordinates): the polygon rasterised (pixels whose centre lies inside) over the union of
+    both boxes."""
+    import shapely
+
+    out = {}
+    for cell, geometry in zip(ids, geometries):
+        gx0, gy0, gx1, gy1 = geometry.bounds
+        ys, xs = np.nonzero(labels == cell)
+        y0, x0 = min(ys.min(), int(gy0 / downsample[0])), min(xs.min(), int(gx0 / downsample[1]))
+        y1 = max(ys.max() + 1, math.ceil(gy1 / downsample[0]))
+        x1 = max(xs.max() + 1, math.ceil(gx1 / downsample[1]))
+        rows, cols = np.mgrid[y0:y1, x0:x1]
+        drawn = shapely.contains_xy(geometry, (cols + 0.5) * downsample[1], (rows + 0.5) * downsample[0])
+        truth = labels[y0:y1, x0:x1] == cell
+        out[cell] = float((drawn & truth).sum() / (drawn | truth).sum())
+    return out
