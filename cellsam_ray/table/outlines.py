@@ -24,10 +24,10 @@ from cellsam_ray.table.trace import trace_labels
 
 SIMPLIFY_PX = 0.4
 """Douglas-Peucker tolerance, in pixels of the segmented level. The traced polygon has a vertex per
-boundary pixel edge; at 0.4 px the 514 cells of a synthetic slide keep 25 of their 92 vertices on average
-and, rasterised back, cover their pixels with IoU ≥ 0.989 (mean 0.9995). At 0.5 a straight edge may move
+boundary pixel edge; at 0.4 px the 514 cells of a synthetic slide keep 24 of their 92 vertices on average
+and, rasterised back, cover their pixels with IoU ≥ 0.95 (mean 0.998). At 0.5 a straight edge may move
 half a pixel, onto the pixel centres of its last column, and thin cells lose that column (IoU down to
-0.29): notes/pipeline.md, "Outlines"."""
+0.52): notes/pipeline.md, "Outlines"."""
 
 
 @dataclass
