@@ -6,9 +6,8 @@ an image's objects. The physical transform of those coordinates is in each file'
 The encodings are made in the row tasks (``encode``), so the one writer only appends bytes:
 - GeoJSON follows QuPath's reader: ``properties.objectType`` "cell", ``properties.measurements`` an object
   of numbers (booleans as 0/1, floats to 7 significant digits: the Parquet table keeps them whole; a value
-  that is not finite is left out, as JSON has no NaN), the label id as
-  the feature's ``id`` and ``properties.label_id``. QuPath reads a feature's ``id`` as a UUID and ignores
-  one that is not.
+  that is not finite is left out, as JSON has no NaN), the label id as the feature's ``id`` and
+  ``properties.label_id``. QuPath reads a feature's ``id`` as a UUID and ignores one that is not.
 - GeoParquet 1.1: the label id and ``geometry`` (WKB), with the ``geo`` key-value metadata; the
   coordinates are pixels, not a map's, so the column's ``crs`` is null (the spec's "undefined"). The
   measurements are the table's, joined on ``id`` (``cells.parquet``): not written twice.

@@ -63,13 +63,14 @@ def outline_core(labels: np.ndarray, origin: tuple[int, int], cells: CellSet) ->
     carried = cells.col("id").astype(np.int64)
     order = np.argsort(carried, kind="stable")
     record = order[np.searchsorted(carried[order], ids)]
-    y0, x0, y1, x1 = cells.bounds()[record].T
-    whole = (y0 >= oy) & (x0 >= ox) & (y1 <= oy + h) & (x1 <= ox + w)
+    mask_y0, mask_x0, mask_y1, mask_x1 = cells.bounds()[record].T
+    whole = (mask_y0 >= oy) & (mask_x0 >= ox) & (mask_y1 <= oy + h) & (mask_x1 <= ox + w)
     cut = np.flatnonzero(~whole)
     # A traced outline's bounds are its cell's pixel box (the contour runs through the edges' midpoints).
-    boxes = shapely.bounds(shapes[cut]).astype(np.int64) - [ox, oy, ox, oy]
-    piece_origins = [(oy + y0, ox + x0) for x0, y0, _, _ in boxes.tolist()]
-    piece_masks = [labels[y0:y1, x0:x1] == cell for cell, (x0, y0, x1, y1) in zip(ids[cut].tolist(), boxes.tolist())]
+    boxes = (shapely.bounds(shapes[cut]).astype(np.int64) - [ox, oy, ox, oy]).tolist()  # x0, y0, x1, y1 in the core
+    piece_origins = [(oy + top, ox + left) for left, top, _, _ in boxes]
+    piece_masks = [labels[top:bottom, left:right] == cell
+                   for cell, (left, top, right, bottom) in zip(ids[cut].tolist(), boxes)]
     homes = np.stack([cells.col("home_row"), cells.col("home_col")], axis=1).astype(np.int64)[record[cut]]
     sizes = np.array([m.shape for m in piece_masks], np.int64).reshape(-1, 2)
     flat = np.concatenate([m.ravel() for m in piece_masks]) if piece_masks else np.zeros(0, bool)
