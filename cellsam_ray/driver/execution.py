@@ -26,6 +26,7 @@ import time
 from typing import Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cellsam_ray.driver import stopping
 from cellsam_ray.driver.model_pool import CANDIDATES, TASK_RETRIES, ModelPool
@@ -230,8 +231,11 @@ class _HostStages:
         outlines = (labels_out.sidecar_url(plan, "cells.geojson"), labels_out.sidecar_url(plan, "cells.geoparquet"),
                     layouts[1]) if plan.spec.outlines else None
         # No CPU reserved: its work is small, and for the run's whole length a fractional reservation would
-        # keep a whole CPU task from every node it sits on.
-        writer = ray.remote(ParquetStream).options(num_cpus=0).remote(
+        # keep a whole CPU task from every node it sits on. On the driver's node: the table's rows live in
+        # this one actor until the file is closed, and a worker node may go (the run survives that); the
+        # driver's node going ends the run anyway.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        writer = ray.remote(ParquetStream).options(num_cpus=0, scheduling_strategy=here).remote(
             labels_out.sidecar_url(plan, "cells.parquet"), plan.spec.storage, layouts[0], h5ad, plan.spec.label_name,
             outlines)
         return layouts, writer, []
