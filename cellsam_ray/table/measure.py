@@ -78,14 +78,8 @@ def measure_core(
     y, x0, x1, ids = _runs(labels)
     if ids.size == 0:
         return CellSums.empty(n_channels), CellSums.empty(n_channels)
-    # Number the ids present 0..K-1 without sorting: ids in a core span a few tiles' worth.
-    low = int(ids.min())
-    counts = np.bincount(ids - low)
-    present = np.flatnonzero(counts)
-    slot = np.zeros(counts.size, dtype=np.int64)
-    slot[present] = np.arange(present.size)
-    k = slot[ids - low]
-    record = _records_of(cells, present + low)
+    present, k = number_ids(ids)
+    record = records_of(cells, present)
     meta = cells.meta[record]
     n = present.size
 
@@ -165,7 +159,18 @@ def _prefix_dtype(dtype: np.dtype, width: int) -> np.dtype:
     return np.dtype(np.int32 if fits else np.int64)
 
 
-def _records_of(cells: CellSet, ids: np.ndarray) -> np.ndarray:
+def number_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``ids``, increasing, and each of ``ids`` as an index among them, without sorting: the
+    ids of one core span a few tiles' worth."""
+    low = int(ids.min())
+    counts = np.bincount(ids - low)
+    present = np.flatnonzero(counts)
+    slot = np.zeros(counts.size, dtype=np.int64)
+    slot[present] = np.arange(present.size)
+    return present + low, slot[ids - low]
+
+
+def records_of(cells: CellSet, ids: np.ndarray) -> np.ndarray:
     """Indices into ``cells`` of the records carrying ``ids``."""
     carried = cells.col("id").astype(np.int64) if len(cells) else np.zeros(0, np.int64)
     order = np.argsort(carried, kind="stable")

@@ -20,6 +20,7 @@ import numpy as np
 import shapely
 
 from cellsam_ray.merge.objects import CellSet, PackedMasks
+from cellsam_ray.table.measure import records_of
 from cellsam_ray.table.trace import trace_labels
 
 SIMPLIFY_PX = 0.4
@@ -60,9 +61,7 @@ def outline_core(labels: np.ndarray, origin: tuple[int, int], cells: CellSet) ->
     ids, shapes = trace_labels(labels, origin)
     oy, ox = origin
     h, w = labels.shape
-    carried = cells.col("id").astype(np.int64)
-    order = np.argsort(carried, kind="stable")
-    record = order[np.searchsorted(carried[order], ids)]
+    record = records_of(cells, ids)
     mask_y0, mask_x0, mask_y1, mask_x1 = cells.bounds()[record].T
     whole = (mask_y0 >= oy) & (mask_x0 >= ox) & (mask_y1 <= oy + h) & (mask_x1 <= ox + w)
     cut = np.flatnonzero(~whole)

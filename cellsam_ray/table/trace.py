@@ -20,6 +20,8 @@ import functools
 import numpy as np
 import shapely
 
+from cellsam_ray.table.measure import number_ids
+
 _STEP = np.array([[0, 1], [1, 0], [0, -1], [-1, 0]])  # east, south, west, north, as (dy, dx)
 
 
@@ -33,7 +35,7 @@ def trace_labels(labels: np.ndarray, origin: tuple[int, int] = (0, 0),
     cell, y, x, way = _edges(padded)
     if not cell.size:
         return np.zeros(0, np.int64), np.zeros(0, object)
-    ids, cell = _numbered(cell)
+    ids, cell = number_ids(cell)
     successor = _successors(cell, y, x, way, padded.shape)
     ring, rank = _rings(successor)
     # Rings in cell order, each walked from its lowest edge: an edge's place is its ring's start plus the
@@ -57,17 +59,6 @@ def trace_labels(labels: np.ndarray, origin: tuple[int, int] = (0, 0),
     shapes[:] = [polygons[a] if b - a == 1 else functools.reduce(shapely.symmetric_difference, polygons[a:b])
                  for a, b in zip(first_ring.tolist(), after.tolist())]
     return ids, shapes
-
-
-def _numbered(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ids present, increasing, and each edge's id as an index among them (no sort: ids on one image
-    span a small range)."""
-    low = int(cell.min())
-    counts = np.bincount(cell - low)
-    present = np.flatnonzero(counts)
-    slot = np.zeros(counts.size, np.int64)
-    slot[present] = np.arange(present.size)
-    return present + low, slot[cell - low]
 
 
 def _successors(cell: np.ndarray, y: np.ndarray, x: np.ndarray, way: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
