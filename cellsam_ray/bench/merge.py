@@ -280,7 +280,7 @@ def stage_profile(folder: Path, size: int = 2304) -> dict:
         outlines = timed("outlines: the core's whole cells, seam pieces", outline_core, labels,
                          (tile.core_y0, tile.core_x0), CellSet.concat(numbered))
         cores[home] = per_tile.CoreCells(*sums, outlines)
-    layout, outline_layout = per_tile.table_layout(plan), per_tile.outline_layout(plan)
+    layout, outline_layout = per_tile.layouts(plan)
     for home in homes:
         near = [[rc for rc in grid.neighbourhood(*home) if rc in cores]]
         timed("table: a home's rows", per_tile.rows_of_homes, layout, None, [home], near, cores)

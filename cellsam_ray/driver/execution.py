@@ -226,10 +226,10 @@ class _HostStages:
     def _start_table(self) -> tuple:
         """The table's one writer; it creates the file beside the labels, so only once writes may start."""
         plan = self.plan
-        layouts = per_tile.table_layout(plan), per_tile.outline_layout(plan) if plan.spec.outlines else None
+        layouts = per_tile.layouts(plan)
         h5ad = labels_out.sidecar_url(plan, "cells.h5ad") if plan.spec.cell_table_h5ad else None
         outlines = (labels_out.sidecar_url(plan, "cells.geojson"), labels_out.sidecar_url(plan, "cells.geoparquet"),
-                    layouts[1]) if plan.spec.outlines else None
+                    layouts[1]) if layouts[1] else None
         # No CPU reserved: its work is small, and for the run's whole length a fractional reservation would
         # keep a whole CPU task from every node it sits on. On the driver's node: the table's rows live in
         # this one actor until the file is closed, and a worker node may go (the run survives that); the

@@ -147,6 +147,13 @@ def relative_url(url: str, relative: str) -> str:
     return f"{scheme}://{posixpath.normpath(posixpath.join(path, relative))}"
 
 
+def open_for_writing(url: str, storage_options: dict[str, Any] | None = None):
+    """A new binary file at ``url`` (its folder made where the filesystem has folders), to stream into."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    return fs.open(path, "wb")
+
+
 def open_store(url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Store:
     """A zarr store rooted at ``url``; nothing is read or written yet."""
     if is_local(url):

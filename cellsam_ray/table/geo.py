@@ -16,15 +16,14 @@ The encodings are made in the row tasks (``encode``), so the one writer only app
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from cellsam_ray.io.storage import open_for_writing
 from cellsam_ray.table.outlines import SIMPLIFY_PX
 from cellsam_ray.table.schema import METADATA_KEY, TableLayout
 
@@ -108,11 +107,11 @@ class GeoStreams:
     def __init__(self, geojson_url: str, geoparquet_url: str, storage_options: dict, layout: TableLayout,
                  outlines: OutlineLayout) -> None:
         self.urls = dict(geojson=geojson_url, geoparquet=geoparquet_url)
-        self.geojson = _open_for_writing(geojson_url, storage_options)
+        self.geojson = open_for_writing(geojson_url, storage_options)
         head = dict(type="FeatureCollection", cellsam_ray=outlines.metadata())
         self.geojson.write(json.dumps(head)[:-1].encode() + b',"features":[\n')
         self.schema = geoparquet_schema(layout, outlines)
-        self.parquet_file = _open_for_writing(geoparquet_url, storage_options)
+        self.parquet_file = open_for_writing(geoparquet_url, storage_options)
         self.parquet = pq.ParquetWriter(self.parquet_file, self.schema)
         self.features = 0
 
@@ -132,8 +131,3 @@ class GeoStreams:
         self.parquet_file.close()
         return dict(self.urls, features=self.features)
 
-
-def _open_for_writing(url: str, storage_options: dict):
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    return fs.open(path, "wb")

@@ -45,31 +45,28 @@ class CoreCells:
     outlines: CoreOutlines | None
 
 
-def table_layout(plan: SlidePlan) -> TableLayout:
-    """The slide's table columns and the segmented level's geometry, from the image's metadata."""
+def layouts(plan: SlidePlan) -> tuple[TableLayout, OutlineLayout | None]:
+    """The slide's table columns and the segmented level's geometry, and with outlines on, how that level's
+    pixels map to level 0's and level 0's physical transform: from the image's metadata, read once."""
     image = open_image(plan.spec.input, plan.spec.storage.options())
-    level = image.levels[plan.level]
+    first, level = image.levels[0], image.levels[plan.level]
     y, x = plan.axes.index("y"), plan.axes.index("x")
     names = tuple(image.channel_names)
     n = plan.image_channels
-    return TableLayout(
+    unit = image.axis_units[x] or ""
+    table = TableLayout(
         channels=channel_columns(names, n),
         channel_names=tuple(names[i] if i < len(names) else "" for i in range(n)),
         level=plan.level,
         scale=(level.scale[y], level.scale[x]),
         translation=(level.translation[y], level.translation[x]),
-        unit=image.axis_units[x] or "",
+        unit=unit,
     )
-
-
-def outline_layout(plan: SlidePlan) -> OutlineLayout:
-    """How the segmented level's pixels map to level 0's, and level 0's physical transform."""
-    image = open_image(plan.spec.input, plan.spec.storage.options())
-    first, level = image.levels[0], image.levels[plan.level]
-    y, x = plan.axes.index("y"), plan.axes.index("x")
-    return OutlineLayout(downsample=(level.scale[y] / first.scale[y], level.scale[x] / first.scale[x]),
-                         scale=(first.scale[y], first.scale[x]), translation=(first.translation[y], first.translation[x]),
-                         unit=image.axis_units[x] or "")
+    if not plan.spec.outlines:
+        return table, None
+    return table, OutlineLayout(downsample=(level.scale[y] / first.scale[y], level.scale[x] / first.scale[x]),
+                                scale=(first.scale[y], first.scale[x]),
+                                translation=(first.translation[y], first.translation[x]), unit=unit)
 
 
 def core_cells(plan: SlidePlan, tile: Tile, labels: np.ndarray, cells: CellSet) -> CoreCells:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import tempfile
 from typing import Any
 
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cellsam_ray.errors import UserError
-from cellsam_ray.io.storage import StorageAccess
+from cellsam_ray.io.storage import StorageAccess, open_for_writing
 from cellsam_ray.table.geo import GeoBlock, GeoStreams, OutlineLayout
 from cellsam_ray.table.schema import CHANNEL_COLUMNS, METADATA_KEY, TableLayout
 
@@ -37,9 +36,7 @@ class ParquetStream:
         # Resolved here, in the writer's process: actor arguments are kept by Ray and must hold no secret.
         self.url, self.storage_options, self.layout = url, storage.options() or {}, layout
         self.h5ad_url, self.region = h5ad_url, region  # region: the label image the AnnData copy annotates
-        fs, path = fsspec.core.url_to_fs(url, **self.storage_options)
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        self.file = fs.open(path, "wb")
+        self.file = open_for_writing(url, self.storage_options)
         self.writer = pq.ParquetWriter(self.file, layout.arrow_schema())
         self.geo = GeoStreams(*outlines[:2], self.storage_options, layout, outlines[2]) if outlines else None
         self.pending: list[tuple[pa.Table, GeoBlock | None]] = []
