@@ -18,15 +18,14 @@ import shapely
 from cellsam_ray.cli import main
 from cellsam_ray.driver.api import segment
 from cellsam_ray.io.ngff import open_image
-from cellsam_ray.merge.objects import META_COLUMNS, CellSet
 from cellsam_ray.synth import write_synthetic_slide
 from cellsam_ray.testing.checks import outline_ious, qupath_problems
+from test_table import TILE, records_for  # kept-cell records for known labels, as the merge gives them
 from cellsam_ray.table import outlines as outline_module
 from cellsam_ray.table.outlines import home_outlines, outline_core
 from cellsam_ray.table.trace import trace_labels
 
 ORACLE = "cellsam_ray.testing.oracle:GroundTruthSegmenter"
-TILE = 128
 TILING = dict(tile=TILE, halo=40, band=8, chunk=64)
 
 
@@ -70,28 +69,12 @@ def test_a_mask_becomes_a_polygon_holding_exactly_its_pixel_centres():
     assert ids.tolist() == [1, 2] and shapes[0].geom_type == "MultiPolygon" and shapes[0].area + shapes[1].area < 9
 
 
-def records(labels: np.ndarray) -> CellSet:
-    """Numbered kept cells for known labels, as the merge gives them: the mask is the cell's bounding-box
-    crop, the home the core holding its bounding-box centre."""
-    col = {n: i for i, n in enumerate(META_COLUMNS)}
-    ids = np.unique(labels[labels > 0])
-    meta = np.zeros((ids.size, len(META_COLUMNS)))
-    masks = []
-    for row, cell in enumerate(ids):
-        ys, xs = np.nonzero(labels == cell)
-        y0, x0, y1, x1 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
-        masks.append(labels[y0:y1, x0:x1] == cell)
-        meta[row, [col["y0"], col["x0"], col["id"]]] = y0, x0, cell
-        meta[row, [col["home_row"], col["home_col"]]] = ((y0 + y1) / 2) // TILE, ((x0 + x1) / 2) // TILE
-    return CellSet(meta=meta, masks=masks)
-
-
 def test_seam_cells_are_outlined_once_whole_from_their_pieces(tmp_path, monkeypatch):
     monkeypatch.setattr(outline_module, "SIMPLIFY_PX", 0.0)  # only collinear points go: the polygons themselves compared
     url = str(tmp_path / "slide.ome.zarr")
     write_synthetic_slide(url, size=(384, 320), channels=1, ngff="0.5", seed=3, chunk=64)
     labels = np.asarray(open_image(url).label("ground_truth").array(0)[:])
-    cells = records(labels)
+    cells = records_for(labels)
     rows, cols = math.ceil(384 / TILE), math.ceil(320 / TILE)
     cores = {(r, c): outline_core(labels[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE], (r * TILE, c * TILE), cells)
              for r in range(rows) for c in range(cols)}
